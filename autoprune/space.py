@@ -1,0 +1,442 @@
+"""The pruning space: which channels can go, what a keep vector costs, and how to apply it.
+
+A :class:`PruningSpace` is built once from Torch-Pruning's dependency graph of a model. Each prunable
+*group* is a set of coupled channels (a convolution's filters, the BatchNorm after it, the input
+channels of the layers that read them, and across a residual addition every layer writing the same
+stream); a group has one keep ratio. A keep vector (one ratio per group, in group order) is the one
+currency every method speaks. Groups whose outputs nothing else reads (the classifier) are not
+prunable.
+
+The space offers, for any keep vector and without tracing:
+
+* :meth:`counts` / :meth:`snap`: the channel counts it means, with ``round_to`` and the minimum
+  width applied;
+* :meth:`cost`: MACs and parameters from an analytic model recorded on one forward pass of the base
+  model. MACs are those of the convolution and linear layers, counted as Torch-Pruning's counter
+  counts them (multiply-accumulates plus bias additions, batch 1); parameters are all parameters.
+  Normalisation, activation and pooling layers are a few percent of the work of these networks and
+  are left out of MACs, as in the papers we implement.
+
+and, given per-channel scores (lowest go first):
+
+* :meth:`masked`: forward hooks that zero the removed channels of a model in place, for fast
+  candidate evaluation;
+* :meth:`apply`: a physically smaller copy of the model (Torch-Pruning's surgery).
+
+Masking zeroes a channel where it is produced (the output of its convolution or linear layer and of
+the normalisation layer after it). For networks whose activations map 0 to 0 (ReLU and friends)
+this is exactly what removing the channel does; :meth:`masking_is_exact` checks it on a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from autoprune.errors import AutopruneError
+
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
+_COMPUTE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One module dimension that a group prunes.
+
+    Attributes:
+        module: the module's qualified name in the model.
+        dim: ``"out"`` (the module's output channels) or ``"in"`` (its input channels).
+        ratio: module channels per group channel along that dim (e.g. 16 for a linear layer that reads
+            a flattened 4x4 feature map).
+    """
+
+    module: str
+    dim: str
+    ratio: int
+
+
+@dataclass(frozen=True)
+class Group:
+    """A set of coupled channels that share one keep ratio."""
+
+    index: int  # position in the keep vector
+    root: str
+    channels: int
+    min_keep: int
+    members: tuple[Member, ...]
+
+    @property
+    def name(self) -> str:
+        """A readable name: the root module's."""
+        return self.root
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Analytic or counted cost of a network."""
+
+    macs: int
+    params: int
+
+
+@dataclass(frozen=True)
+class _LayerShape:
+    kind: str  # "conv" | "linear" | "norm" | "other"
+    in_channels: int
+    out_channels: int
+    kernel: int  # prod(kernel_size) for conv, 1 otherwise
+    groups: int
+    positions: int  # output positions per sample (H*W for conv, leading dims for linear)
+    bias: bool
+    depthwise: bool
+    fixed_params: int  # parameters of modules the space never changes
+
+
+def _out_channels(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.GroupNorm | nn.LayerNorm):
+        return int(module.weight.shape[0]) if module.weight is not None else 0
+    if isinstance(module, _NORM_TYPES):
+        return module.num_features
+    return module.out_channels
+
+
+def _in_channels(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if isinstance(module, _COMPUTE_TYPES):
+        return module.in_channels
+    return _out_channels(module)
+
+
+class PruningSpace:
+    """Prunable groups of a model and the keep-vector arithmetic over them.
+
+    Args:
+        model: the network (its structure is read, it is not modified).
+        example_input: one input batch (shape (1, C, H, W)) for tracing.
+        round_to: kept channel counts are multiples of this (or the full width).
+        min_ratio: every group keeps at least this fraction of its channels.
+        min_channels: every group keeps at least this many channels.
+        ignored: module names whose output channels must not be pruned (besides the classifier,
+            which is always kept).
+    """
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, *, round_to: int = 1,
+                 min_ratio: float = 0.05, min_channels: int = 1, ignored: Sequence[str] = ()):
+        if round_to < 1:
+            raise AutopruneError(f"round_to must be >= 1, got {round_to}")
+        if not 0.0 <= min_ratio <= 1.0:
+            raise AutopruneError(f"min_ratio must lie in [0, 1], got {min_ratio}")
+        if min_channels < 1:
+            raise AutopruneError(f"min_channels must be >= 1, got {min_channels}")
+        self.round_to = round_to
+        self.example_input = example_input.detach()[:1].clone()
+        names = {m: n for n, m in model.named_modules()}
+        unknown = [n for n in ignored if n not in {v for v in names.values()}]
+        if unknown:
+            raise AutopruneError(f"ignored layer(s) {unknown} are not modules of the model")
+        graph = _build_graph(model, self.example_input)
+        order = {n: i for i, n in enumerate(names.values())}
+        found = sorted(_groups_from_graph(graph, names, set(ignored), round_to, min_ratio, min_channels),
+                       key=lambda g: order[g.root])
+        self.groups: tuple[Group, ...] = tuple(
+            Group(i, g.root, g.channels, g.min_keep, g.members) for i, g in enumerate(found))
+        if not self.groups:
+            raise AutopruneError("the model has no prunable channels (no convolution or linear layer "
+                                 "feeds another one)")
+        self._shapes = _record_shapes(model, self.example_input, names)
+        self._member_index = [[(m.module, m.dim, m.ratio) for m in g.members] for g in self.groups]
+        full = self.cost(np.ones(len(self.groups)))
+        self.base_macs, self.base_params = full.macs, full.params
+
+    # ---- keep vectors -------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    @property
+    def channels(self) -> np.ndarray:
+        """Channels per group in the unpruned model."""
+        return np.array([g.channels for g in self.groups], dtype=np.int64)
+
+    @property
+    def lower(self) -> np.ndarray:
+        """Smallest keep ratio per group (the minimum width)."""
+        return np.array([g.min_keep / g.channels for g in self.groups])
+
+    @property
+    def upper(self) -> np.ndarray:
+        """Largest keep ratio per group (1.0: nothing pruned)."""
+        return np.ones(len(self.groups))
+
+    def counts(self, keep: Sequence[float] | np.ndarray) -> np.ndarray:
+        """Channels kept per group for a keep vector (rounded to ``round_to``, minimum width applied)."""
+        keep = np.asarray(keep, dtype=np.float64)
+        if keep.shape != (len(self.groups),):
+            raise AutopruneError(f"keep vector has {keep.size} entries, the space has {len(self.groups)} groups")
+        if not np.all(np.isfinite(keep)):
+            raise AutopruneError("keep vector contains NaN or inf")
+        out = np.empty(len(self.groups), dtype=np.int64)
+        for i, (g, r) in enumerate(zip(self.groups, keep, strict=True)):
+            k = int(round(float(r) * g.channels / self.round_to)) * self.round_to
+            out[i] = min(g.channels, max(g.min_keep, k))
+        return out
+
+    def snap(self, keep: Sequence[float] | np.ndarray) -> np.ndarray:
+        """The keep vector of the channel counts that ``keep`` means (idempotent)."""
+        return self.counts(keep) / self.channels
+
+    # ---- cost ---------------------------------------------------------------------------------
+
+    def cost(self, keep: Sequence[float] | np.ndarray) -> Cost:
+        """MACs and parameters of the network that ``keep`` describes, without building it."""
+        counts = self.counts(keep)
+        removed = self.channels - counts
+        delta_in: dict[str, int] = {}
+        delta_out: dict[str, int] = {}
+        for members, r in zip(self._member_index, removed, strict=True):
+            if r == 0:
+                continue
+            for module, dim, ratio in members:
+                target = delta_out if dim == "out" else delta_in
+                target[module] = target.get(module, 0) + int(r) * ratio
+        macs = params = 0
+        for name, s in self._shapes.items():
+            cin = s.in_channels - delta_in.get(name, 0)
+            cout = s.out_channels - delta_out.get(name, 0)
+            params += s.fixed_params
+            if s.kind == "conv":
+                groups = cout if s.depthwise else s.groups
+                weight = cout * (cin // groups) * s.kernel
+                macs += weight * s.positions + (cout * s.positions if s.bias else 0)
+                params += weight + (cout if s.bias else 0)
+            elif s.kind == "linear":
+                macs += cin * cout * s.positions + (cout if s.bias else 0)
+                params += cin * cout + (cout if s.bias else 0)
+            elif s.kind == "norm":
+                params += 2 * cout
+        return Cost(int(macs), int(params))
+
+    def relative_macs(self, keep: Sequence[float] | np.ndarray) -> float:
+        """MACs of ``keep`` as a fraction of the unpruned model's (numpy only: for search strategies)."""
+        return self.cost(keep).macs / self.base_macs
+
+    # ---- channel choice ----------------------------------------------------------------------
+
+    def removed_channels(self, keep: Sequence[float] | np.ndarray,
+                         scores: Sequence[np.ndarray | torch.Tensor]) -> list[np.ndarray]:
+        """Indices of the channels each group drops: its lowest-scored ones (ties broken by index)."""
+        counts = self.counts(keep)
+        if len(scores) != len(self.groups):
+            raise AutopruneError(f"got scores for {len(scores)} groups, the space has {len(self.groups)}")
+        out = []
+        for g, k, s in zip(self.groups, counts, scores, strict=True):
+            s = np.asarray(s.detach().cpu() if isinstance(s, torch.Tensor) else s, dtype=np.float64)
+            if s.shape != (g.channels,):
+                raise AutopruneError(f"scores for group {g.name!r} have shape {s.shape}, expected ({g.channels},)")
+            s = np.nan_to_num(s, nan=-np.inf)
+            order = np.lexsort((np.arange(g.channels), s))  # ascending score, then index
+            out.append(np.sort(order[: g.channels - int(k)]))
+        return out
+
+    # ---- masking ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def masked(self, model: nn.Module, keep: Sequence[float] | np.ndarray,
+               scores: Sequence[np.ndarray | torch.Tensor]) -> Iterator[nn.Module]:
+        """Within the block, ``model`` (a model of this space's structure) computes as if pruned."""
+        removed = self.removed_channels(keep, scores)
+        masks: dict[str, torch.Tensor] = {}
+        for g, idx in zip(self.groups, removed, strict=True):
+            if idx.size == 0:
+                continue
+            for m in g.members:
+                if m.dim != "out":
+                    continue
+                mask = masks.get(m.module)
+                if mask is None:
+                    mask = torch.ones(self._shapes[m.module].out_channels)
+                    masks[m.module] = mask
+                mask[torch.as_tensor(idx, dtype=torch.long)] = 0.0
+        modules = dict(model.named_modules())
+        handles = []
+        try:
+            for name, mask in masks.items():
+                handles.append(modules[name].register_forward_hook(_mask_hook(mask)))
+            yield model
+        finally:
+            for h in handles:
+                h.remove()
+
+    # ---- physical pruning --------------------------------------------------------------------
+
+    def apply(self, model: nn.Module, keep: Sequence[float] | np.ndarray,
+              scores: Sequence[np.ndarray | torch.Tensor]) -> nn.Module:
+        """A physically pruned deep copy of ``model`` (the original is untouched)."""
+        removed = self.removed_channels(keep, scores)
+        pruned = copy.deepcopy(model)
+        device = next((p.device for p in pruned.parameters()), torch.device("cpu"))
+        graph = _build_graph(pruned, self.example_input.to(device))
+        modules = dict(pruned.named_modules())
+        for g, idx in zip(self.groups, removed, strict=True):
+            if idx.size == 0:
+                continue
+            root = modules[g.root]
+            fn = tp.prune_linear_out_channels if isinstance(root, nn.Linear) else tp.prune_conv_out_channels
+            group = graph.get_pruning_group(root, fn, idxs=[int(i) for i in idx])
+            group.prune()
+        return pruned
+
+    def masking_is_exact(self, model: nn.Module, keep: Sequence[float] | np.ndarray,
+                         scores: Sequence[np.ndarray | torch.Tensor], *, atol: float = 1e-4) -> bool:
+        """Whether masking ``keep`` gives the same outputs as physically pruning it (eval mode)."""
+        was_training = model.training
+        model.eval()
+        x = torch.rand_like(self.example_input).repeat(4, 1, 1, 1)
+        x = x.to(next((p.device for p in model.parameters()), torch.device("cpu")))
+        try:
+            with torch.no_grad():
+                with self.masked(model, keep, scores):
+                    a = model(x)
+                b = self.apply(model, keep, scores).eval()(x)
+        finally:
+            model.train(was_training)
+        return bool(torch.allclose(a, b, atol=atol, rtol=1e-4))
+
+    def describe(self, keep: Sequence[float] | np.ndarray) -> list[dict[str, object]]:
+        """Per group: name, channels before, channels after."""
+        return [{"name": g.name, "before": g.channels, "after": int(k)}
+                for g, k in zip(self.groups, self.counts(keep), strict=True)]
+
+
+def _mask_hook(mask: torch.Tensor):
+    def hook(module: nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
+        # channels are dim 1 of conv / norm outputs and the last dim of linear outputs
+        shape = [1] * output.dim()
+        shape[-1 if isinstance(module, nn.Linear) else 1] = -1
+        return output * mask.to(device=output.device, dtype=output.dtype).view(shape)
+
+    return hook
+
+
+def _build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():  # Torch-Pruning traces through autograd
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    except Exception as exc:
+        raise AutopruneError(f"Torch-Pruning could not trace the model ({type(exc).__name__}: {exc}); "
+                             "the model must run on a (1, C, H, W) tensor") from exc
+    finally:
+        model.train(was_training)
+
+
+def _groups_from_graph(graph: tp.DependencyGraph, names: dict[nn.Module, str], ignored: set[str],
+                       round_to: int, min_ratio: float, min_channels: int) -> Iterator[Group]:
+    ignored_modules = [m for m, n in names.items() if n in ignored]
+    found = graph.get_all_groups(ignored_layers=ignored_modules, root_module_types=_COMPUTE_TYPES)
+    seen_roots: set[str] = set()
+    for tp_group in found:
+        root_module = tp_group[0].dep.target.module
+        root = names.get(root_module)
+        channels = len(tp_group[0].idxs)
+        members: list[Member] = []
+        for dep, idxs in tp_group:
+            module = dep.target.module
+            name = names.get(module) if isinstance(module, nn.Module) else None
+            if name is None or not isinstance(module, _COMPUTE_TYPES + _NORM_TYPES):
+                continue  # functional ops and activations carry no parameters
+            dim = "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in"
+            if isinstance(module, _NORM_TYPES):
+                dim = "out"
+            if len(idxs) % channels:
+                raise AutopruneError(f"unsupported coupling in {name!r}: {len(idxs)} channels for a group "
+                                     f"of {channels}")
+            members.append(Member(name, dim, len(idxs) // channels))
+        if root is None or root in seen_roots:
+            continue
+        if not any(m.dim == "in" and m.module != root for m in members):
+            continue  # nothing reads these channels: model outputs (the classifier)
+        if any(m.dim == "out" and m.ratio != 1 for m in members):
+            continue  # outputs written in pieces (e.g. split); not supported, kept whole
+        seen_roots.add(root)
+        floor = max(min_channels, math.ceil(min_ratio * channels))
+        floor = min(channels, math.ceil(floor / round_to) * round_to)
+        yield Group(-1, root, channels, floor, _dedupe(members))
+
+
+def _dedupe(members: list[Member]) -> tuple[Member, ...]:
+    out: dict[tuple[str, str], Member] = {}
+    for m in members:
+        out.setdefault((m.module, m.dim), m)
+    return tuple(out.values())
+
+
+def _record_shapes(model: nn.Module, example_input: torch.Tensor,
+                   names: dict[nn.Module, str]) -> dict[str, _LayerShape]:
+    shapes: dict[str, _LayerShape] = {}
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        name = names[module]
+        if name in shapes:
+            raise AutopruneError(f"module {name!r} is called twice in one forward pass; shared layers "
+                                 "cannot be pruned independently")
+        if isinstance(module, _COMPUTE_TYPES):
+            linear = isinstance(module, nn.Linear)
+            positions = int(np.prod(output.shape[1:-1])) if linear else int(np.prod(output.shape[2:]))
+            shapes[name] = _LayerShape(
+                kind="linear" if linear else "conv",
+                in_channels=_in_channels(module), out_channels=_out_channels(module),
+                kernel=1 if linear else int(np.prod(module.kernel_size)),
+                groups=1 if linear else module.groups, positions=max(1, positions),
+                bias=module.bias is not None,
+                depthwise=not linear and module.groups > 1 and module.groups == module.in_channels
+                == module.out_channels,
+                fixed_params=0)
+        else:
+            shapes[name] = _LayerShape("norm", _out_channels(module), _out_channels(module), 1, 1, 1,
+                                       False, False, 0)
+
+    handles = []
+    for module in names:
+        if isinstance(module, _COMPUTE_TYPES) or (isinstance(module, _NORM_TYPES)
+                                                  and getattr(module, "weight", None) is not None):
+            handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input.to(next((p.device for p in model.parameters()), torch.device("cpu"))))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    covered = {id(p) for n in shapes for p in dict(model.named_modules())[n].parameters(recurse=False)}
+    fixed = sum(p.numel() for p in model.parameters() if id(p) not in covered)
+    shapes["<other parameters>"] = _LayerShape("other", 0, 0, 1, 1, 1, False, False, int(fixed))
+    return shapes
+
+
+def counted_cost(model: nn.Module, example_input: torch.Tensor) -> Cost:
+    """MACs (convolution and linear layers) and parameters counted by Torch-Pruning on a real module."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    x = example_input[:1].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        _, params, layer_macs, _ = tp.utils.count_ops_and_params(model, x, layer_wise=True)
+    finally:
+        model.train(was_training)
+    macs = sum(v for m, v in layer_macs.items() if isinstance(m, _COMPUTE_TYPES) and v is not None)
+    return Cost(int(macs), int(params))
