@@ -192,6 +192,12 @@ class PruningSpace:
             out[i] = min(g.channels, max(g.min_keep, k))
         return out
 
+    def snap_one(self, index: int, ratios: Sequence[float] | np.ndarray) -> np.ndarray:
+        """Snap candidate keep ratios of one group (a constraint set, say) to its allowed widths."""
+        g = self.groups[index]
+        k = np.round(np.asarray(ratios, dtype=np.float64) * g.channels / self.round_to) * self.round_to
+        return np.clip(k, g.min_keep, g.channels) / g.channels
+
     def snap(self, keep: Sequence[float] | np.ndarray) -> np.ndarray:
         """The keep vector of the channel counts that ``keep`` means (idempotent)."""
         return self.counts(keep) / self.channels
@@ -331,14 +337,20 @@ def _mask_hook(mask: torch.Tensor):
 
 def _build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
     was_training = model.training
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     model.eval()
     try:
-        with torch.enable_grad():  # Torch-Pruning traces through autograd
+        # Torch-Pruning traces through autograd, which needs gradients on (even for frozen copies)
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.enable_grad():
             return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
     except Exception as exc:
         raise AutopruneError(f"Torch-Pruning could not trace the model ({type(exc).__name__}: {exc}); "
                              "the model must run on a (1, C, H, W) tensor") from exc
     finally:
+        for p in frozen:
+            p.requires_grad_(False)
         model.train(was_training)
 
 

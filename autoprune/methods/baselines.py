@@ -1,0 +1,111 @@
+"""The classic baselines the papers compare against: PFEC (l1), global ranking, network slimming, random."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from autoprune.errors import AutopruneError
+from autoprune.methods.base import Method, MethodContext, Plan, criterion_scores, normalized, register_method
+from autoprune.train import fit
+
+
+@register_method
+class L1Uniform(Method):
+    """PFEC (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017).
+
+    Filters are ranked by the L1 norm of their weights and every layer keeps the same fraction: the
+    largest common ratio that meets the MACs target (or, with ``--max-drop``, the smallest whose
+    validation accuracy stays within the drop). PFEC chose per-layer ratios by hand from a
+    sensitivity analysis; a uniform ratio is the automatic reading used as the baseline in GDP's paper.
+    """
+
+    name = "l1"
+    summary = "PFEC: L1-norm filter ranking, the same keep ratio in every layer"
+    source = "Li et al. 2017 (PFEC)"
+    default_budget = 12
+
+    def plan(self, ctx: MethodContext) -> Plan:
+        return Plan(ctx.model, criterion_scores(ctx, "l1"), "uniform")
+
+
+@register_method
+class GlobalMagnitude(Method):
+    """Torch-Pruning's global pruning: one ranking of all channels across layers.
+
+    Channels are scored by the L2 norm of their group's weights, each group's scores divided by their
+    mean (Torch-Pruning's default normaliser, without which layers of different fan-in are not
+    comparable), and one global threshold removes the lowest, moved until the target is met.
+    """
+
+    name = "global"
+    summary = "Torch-Pruning global magnitude ranking (L2, mean-normalised), one threshold for all layers"
+    source = "Torch-Pruning (Fang et al., DepGraph, CVPR 2023)"
+    default_budget = 60
+
+    def plan(self, ctx: MethodContext) -> Plan:
+        scores = normalized(criterion_scores(ctx, "l2"))
+        return Plan(ctx.model, scores, "threshold",
+                    {"scores": [s.numpy() for s in scores], "rule": "global"})
+
+
+@register_method
+class RandomSearch(Method):
+    """Random keep vectors within the budget: the floor every search method must beat.
+
+    Channels inside a layer are chosen by L1 norm, as for the searches it is compared with, so only the
+    per-layer widths are random.
+    """
+
+    name = "random"
+    summary = "random per-layer widths within the MACs budget (the floor every search must beat)"
+    source = "baseline"
+    default_budget = 200
+
+    def plan(self, ctx: MethodContext) -> Plan:
+        return Plan(ctx.model, criterion_scores(ctx, "l1"), "random")
+
+
+def bn_l1_penalty(weight: float):
+    """Network slimming's sparsity term: ``weight * sum |gamma|`` over BatchNorm scales."""
+
+    def penalty(model: nn.Module) -> torch.Tensor:
+        terms = [m.weight.abs().sum() for m in model.modules()
+                 if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) and m.weight is not None]
+        return weight * torch.stack(terms).sum()
+
+    return penalty
+
+
+@register_method
+class NetworkSlimming(Method):
+    """Network slimming (Liu et al., ICCV 2017).
+
+    The model is trained further with an L1 penalty on BatchNorm scale factors (``lambda``, default
+    1e-4 as in the paper, for ``--extra-epochs`` epochs), channels are ranked by |gamma|, and one
+    global threshold on the raw scale factors prunes the whole network. Needs a BatchNorm after every
+    prunable layer.
+    """
+
+    name = "slim"
+    summary = "network slimming: L1 sparsity training on BN scales, one global threshold"
+    source = "Liu et al. 2017 (network slimming)"
+    default_budget = 60
+
+    def plan(self, ctx: MethodContext) -> Plan:
+        missing = [g.name for g in ctx.space.groups
+                   if not any(m.dim == "out" and isinstance(ctx.model.get_submodule(m.module), nn.BatchNorm2d
+                                                             | nn.BatchNorm1d) for m in g.members)]
+        if missing:
+            raise AutopruneError(f"method 'slim' needs a BatchNorm after every prunable layer; {missing[0]!r} "
+                                 "has none (use l1, global or a search method for this model)")
+        model = copy.deepcopy(ctx.model)
+        weight = self.option(ctx, "lambda", 1e-4)
+        config = ctx.train.__class__(**{**ctx.train.__dict__, "epochs": ctx.extra_epochs, "distill": 0.0})
+        fit(model, ctx.splits.train, config, augment=ctx.info.augment, regularizer=bn_l1_penalty(weight),
+            progress=ctx.progress, desc="sparsity training")
+        scores = criterion_scores(ctx, "bn_scale", model)
+        return Plan(model, scores, "threshold", {"scores": [s.numpy() for s in scores], "rule": "global"},
+                    notes={"sparsity_lambda": weight, "sparsity_epochs": ctx.extra_epochs})
