@@ -1,0 +1,313 @@
+"""The strategy interface (ask / tell), the registry, and the reference search loop.
+
+A strategy proposes batches of keep vectors (:meth:`Strategy.ask`) and is told their fitness
+(:meth:`Strategy.tell`). It owns a ``np.random.Generator`` seeded from ``seed`` and nothing else is
+random, so the same seed and the same told results give the same asks bit for bit: a search is
+resumed by replaying its history into a fresh strategy (:func:`replay`), then running on.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+
+from autoprune.errors import AutopruneError, unknown_name
+from autoprune.search.problem import Fitness, Problem
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+_S = TypeVar("_S", bound="type[Strategy]")
+
+#: How far a told candidate may be from the asked one (a float32 or text round trip) before tell() refuses.
+_MATCH_ATOL = 1e-6
+
+
+def check_int(name: str, value: object, *, minimum: int) -> int:
+    """Return ``value`` if it is an integer ``>= minimum``, else raise an :class:`AutopruneError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise AutopruneError(f"option {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_float(
+    name: str,
+    value: object,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return ``value`` as a float if it is finite and in the stated interval, else raise an AutopruneError."""
+    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    number = float(value) if is_number else math.nan  # type: ignore[arg-type]
+    above = number > low if low_open else number >= low
+    below = number < high if high_open else number <= high
+    if not (math.isfinite(number) and above and below):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise AutopruneError(f"option {name} must be a number in {interval}, got {value!r}")
+    return number
+
+
+class Strategy(ABC):
+    """A search strategy: asks for batches of keep vectors, is told their fitness, keeps the best.
+
+    Subclasses implement :meth:`_ask` (the next batch, ``[]`` when finished) and :meth:`_tell` (called
+    once the whole batch has been told), set ``self._finished`` when their schedule ends, and take their
+    options as keyword-only arguments with documented defaults, validated with :func:`check_int` /
+    :func:`check_float`. The base class keeps its own state in ``_asked``, ``_told``, ``_told_scores``,
+    ``_best_seen`` and ``_evaluations``; subclasses must not reuse those names.
+
+    Attributes:
+        name: The registry name.
+        stochastic: Whether the asks depend on the seed (the contract tests check that seeds differ).
+        feasible_asks: Whether every asked candidate meets the cost ceiling in macs mode (false for a
+            path strategy such as ``greedy`` that walks in from the unpruned network).
+        problem: The problem searched.
+        seed: The seed of ``rng``.
+        rng: The strategy's own random generator.
+    """
+
+    name: ClassVar[str] = ""
+    stochastic: ClassVar[bool] = True
+    feasible_asks: ClassVar[bool] = True
+
+    def __init__(self, problem: Problem, *, seed: int = 0) -> None:
+        """Bind the problem and seed the strategy's own generator.
+
+        Args:
+            problem: The problem searched.
+            seed: Seed of ``rng`` (a non-negative integer).
+        """
+        if not isinstance(problem, Problem):
+            raise AutopruneError(f"a strategy needs a search Problem, got {type(problem).__name__}")
+        self.problem = problem
+        self.seed = check_int("seed", seed, minimum=0)
+        self.rng = np.random.default_rng(self.seed)
+        self._finished = False
+        self._asked: list[np.ndarray] = []
+        self._told: list[Fitness] = []
+        self._told_scores: list[float] = []
+        self._best_seen: tuple[np.ndarray, float] | None = None
+        self._evaluations = 0
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The strategy's options and their default values (``seed`` excluded)."""
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        return {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "seed"}
+
+    @abstractmethod
+    def _ask(self) -> list[np.ndarray]:
+        """The next batch of candidates; ``[]`` when the search is over."""
+
+    @abstractmethod
+    def _tell(self, xs: list[np.ndarray], results: list[Fitness], scores: list[float]) -> None:
+        """Update the search state with the results of the whole batch last returned by :meth:`_ask`."""
+
+    def ask(self) -> list[np.ndarray]:
+        """The next batch of candidates (copies); ``[]`` when finished.
+
+        Until the batch has been told in full, ``ask()`` returns its untold remainder again without
+        advancing the search; after a prefix was told, it is the rest of the batch.
+        """
+        if not self._asked:
+            if self._finished:
+                return []
+            batch = self._ask()
+            if not batch:
+                self._finished = True
+                return []
+            self._asked = [np.array(x, dtype=float) for x in batch]
+            for x in self._asked:
+                x.setflags(write=False)
+        return [x.copy() for x in self._asked[len(self._told) :]]
+
+    def tell(self, xs: Sequence[np.ndarray], results: Sequence[Fitness]) -> None:
+        """Report the results for the asked batch, in order.
+
+        ``results`` may cover only a prefix of what was asked (the budget ran out): the search then waits
+        for the rest, which the next :meth:`ask` returns, and continues as if told at once. ``xs`` are
+        the candidates the results belong to (``xs[: len(results)]`` is used).
+
+        Raises:
+            AutopruneError: if nothing is pending, there are more results than asked candidates, or a
+                told candidate is not the one asked at its position.
+        """
+        results = list(results)
+        if not results:
+            return
+        if not self._asked:
+            raise AutopruneError("tell() without a pending ask(): call ask() first")
+        start = len(self._told)
+        if len(results) > len(self._asked) - start or len(xs) < len(results):
+            raise AutopruneError(
+                f"tell() got {len(results)} results for {len(xs)} candidates, but "
+                f"{len(self._asked) - start} asked candidates are waiting"
+            )
+        for offset, (x, fitness) in enumerate(zip(xs, results, strict=False)):
+            asked = self._asked[start + offset]
+            told = np.asarray(x, dtype=float)
+            if told.shape != asked.shape or not np.allclose(told, asked, rtol=0.0, atol=_MATCH_ATOL):
+                raise AutopruneError(
+                    f"tell() got candidate {told.tolist()} where {asked.tolist()} was asked; results must be "
+                    "told in the order asked (when replaying history: same strategy, options and seed)"
+                )
+            if not isinstance(fitness, Fitness):
+                raise AutopruneError(f"tell() needs Fitness results, got {type(fitness).__name__}")
+            score = self.problem.score(asked, fitness)
+            self._told.append(fitness)
+            self._told_scores.append(score)
+            self._evaluations += 1
+            if self.problem.feasible(asked, fitness) and (self._best_seen is None or score > self._best_seen[1]):
+                self._best_seen = (asked, score)
+        if len(self._told) == len(self._asked):
+            batch, told_results, scores = self._asked, self._told, self._told_scores
+            self._asked, self._told, self._told_scores = [], [], []
+            self._tell(batch, told_results, scores)
+
+    @property
+    def done(self) -> bool:
+        """Whether the search has finished (nothing pending and the schedule over)."""
+        return self._finished and not self._asked
+
+    @property
+    def best(self) -> tuple[np.ndarray, float] | None:
+        """The best feasible candidate told so far and its score; ``None`` if none was feasible."""
+        if self._best_seen is None:
+            return None
+        return self._best_seen[0].copy(), self._best_seen[1]
+
+    @property
+    def evaluations(self) -> int:
+        """How many results have been told."""
+        return self._evaluations
+
+
+def register_strategy(name: str) -> Callable[[_S], _S]:
+    """Class decorator: register a :class:`Strategy` subclass under ``name``."""
+
+    def decorate(cls: _S) -> _S:
+        if name in STRATEGIES:
+            raise ValueError(f"strategy {name!r} is already registered by {STRATEGIES[name].__name__}")
+        cls.name = name
+        STRATEGIES[name] = cls
+        return cls
+
+    return decorate
+
+
+def strategy_names() -> list[str]:
+    """The registered strategy names, sorted."""
+    return sorted(STRATEGIES)
+
+
+def create_strategy(name: str | type[Strategy], problem: Problem, *, seed: int = 0, **options: Any) -> Strategy:
+    """Build a strategy by registry name (or class) with keyword options.
+
+    Raises:
+        AutopruneError: for an unknown name, an unknown option, or a bad option value.
+    """
+    if isinstance(name, type) and issubclass(name, Strategy):
+        cls = name
+    elif isinstance(name, str) and name in STRATEGIES:
+        cls = STRATEGIES[name]
+    else:
+        raise unknown_name("strategy", str(name), strategy_names())
+    valid = cls.defaults()
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise AutopruneError(
+            f"unknown option(s) {', '.join(unknown)} for strategy {cls.name!r}; "
+            f"valid options: {', '.join(sorted(valid)) or 'none'}"
+        )
+    return cls(problem, seed=seed, **options)
+
+
+def replay(strategy: Strategy, history: Sequence[Sequence[Any]]) -> int:
+    """Feed recorded evaluations back into a fresh strategy, to resume a search.
+
+    ``history`` holds ``(x, fitness, ...)`` items in evaluation order (a :class:`SearchResult`'s history
+    will do). The strategy must be built with the same name, problem, options and seed as the one that
+    asked them; it then asks the same candidates, is told the recorded results without evaluating
+    anything, and :func:`run_search` carries on from there exactly as the interrupted search would have.
+
+    Returns:
+        How many items were replayed (fewer than ``len(history)`` only if the search ended first).
+
+    Raises:
+        AutopruneError: if the strategy asks for a candidate other than the recorded one.
+    """
+    used = 0
+    while used < len(history) and not strategy.done:
+        xs = strategy.ask()
+        if not xs:
+            break
+        chunk = history[used : used + len(xs)]
+        strategy.tell([item[0] for item in chunk], [item[1] for item in chunk])
+        used += len(chunk)
+    return used
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The outcome of :func:`run_search`.
+
+    Attributes:
+        best_x: The best feasible keep vector, or ``None`` if no feasible candidate was found.
+        best_score: Its score, or ``None``.
+        evaluations: How many candidates were evaluated in this run.
+        history: Every evaluation in order: ``(x, fitness, score)``.
+    """
+
+    best_x: np.ndarray | None
+    best_score: float | None
+    evaluations: int
+    history: list[tuple[np.ndarray, Fitness, float]]
+
+
+def run_search(
+    strategy: Strategy,
+    evaluate: Callable[[np.ndarray], Fitness],
+    *,
+    budget: int,
+    on_result: Callable[[np.ndarray, Fitness, float], None] | None = None,
+) -> SearchResult:
+    """The reference loop: ask, evaluate (at most ``budget`` candidates in all), tell, until done.
+
+    ``on_result(x, fitness, score)`` is called after every evaluation (progress bars, history). If
+    ``evaluate`` raises, what was evaluated of the batch is still told before the error propagates.
+    """
+    budget = check_int("budget", budget, minimum=0)
+    history: list[tuple[np.ndarray, Fitness, float]] = []
+    while not strategy.done and len(history) < budget:
+        xs = strategy.ask()
+        if not xs:
+            break
+        xs = xs[: budget - len(history)]
+        results: list[Fitness] = []
+        try:
+            for x in xs:
+                fitness = evaluate(x.copy())
+                if not isinstance(fitness, Fitness):
+                    raise AutopruneError(f"evaluate must return a Fitness, got {type(fitness).__name__}")
+                score = strategy.problem.score(x, fitness)
+                results.append(fitness)
+                history.append((x, fitness, score))
+                if on_result is not None:
+                    on_result(x, fitness, score)
+        finally:
+            strategy.tell(xs[: len(results)], results)
+    best = strategy.best
+    return SearchResult(
+        best_x=None if best is None else best[0],
+        best_score=None if best is None else best[1],
+        evaluations=len(history),
+        history=history,
+    )
