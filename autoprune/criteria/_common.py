@@ -1,0 +1,186 @@
+"""Helpers shared by the criteria: group members, per-channel views, a guarded scoring session,
+calibration batches and the parameter-gradient loop of the gradient-based criteria."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from autoprune.errors import AutopruneError
+from autoprune.space import PruningSpace
+
+from .base import Batches
+
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d,
+              nn.InstanceNorm2d, nn.InstanceNorm3d)
+COMPUTE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+Members = list[tuple[str, nn.Module]]
+
+
+def out_members(model: nn.Module, space: PruningSpace) -> list[Members]:
+    """Per group, the ``(name, module)`` of every member whose output channels the group prunes."""
+    modules = dict(model.named_modules())
+    found: list[Members] = []
+    for group in space.groups:
+        members: Members = []
+        for member in group.members:
+            if member.dim != "out":
+                continue
+            module = modules.get(member.module)
+            if module is None:
+                raise AutopruneError(f"the model has no module {member.module!r} (pruning group "
+                                     f"{group.name!r}); build the PruningSpace from this model")
+            members.append((member.module, module))
+        found.append(members)
+    return found
+
+
+def channel_rows(tensor: Tensor, channels: int, where: str) -> Tensor:
+    """``tensor`` (channel dimension first, as for conv/linear/norm parameters) as ``(channels, -1)``."""
+    if tensor.dim() == 0 or tensor.shape[0] != channels:
+        raise AutopruneError(f"{where} has shape {tuple(tensor.shape)}, expected {channels} channels in its "
+                             "first dimension; the model does not match the PruningSpace")
+    return tensor.reshape(channels, -1)
+
+
+def channel_dim(module: nn.Module, output: Tensor) -> int:
+    """The channel dimension of a module's output: last for linear layers, 1 otherwise (as masking uses)."""
+    return output.dim() - 1 if isinstance(module, nn.Linear) else 1
+
+
+def per_sample_channels(module: nn.Module, output: Tensor) -> Tensor:
+    """A module's output averaged over every dimension but the batch and the channels: ``(N, C)``."""
+    dim = channel_dim(module, output)
+    moved = output.movedim(dim, 1) if dim != 1 else output
+    return moved.reshape(moved.shape[0], moved.shape[1], -1).mean(dim=2)
+
+
+def gate(module: nn.Module, output: Tensor, weights: Tensor) -> Tensor:
+    """``output`` with channel ``c`` multiplied by ``weights[c]``, or, for 2-D ``weights`` ``(N, C)``,
+    channel ``c`` of sample ``n`` multiplied by ``weights[n, c]``."""
+    shape = [1] * output.dim()
+    shape[channel_dim(module, output)] = -1
+    if weights.dim() == 2:
+        shape[0] = weights.shape[0]
+    return output * weights.to(dtype=output.dtype).view(shape)
+
+
+def _on_device(model: nn.Module, device: torch.device) -> bool:
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type != device.type:
+            return False
+        if None not in (device.index, tensor.device.index) and tensor.device.index != device.index:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def scoring_session(model: nn.Module, device: str | torch.device) -> Iterator[nn.Module]:
+    """Within the block, a model to score in eval mode with gradients enabled; restored afterwards.
+
+    Eval mode: BatchNorm uses (and does not update) its running statistics and dropout is off, so the
+    model's buffers are untouched and the scores are deterministic. The model itself is yielded when it
+    already lives on ``device``; otherwise a copy moved there (the original is never moved). The
+    train/eval flag of every module and the ``requires_grad`` flag of every parameter are restored on
+    exit, whatever happens inside.
+    """
+    target = torch.device(device)
+    work = model if _on_device(model, target) else copy.deepcopy(model).to(target)
+    modes = [(m, m.training) for m in work.modules()]
+    flags = [(p, p.requires_grad) for p in work.parameters()]
+    try:
+        work.eval()
+        with torch.enable_grad():
+            yield work
+    finally:
+        for module, training in modes:
+            module.training = training
+        for param, requires_grad in flags:
+            param.requires_grad_(requires_grad)
+
+
+def calibration(batches: Batches, max_batches: int, device: str | torch.device,
+                criterion: str) -> Iterator[tuple[Tensor, Tensor]]:
+    """The first ``max_batches`` ``(images, labels)`` batches, checked and moved to ``device``."""
+    count = 0
+    for item in itertools.islice(batches, max_batches):
+        if not isinstance(item, Sequence) or len(item) != 2:
+            raise AutopruneError(f"criterion {criterion}: calibration batches must be (images, labels) pairs, "
+                                 f"got {type(item).__name__}")
+        images, labels = item
+        if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
+            raise AutopruneError(f"criterion {criterion}: calibration batches must hold tensors")
+        if labels.dim() != 1 or images.dim() < 1 or labels.shape[0] != images.shape[0]:
+            raise AutopruneError(f"criterion {criterion}: a batch has images {tuple(images.shape)} and labels "
+                                 f"{tuple(labels.shape)}; expected (B, C, H, W) images and (B,) labels")
+        images = images.to(device=device, dtype=torch.float32)
+        labels = labels.to(device=device, dtype=torch.long)
+        if images.is_inference() or labels.is_inference():  # made under torch.inference_mode()
+            images, labels = images.clone(), labels.clone()
+        count += 1
+        yield images, labels
+    if count == 0:
+        raise AutopruneError(f"criterion {criterion} got no calibration batches (the data is empty)")
+
+
+def loss(model: nn.Module, images: Tensor, labels: Tensor, *, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of the model's logits against the labels."""
+    return F.cross_entropy(model(images), labels, reduction=reduction)
+
+
+def finish(scores: Sequence[Tensor], space: PruningSpace, criterion: str) -> list[Tensor]:
+    """Check the scores' shapes and finiteness and return them as float32 CPU tensors."""
+    out = []
+    for group, score in zip(space.groups, scores, strict=True):
+        score = score.detach().to(device="cpu", dtype=torch.float32)
+        if score.shape != (group.channels,):
+            raise AutopruneError(f"criterion {criterion} produced {tuple(score.shape)} scores for group "
+                                 f"{group.name!r} of {group.channels} channels")
+        if not torch.isfinite(score).all():
+            raise AutopruneError(f"criterion {criterion} produced non-finite scores for group {group.name!r}; "
+                                 "is the model's loss finite on the calibration data?")
+        out.append(score)
+    return out
+
+
+def parameter_gradient_scores(model: nn.Module, space: PruningSpace, batches: Batches, *,
+                              contribution: Callable[[Tensor, Tensor], Tensor], max_batches: int,
+                              device: str | torch.device, criterion: str) -> list[Tensor]:
+    """Per channel, ``contribution(w, dL/dw)`` summed over the group's out-member parameters of that
+    channel (every weight and bias of its convolution, linear and normalisation layers), per batch,
+    averaged over at most ``max_batches`` batches."""
+    with scoring_session(model, device) as work:
+        members = out_members(work, space)
+        params: list[nn.Parameter] = []
+        index: dict[int, int] = {}
+        owners: list[list[tuple[int, str]]] = []
+        for group_members in members:
+            entries = []
+            for name, module in group_members:
+                for pname, param in module.named_parameters(recurse=False):
+                    if id(param) not in index:
+                        index[id(param)] = len(params)
+                        params.append(param)
+                    entries.append((index[id(param)], f"parameter {name}.{pname}"))
+            owners.append(entries)
+        for param in params:
+            param.requires_grad_(True)
+        totals = [torch.zeros(g.channels, device=device) for g in space.groups]
+        count = 0
+        for images, labels in calibration(batches, max_batches, device, criterion):
+            grads = torch.autograd.grad(loss(work, images, labels), params, allow_unused=True)
+            with torch.no_grad():
+                for group, entries, total in zip(space.groups, owners, totals, strict=True):
+                    for i, where in entries:
+                        if grads[i] is not None:
+                            total += channel_rows(contribution(params[i], grads[i]), group.channels,
+                                                  where).sum(dim=1)
+            count += 1
+    return finish([t / count for t in totals], space, criterion)

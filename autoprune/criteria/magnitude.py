@@ -1,0 +1,55 @@
+"""Filter magnitude: the L1 (PFEC) and L2 norms of a group's output filters.
+
+Li et al., *Pruning Filters for Efficient ConvNets* (ICLR 2017, "PFEC") rank the filters of a
+convolution by the L1 norm of their kernel weights, ``sum |W[c]|``, and prune the smallest; ``l2`` is the
+same with the Euclidean norm. Our choices: only the weights count (biases and normalisation layers are
+left out, as in PFEC); a group whose channels are written by several layers (a residual stream, or a
+linear layer's output units) sums the norms of all its writers' filters, since removing the channel
+removes every one of them. No data is needed.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from autoprune.space import PruningSpace
+
+from ._common import COMPUTE_TYPES, channel_rows, finish, out_members
+from .base import Batches, Criterion, register_criterion
+
+
+class _FilterNorm(Criterion):
+    """Sum over a group's convolution / linear writers of a norm of each output filter."""
+
+    p: ClassVar[int] = 1
+
+    def scores(self, model: nn.Module, space: PruningSpace, batches: Batches | None = None, *,
+               device: str | torch.device = "cpu") -> list[Tensor]:
+        """Filter norms; ``batches`` and ``device`` are not used (the weights are read in place)."""
+        out = []
+        with torch.no_grad():
+            for group, members in zip(space.groups, out_members(model, space), strict=True):
+                total = torch.zeros(group.channels, dtype=torch.float64)
+                for name, module in members:
+                    if isinstance(module, COMPUTE_TYPES):
+                        rows = channel_rows(module.weight.detach(), group.channels, f"weight of {name}")
+                        total += rows.double().norm(p=self.p, dim=1).cpu()
+                out.append(total)
+        return finish(out, space, self.name)
+
+
+@register_criterion("l1")
+class L1Criterion(_FilterNorm):
+    """L1 norm of each output filter (PFEC, Li et al. 2017), summed over the group's writers."""
+
+    p: ClassVar[int] = 1
+
+
+@register_criterion("l2")
+class L2Criterion(_FilterNorm):
+    """L2 norm of each output filter, summed over the group's writers."""
+
+    p: ClassVar[int] = 2
