@@ -173,6 +173,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "unsupported global" not in str(exc).lower():  # the safe unpickler met bytes, not a foreign object
+            raise AutopruneError(f"cannot read {str(p)!r} as a model file (not a PyTorch file: {str(exc)[:60]}); "
+                                 "it is truncated, corrupt or of another format") from exc
         raise AutopruneError(f"refusing to load {str(p)!r}: it contains Python objects that could run code "
                              "when unpickled; only autoprune model files (tensors and plain data) are accepted"
                              ) from exc
