@@ -6,15 +6,29 @@ The Python API in brief::
     model = autoprune.load("runs/l1/model.pt")      # a plain nn.Module; inputs are floats in [0, 1]
 
 The building blocks live in submodules: :mod:`autoprune.space` (prunable groups, costs, surgery),
-:mod:`autoprune.criteria`, :mod:`autoprune.search`, :mod:`autoprune.methods`,
+:mod:`autoprune.criteria`, :mod:`autoprune.search` (numpy only), :mod:`autoprune.methods`,
 :mod:`autoprune.pipeline` (the train and prune jobs) and :mod:`autoprune.data`.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from autoprune.errors import AutopruneError
+
 __version__ = "0.1.0"
 
-from autoprune.artifact import load, load_with_spec, save_model  # noqa: E402
-from autoprune.errors import AutopruneError  # noqa: E402
+_LAZY = {"load": "autoprune.artifact", "load_with_spec": "autoprune.artifact", "save_model": "autoprune.artifact",
+         "prune_model": "autoprune.pipeline", "PruneConfig": "autoprune.pipeline",
+         "PruningSpace": "autoprune.space", "TrainConfig": "autoprune.train"}
 
-__all__ = ["AutopruneError", "__version__", "load", "load_with_spec", "save_model"]
+__all__ = ["AutopruneError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    """Import torch-dependent parts on first use, so ``autoprune.search`` stays numpy-only."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'autoprune' has no attribute {name!r}")
