@@ -31,21 +31,21 @@ import torch_pruning as tp
 from tqdm.auto import tqdm
 
 import autoprune
-from autoprune.artifact import load_with_spec, make_spec, save_model, write_json
+from autoprune.artifact import load_with_spec, make_spec, save_model, write_json, write_text
 from autoprune.data import Splits
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, Interrupted
 from autoprune.evaluate import Evaluator, calibration_images, recalibrate_bn
 from autoprune.measure import compare_latency, cost_of, device_name, serialized_size
 from autoprune.methods import MethodContext, create_method
 from autoprune.models import NormalizedModel, create_model
 from autoprune.search import Fitness, Problem, create_strategy, run_search
 from autoprune.space import PruningSpace
-from autoprune.train import TrainConfig, evaluate, fit
+from autoprune.train import TrainConfig, TrainingInterrupted, evaluate, fit
 
 log = logging.getLogger(__name__)
 
 
-class SearchInterrupted(AutopruneError):
+class SearchInterrupted(Interrupted):
     """The search was stopped on request; the output directory can be resumed."""
 
 
@@ -89,6 +89,7 @@ class PruneConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        create_method(self.method)  # an unknown name fails here, listing the valid ones
         if (self.macs_reduction is None) == (self.max_drop is None):
             raise AutopruneError("give exactly one target: --macs-reduction R (0 < R < 1) or --max-drop PP")
         if self.macs_reduction is not None and not 0 < self.macs_reduction < 1:
@@ -100,11 +101,14 @@ class PruneConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise AutopruneError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        for name in ("extra_epochs", "calibration_samples", "latency_repeats"):
+        for name in ("extra_epochs", "calibration_samples", "seed"):
             if getattr(self, name) < 0:
                 raise AutopruneError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.latency_batch < 1:
-            raise AutopruneError(f"--latency-batch must be >= 1, got {self.latency_batch}")
+        for name in ("latency_batch", "latency_repeats"):  # the median of no timed runs does not exist
+            if getattr(self, name) < 1:
+                raise AutopruneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise AutopruneError(f"--threads must be >= 1, got {self.threads}")
         if self.round_to < 1:
             raise AutopruneError(f"--round-to must be >= 1, got {self.round_to}")
         if not 0 <= self.min_ratio < 1:
@@ -117,9 +121,13 @@ class PruneConfig:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PruneConfig:
         """Rebuild a config saved by :meth:`to_json`."""
-        data = dict(data)
-        data["finetune"] = TrainConfig(**data["finetune"])
-        return cls(**data)
+        try:
+            data = dict(data)
+            data["finetune"] = TrainConfig(**data["finetune"])
+            return cls(**data)
+        except (KeyError, TypeError) as exc:  # AutopruneError (a bad value) passes through
+            raise AutopruneError(f"saved run configuration is damaged or from another version "
+                                 f"({type(exc).__name__}: {exc}); start a new run") from exc
 
 
 # ---- training a base model ---------------------------------------------------------------------
@@ -131,6 +139,20 @@ def build_model(name: str, splits: Splits, **kwargs: Any) -> tuple[NormalizedMod
                             "image_size": tuple(info.image_size), **kwargs}
     net = create_model(name, **args)
     model = NormalizedModel(net, info.mean, info.std)
+    try:  # one image through the fresh model: an architecture that cannot take the data fails here, not mid-training
+        with torch.no_grad():
+            logits = model.eval()(torch.rand(1, info.in_channels, *info.image_size))
+    except Exception as exc:
+        raise AutopruneError(f"model {name!r} cannot take {info.in_channels}x{info.image_size[0]}x"
+                             f"{info.image_size[1]} images of dataset {info.name!r} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}); choose a model for this image size"
+                             ) from exc
+    finally:
+        model.train()
+    shape = tuple(getattr(logits, "shape", ()))
+    if shape != (1, info.num_classes):
+        raise AutopruneError(f"model {name!r} outputs shape {shape} for one image, but dataset {info.name!r} has "
+                             f"{info.num_classes} classes; its factory must honour num_classes")
     spec = make_spec(model, name=name, args=args, dataset=info.name, classes=list(info.classes))
     return model, spec
 
@@ -150,13 +172,19 @@ def check_compatible(spec: dict[str, Any], splits: Splits, path: str) -> None:
 
 
 def train_base(model_name: str, splits: Splits, config: TrainConfig, out: Path, *, device: torch.device,
-               progress: bool = True, model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train a model from scratch and save it to ``out``; returns a summary."""
+               progress: bool = True, model_kwargs: dict[str, Any] | None = None,
+               stop_requested: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Train a model from scratch and save it to ``out``; returns a summary.
+
+    Every epoch is checkpointed to ``out`` + ``.ckpt``; a run started again with the same settings resumes
+    from it. ``stop_requested`` is polled after each epoch (raising :class:`TrainingInterrupted`).
+    """
     model, spec = build_model(model_name, splits, **(model_kwargs or {}))
     model.to(device)
     checkpoint = out.with_name(out.name + ".ckpt")
     started = time.perf_counter()
-    fit(model, splits.train, config, augment=splits.info.augment, checkpoint=checkpoint, progress=progress)
+    fit(model, splits.train, config, augment=splits.info.augment, checkpoint=checkpoint, progress=progress,
+        stop_requested=stop_requested)
     seconds = time.perf_counter() - started
     val = evaluate(model, splits.val) if len(splits.val) else None
     test = evaluate(model, splits.test)
@@ -190,11 +218,14 @@ def prepare_output(out: Path, *, force: bool, resume: bool) -> None:
 def _load_history(path: Path) -> list[dict[str, Any]]:
     rows = []
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 break  # a line cut short by a hard kill: everything before it is intact
+            if not isinstance(row, dict) or not {"counts", "accuracy", "macs", "params"} <= row.keys():
+                break  # not a row this code wrote
+            rows.append(row)
     return rows
 
 
@@ -212,6 +243,9 @@ def prune_model(model: NormalizedModel, spec: dict[str, Any], splits: Splits, co
     method = create_method(config.method)
     budget = config.budget or method.default_budget
     info = splits.info
+    if len(splits.val) == 0:
+        raise AutopruneError("the validation split is empty (--val-fraction 0 or a tiny --limit), but the search "
+                             "scores candidates on it; use --val-fraction 0.1 or a larger --limit")
     model = model.to(device).eval()
     example = torch.rand(1, info.in_channels, *info.image_size, device=device)
     space = PruningSpace(model, example, round_to=config.round_to, min_ratio=config.min_ratio)
@@ -238,6 +272,8 @@ def prune_model(model: NormalizedModel, spec: dict[str, Any], splits: Splits, co
                           calibration_images(splits.train, config.calibration_samples, config.seed))
     history_path = out / "history.jsonl"
     recorded = _load_history(history_path) if resume else []
+    if resume:  # keep only the intact rows, so that nothing is appended to a line torn by a hard kill
+        write_text(history_path, "".join(json.dumps(row) + "\n" for row in recorded))
     for row in recorded:
         evaluator.prefill(row["counts"], Fitness(row["accuracy"], row["macs"], row["params"]))
     base_val = evaluator(space.upper)
@@ -275,10 +311,18 @@ def prune_model(model: NormalizedModel, spec: dict[str, Any], splits: Splits, co
         finally:
             bar.close()
     search_seconds = time.perf_counter() - search_started
-    if result.best_x is None:
-        raise AutopruneError("no candidate met the target within the budget (e.g. every pruning exceeded "
+    best_x, repaired = result.best_x, False
+    if best_x is None and problem.max_cost is not None and result.history:
+        # A path strategy (greedy) stopped by the budget before reaching the MACs target: take its best
+        # candidate and shrink it uniformly onto the budget (never an over-budget model).
+        best_x = problem.repair(max(result.history, key=lambda row: row[2])[0])
+        repaired = True
+        log.warning("the budget ended before %s reached the MACs target; its best candidate was shrunk onto the "
+                    "target (raise --budget to let the search finish)", config.method)
+    if best_x is None:
+        raise AutopruneError("no candidate met the target within the budget (every candidate exceeded "
                              "--max-drop); raise --max-drop or --budget")
-    keep = space.snap(result.best_x)
+    keep = space.snap(best_x)
     best_fitness = evaluator(keep)
 
     # ---- surgery, fine-tuning, measurement -----------------------------------------------------
@@ -288,8 +332,13 @@ def prune_model(model: NormalizedModel, spec: dict[str, Any], splits: Splits, co
     finetune = replace(config.finetune, seed=config.seed)
     ft_started = time.perf_counter()
     (out / "work").mkdir(exist_ok=True)
-    fit(pruned, splits.train, finetune, augment=info.augment, teacher=model if finetune.distill > 0 else None,
-        checkpoint=out / "work" / "finetune.ckpt", progress=progress, desc="fine-tune")
+    try:
+        fit(pruned, splits.train, finetune, augment=info.augment, teacher=model if finetune.distill > 0 else None,
+            checkpoint=out / "work" / "finetune.ckpt", progress=progress, desc="fine-tune",
+            stop_requested=stop_requested)
+    except TrainingInterrupted as exc:
+        raise SearchInterrupted("interrupted during fine-tuning (finished epochs are checkpointed); continue "
+                                f"with `autoprune prune --resume {out}`") from exc
     ft_seconds = time.perf_counter() - ft_started
     pruned.eval()
 
@@ -306,7 +355,7 @@ def prune_model(model: NormalizedModel, spec: dict[str, Any], splits: Splits, co
                    "plan_seconds": round(plan_seconds, 3), "base_val_accuracy": base_val.accuracy,
                    "best_fitness": {"accuracy": best_fitness.accuracy, "macs": best_fitness.macs,
                                     "params": best_fitness.params, "score": result.best_score},
-                   "resumed_evaluations": len(recorded)},
+                   "resumed_evaluations": len(recorded), "repaired_to_target": repaired},
         "finetune": {"epochs": finetune.epochs, "seconds": round(ft_seconds, 3), "lr": finetune.lr,
                      "distill": finetune.distill},
         "plan": plan.notes,

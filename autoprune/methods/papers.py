@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from autoprune.errors import AutopruneError
 from autoprune.methods.base import Method, MethodContext, Plan, criterion_scores, register_method
 
 
@@ -24,12 +25,22 @@ class OptimalThreshold(Method):
     summary = "paper 1: sensitivity x (1 - correlation) importance, greedy per-layer threshold raising"
     source = "Wang, Liu & Pan 2020 (optimal threshold)"
     default_budget = 400
+    option_types = {"step": float}
+
+    #: Measured sensitivity costs one masked forward pass per channel and calibration sample; above this
+    #: many multiply-accumulates in all (about a minute on two CPU cores) it is estimated to first order.
+    MEASURED_WORK_LIMIT = 1e11
 
     def plan(self, ctx: MethodContext) -> Plan:
         options = {}
         if "step" in ctx.options:
             options["step"] = self.option(ctx, "step", 0.0625)
-        return Plan(ctx.model, criterion_scores(ctx, "otp"), "greedy", options)
+        max_batches = self.option(ctx, "max_batches", 8, int)
+        samples = min(len(ctx.splits.train), max_batches * min(128, ctx.train.batch_size))
+        work = float(ctx.space.channels.sum()) * samples * ctx.space.base_macs
+        mode = str(ctx.options.get("mode", "measured" if work <= self.MEASURED_WORK_LIMIT else "first_order"))
+        scores = criterion_scores(ctx, "otp", mode=mode, max_batches=max_batches)
+        return Plan(ctx.model, scores, "greedy", options, notes={"sensitivity": mode, "calibration_samples": samples})
 
 
 @register_method
@@ -50,6 +61,7 @@ class ParticleSwarm(Method):
     summary = "paper 2: particle swarm over per-layer magnitude thresholds (PSOPruner)"
     source = "Zhang et al. 2020 (PSOPruner)"
     default_budget = 1000
+    option_types = {"particles": int, "iterations": int}
 
     def plan(self, ctx: MethodContext) -> Plan:
         options = {"particles": self.option(ctx, "particles", 10, int),
@@ -72,9 +84,12 @@ class SparrowSearch(Method):
     summary = "paper 4: sparrow search over per-layer channel counts on a constraint grid"
     source = "Xie & Feng 2023 (sparrow search)"
     default_budget = 1000
+    option_types = {"grid": float, "population": int, "iterations": int}
 
     def plan(self, ctx: MethodContext) -> Plan:
         grid = self.option(ctx, "grid", 1 / 16)
+        if not 0 < grid <= 1:
+            raise AutopruneError(f"method option grid={grid} for 'ssa' must lie in (0, 1] (a keep-ratio step)")
         space = ctx.space
         choices = tuple(np.unique(space.snap_one(i, np.arange(grid, 1.0 + 1e-9, grid)))
                         for i in range(len(space)))
