@@ -24,11 +24,15 @@ from tqdm.auto import tqdm
 
 from autoprune.artifact import atomic_path
 from autoprune.data import BatchLoader, ImageTensors
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, Interrupted
 
 log = logging.getLogger(__name__)
 
 Regularizer = Callable[[nn.Module], torch.Tensor]
+
+
+class TrainingInterrupted(Interrupted):
+    """``stop_requested()`` became true: training stopped after an epoch, whose checkpoint resumes it."""
 
 
 @dataclass(frozen=True)
@@ -46,17 +50,18 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        checks = {
-            "epochs": self.epochs >= 0, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
-            "momentum": 0 <= self.momentum < 1, "weight_decay": self.weight_decay >= 0,
-            "warmup_epochs": self.warmup_epochs >= 0, "distill": 0 <= self.distill <= 1,
-            "temperature": self.temperature > 0,
+        checks = {  # written so that NaN fails every test
+            "epochs": self.epochs >= 0, "batch_size": self.batch_size >= 1, "lr": 0 < self.lr < math.inf,
+            "momentum": 0 <= self.momentum < 1, "weight_decay": 0 <= self.weight_decay < math.inf,
+            "warmup_epochs": 0 <= self.warmup_epochs < math.inf, "distill": 0 <= self.distill <= 1,
+            "temperature": 0 < self.temperature < math.inf, "seed": self.seed >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             k = bad[0]
-            raise AutopruneError(f"invalid training setting {k}={getattr(self, k)!r}; epochs, warmup and weight "
-                                 "decay must be >= 0, lr and temperature > 0, momentum in [0, 1), distill in [0, 1]")
+            raise AutopruneError(f"invalid training setting {k}={getattr(self, k)!r}; epochs, seed, warmup and weight "
+                                 "decay must be >= 0, lr and temperature > 0 (all finite), momentum in [0, 1), "
+                                 "distill in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ def model_device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageTensors, *, batch_size: int = 500, progress: bool = False) -> EvalResult:
     """Accuracy and loss of ``model`` on ``data`` in eval mode; the model's mode is restored."""
+    torch.set_flush_denormal(True)  # see fit()
     was_training = model.training
     model.eval()
     device = model_device(model)
@@ -122,7 +128,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def fit(model: nn.Module, train: ImageTensors, config: TrainConfig, *, augment: str = "none",
         teacher: nn.Module | None = None, regularizer: Regularizer | None = None,
-        checkpoint: str | os.PathLike[str] | None = None, progress: bool = True, desc: str = "train") -> TrainLog:
+        checkpoint: str | os.PathLike[str] | None = None, progress: bool = True, desc: str = "train",
+        stop_requested: Callable[[], bool] | None = None) -> TrainLog:
     """Train ``model`` in place on ``train``.
 
     Args:
@@ -135,9 +142,12 @@ def fit(model: nn.Module, train: ImageTensors, config: TrainConfig, *, augment: 
         checkpoint: a file updated atomically after every epoch; if it exists, training resumes from it.
         progress: show progress bars.
         desc: label of the progress bar.
+        stop_requested: polled after every epoch (and its checkpoint); when true, training stops there.
 
     Raises:
-        AutopruneError: when the loss becomes NaN or infinite (naming the epoch, step and learning rate).
+        AutopruneError: when the loss or the weights become NaN or infinite (naming the epoch, step and
+            learning rate).
+        TrainingInterrupted: ``stop_requested()`` became true before the last epoch.
     """
     if config.epochs == 0:
         return TrainLog(0, 0.0, float("nan"), 0)
@@ -183,8 +193,8 @@ def fit(model: nn.Module, train: ImageTensors, config: TrainConfig, *, augment: 
             if regularizer is not None:
                 loss = loss + regularizer(model)
             if not torch.isfinite(loss):
-                raise AutopruneError(f"training diverged: loss is {float(loss)} at epoch {epoch + 1}, step {i + 1} "
-                                     f"(learning rate {lr:.4g}); lower --lr or check the data")
+                raise AutopruneError(f"training diverged: loss is {float(loss.detach())} at epoch {epoch + 1}, "
+                                     f"step {i + 1} (learning rate {lr:.4g}); lower --lr or check the data")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -194,8 +204,16 @@ def fit(model: nn.Module, train: ImageTensors, config: TrainConfig, *, augment: 
                 bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr:.3g}")
         last_loss = running
         log.info("%s epoch %d/%d: loss %.4f", desc, epoch + 1, config.epochs, running)
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # the last step's update
+            raise AutopruneError(f"training diverged: the weights became NaN or infinite in epoch {epoch + 1} "
+                                 f"(by step {steps_per_epoch}, learning rate up to "
+                                 f"{lr_at((epoch + 1) * steps_per_epoch - 1, total, config.lr, warmup):.4g}); "
+                                 "lower --lr or check the data")
         if checkpoint:
             _save_checkpoint(checkpoint, model, optimizer, config, epoch + 1)
+        if stop_requested is not None and stop_requested() and epoch + 1 < config.epochs:
+            where = f"; its checkpoint {str(checkpoint)!r} resumes it when run again" if checkpoint else ""
+            raise TrainingInterrupted(f"{desc} interrupted after epoch {epoch + 1} of {config.epochs}{where}")
     model.eval()
     return TrainLog(config.epochs - start_epoch, time.perf_counter() - started, last_loss, start_epoch)
 
@@ -217,6 +235,10 @@ def _resume(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.opt
         payload = torch.load(p, map_location=model_device(model), weights_only=True)
         if payload["config"] != asdict(config):
             log.warning("checkpoint %s was made with other settings; starting over", p)
+            return 0
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if {k: tuple(v.shape) for k, v in payload["model"].items()} != shapes:  # load_state_dict would half-load
+            log.warning("checkpoint %s belongs to another architecture; starting over", p)
             return 0
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
