@@ -18,7 +18,6 @@ import json
 import os
 import pickle
 import tempfile
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -179,7 +178,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise AutopruneError(f"refusing to load {str(p)!r}: it contains Python objects that could run code "
                              "when unpickled; only autoprune model files (tensors and plain data) are accepted"
                              ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # random bytes fail in many ways (RuntimeError, EOFError, KeyError, BadZipFile, ...)
         raise AutopruneError(f"cannot read {str(p)!r} as a model file ({type(exc).__name__}); it is truncated, "
                              "corrupt or not a PyTorch file") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

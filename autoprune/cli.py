@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -103,6 +104,8 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-to", type=_pos_int, default=1, help="kept channel counts are multiples of this")
     p.add_argument("--min-ratio", type=_float, default=0.05, help="each layer keeps at least this fraction")
     p.add_argument("--latency-batch", type=_pos_int, default=256, help="large batch size for latency (default 256)")
+    p.add_argument("--latency-repeats", type=_pos_int, default=30,
+                   help="timed runs per model and batch size for latency (default 30)")
     p.add_argument("--threads", type=_pos_int, help="CPU threads for latency measurement")
 
 
@@ -118,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_nonneg_int, default=8, help="training epochs (default 8)")
     p.add_argument("--finetune-epochs", type=_nonneg_int, default=3, help="fine-tuning epochs (default 3)")
     p.add_argument("--budget", type=_pos_int, help="candidate evaluations (default: the method's)")
-    p.add_argument("--out", default="runs/demo", help="output directory, overwritten (default runs/demo)")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo); an earlier demo's "
+                   "output there is replaced, anything else only with --force")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     _add_common(p)
 
     p = sub.add_parser("train", help="train a model from scratch")
@@ -143,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted run in DIR (other options are read "
                    "from DIR/run.json)")
+    _add_common(p)
+
+    p = sub.add_parser("compare", help="prune one model with several methods and compare them side by side")
+    p.add_argument("model", nargs="?", help="model file written by `autoprune train`")
+    p.add_argument("--methods", default="all", help="comma-separated methods, e.g. otp,pso,l1 (default all)")
+    _add_data(p, required=False)
+    _add_target(p)
+    _add_finetune(p)
+    p.add_argument("--out", help="output directory (one sub-directory per method)")
+    p.add_argument("--title", help="heading of the comparison's reports, e.g. 'ResNet-20 on CIFAR-10 (JPEG q75)'")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    p.add_argument("--resume", metavar="DIR", help="continue an interrupted comparison in DIR (finished methods "
+                   "are skipped; other options are read from DIR/compare_run.json)")
     _add_common(p)
 
     p = sub.add_parser("eval", help="test accuracy, size, MACs and latency of a saved model")
@@ -192,7 +210,10 @@ def _load_data(args: argparse.Namespace, seed: int):
 
 
 class _StopFlag:
-    """First Ctrl-C: finish the current evaluation and stop cleanly; second: stop at once."""
+    """First Ctrl-C: finish the current evaluation (or training epoch) and stop cleanly; second: stop at once.
+
+    ``main`` restores the previous SIGINT handler when the command returns.
+    """
 
     def __init__(self) -> None:
         self.requested = False
@@ -205,9 +226,10 @@ class _StopFlag:
             if self.requested:
                 raise KeyboardInterrupt
             self.requested = True
-            sys.stderr.write("\nautoprune: stopping after the current evaluation (Ctrl-C again to abort)\n")
+            sys.stderr.write("\nautoprune: stopping after the current evaluation or epoch (Ctrl-C again to abort)\n")
 
-        signal.signal(signal.SIGINT, handler)
+        if threading.current_thread() is threading.main_thread():  # signals can only be handled there
+            signal.signal(signal.SIGINT, handler)
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
@@ -266,14 +288,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise AutopruneError(f"{args.out!r} already exists; pass --force to overwrite it or choose another --out")
     if out.is_dir():
         raise AutopruneError(f"--out {args.out!r} is a directory; give a file name such as runs/model.pt")
+    out.parent.mkdir(parents=True, exist_ok=True)  # an unusable --out fails now, not after training (OSError)
     resolve_factory(args.model)
+    if args.width is not None and not args.width > 0:
+        raise AutopruneError(f"--width must be > 0 (it multiplies every layer's width), got {args.width}")
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                          weight_decay=args.weight_decay, seed=args.seed)
     device = _device(args.device)
     splits = _load_data(args, args.seed)
     kwargs = {"width": args.width} if args.width is not None else {}
+    stop = _StopFlag()
+    stop.install()
     summary = train_base(args.model, splits, config, out, device=device, progress=not args.quiet,
-                         model_kwargs=kwargs)
+                         model_kwargs=kwargs, stop_requested=stop)
     print(f"trained {summary['model']} on {summary['dataset']} for {summary['epochs']} epochs in "
           f"{summary['seconds']:.1f} s: test accuracy {100 * summary['test_accuracy']:.2f}% -> {summary['out']}")
     return 0
@@ -289,7 +316,7 @@ def _prune_config(args: argparse.Namespace):
                        budget=args.budget, finetune=finetune, extra_epochs=args.extra_epochs,
                        method_options=dict(args.method_option), val_samples=args.val_samples,
                        round_to=args.round_to, min_ratio=args.min_ratio, seed=args.seed,
-                       latency_batch=args.latency_batch, threads=args.threads)
+                       latency_batch=args.latency_batch, latency_repeats=args.latency_repeats, threads=args.threads)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -300,10 +327,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.resume:
         out = Path(args.resume)
         prepare_output(out, force=False, resume=True)
-        saved = json.loads((out / "run.json").read_text(encoding="utf-8"))
-        config = PruneConfig.from_json(saved["config"])
-        invocation = saved.get("invocation", {})
+        try:
+            saved = json.loads((out / "run.json").read_text(encoding="utf-8"))
+            config = PruneConfig.from_json(saved["config"])
+            invocation = dict(saved.get("invocation") or {})
+        except AutopruneError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
+            raise AutopruneError(f"{str(out / 'run.json')!r} is damaged ({type(exc).__name__}), so the run cannot be "
+                                 "resumed; start it again with --out") from exc
         model_path, dataset, data_dir = invocation.get("model"), invocation.get("dataset"), invocation.get("data_dir")
+        if not model_path or not dataset:
+            raise AutopruneError(f"{str(out / 'run.json')!r} does not name the model file and dataset (was the run "
+                                 "started from Python?); resume it with autoprune.pipeline.prune_model(resume=True)")
         args.val_fraction, args.limit = invocation.get("val_fraction", 0.1), invocation.get("limit")
     else:
         if not args.model:
@@ -313,8 +349,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if not args.out:
             raise AutopruneError("--out is required: the directory for the pruned model and reports")
         config = _prune_config(args)
-        create_method(config.method)
+        create_method(config.method).check_options(config.method_options)
         out, model_path, dataset, data_dir = Path(args.out), args.model, args.dataset, args.data_dir
+        if args.force and out.resolve() in Path(model_path).resolve().parents:
+            raise AutopruneError(f"--out {args.out!r} holds the model being pruned and --force would delete it; "
+                                 "choose another --out")
     args.dataset, args.data_dir = dataset, data_dir
     device = _device(args.device)
     model, spec = load_for_pruning(model_path)
@@ -373,7 +412,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                          seed=args.seed)
     device = _device(args.device)
     out = Path(args.out)
-    prepare_output(out, force=True, resume=False)
+    earlier_demo = out.is_dir() and all(p.name in ("base.pt", "base.pt.ckpt", "pruned")
+                                        or p.name.startswith(".base.pt.") for p in out.iterdir())
+    prepare_output(out, force=args.force or earlier_demo, resume=False)
     started = time.perf_counter()
     splits = load_dataset("sample", seed=args.seed)
     print(f"[1/2] training LeNet-5 on the embedded sample ({len(splits.train)} train / {len(splits.val)} val / "
@@ -401,9 +442,83 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from autoprune.compare import (
+        check_options,
+        check_target,
+        load_comparison_run,
+        parse_methods,
+        prepare_comparison,
+        run_comparison,
+        terminal_table,
+    )
+    from autoprune.errors import AutopruneError
+    from autoprune.pipeline import check_compatible, load_for_pruning
+
+    if args.resume:
+        out = Path(args.resume)
+        saved = load_comparison_run(out)
+        config, methods, title = saved["config"], saved["methods"], saved.get("title")
+        invocation = saved.get("invocation", {})
+        model_path = invocation.get("model")
+        args.dataset, args.data_dir = invocation.get("dataset"), invocation.get("data_dir")
+        args.val_fraction, args.limit = invocation.get("val_fraction", 0.1), invocation.get("limit")
+    else:
+        if not args.model:
+            raise AutopruneError("give the model file to prune (autoprune compare MODEL ...) or --resume DIR")
+        methods = parse_methods(args.methods)
+        if not args.dataset:
+            raise AutopruneError("--dataset is required (the data the model was trained on)")
+        if not args.out:
+            raise AutopruneError("--out is required: the directory for the comparison")
+        args.method = methods[0]
+        config = _prune_config(args)
+        check_options(methods, config.method_options)
+        out, model_path, title = Path(args.out), args.model, args.title
+        if args.force and out.resolve() in Path(model_path).resolve().parents:
+            raise AutopruneError(f"--out {args.out!r} holds the model being pruned and --force would delete it; "
+                                 "choose another --out")
+        invocation = {"model": str(Path(model_path).resolve()), "dataset": args.dataset,
+                      "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
+                      "val_fraction": args.val_fraction, "limit": args.limit}
+    device = _device(args.device)
+    model, spec = load_for_pruning(model_path)
+    splits = _load_data(args, config.seed)
+    check_compatible(spec, splits, model_path)
+    check_target(model, splits, config)
+    prepare_comparison(out, force=args.force, resume=bool(args.resume))
+
+    def started(method: str, i: int, n: int) -> None:
+        print(f"[{i + 1}/{n}] {method} ...", flush=True)
+
+    def done(result: Any) -> None:
+        if result.skipped:
+            print(f"      {result.method}: already finished, skipped", flush=True)
+        elif result.status == "ok":
+            r = result.report
+            print(f"      {result.method}: test accuracy {100 * r['pruned']['accuracy']:.2f}% "
+                  f"({r['accuracy_change_points']:+.2f} pts), MACs -{100 * r['reduction']['macs']:.1f}% "
+                  f"in {result.seconds:.1f} s", flush=True)
+        else:
+            print(f"      {result.method}: {result.status}: {result.error}", flush=True)
+
+    stop = _StopFlag()
+    stop.install()
+    summary = run_comparison(model, spec, splits, config, methods, out, device=device, progress=not args.quiet,
+                             resume=bool(args.resume), stop_requested=stop, invocation=invocation, title=title,
+                             on_start=started, on_done=done)
+    print()
+    print(terminal_table(summary))
+    print(f"\nsaved {out / 'compare.md'}, {out / 'compare.json'}, {out / 'report.html'} (one sub-directory per "
+          "method)")
+    if not any(e["status"] == "ok" for e in summary["methods"]):
+        raise AutopruneError(f"every method failed; see {out / 'compare.md'}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "demo": cmd_demo, "train": cmd_train, "prune": cmd_prune, "eval": cmd_eval, "methods": cmd_methods,
-    "models": cmd_models,
+    "demo": cmd_demo, "train": cmd_train, "prune": cmd_prune, "compare": cmd_compare, "eval": cmd_eval,
+    "methods": cmd_methods, "models": cmd_models,
 }
 
 
@@ -412,21 +527,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="autoprune: %(levelname)s: %(message)s")
-    from autoprune.errors import AutopruneError
+    from autoprune.errors import AutopruneError, Interrupted
 
+    previous_sigint = signal.getsignal(signal.SIGINT)  # commands install their own (_StopFlag)
     try:
         return COMMANDS[args.command](args)
     except AutopruneError as exc:
         if args.debug:
             raise
         sys.stderr.write(f"autoprune: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}\n")
-        from autoprune.pipeline import SearchInterrupted
-
-        return EXIT_INTERRUPTED if isinstance(exc, SearchInterrupted) else 1
+        return EXIT_INTERRUPTED if isinstance(exc, Interrupted) else 1
     except KeyboardInterrupt:
         if args.debug:
             raise
-        sys.stderr.write("autoprune: interrupted\n")
+        sys.stderr.write(f"autoprune: interrupted{_resume_hint(args)}\n")
         return EXIT_INTERRUPTED
     except OSError as exc:
         if args.debug:
@@ -434,6 +548,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"autoprune: error: {exc.strerror or exc} ({exc.filename or 'file system'}); check the "
                          "path, permissions and free disk space\n")
         return 1
+    finally:
+        if (previous_sigint is not None and signal.getsignal(signal.SIGINT) is not previous_sigint
+                and threading.current_thread() is threading.main_thread()):
+            signal.signal(signal.SIGINT, previous_sigint)
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """How to continue after a hard Ctrl-C: what was checkpointed survives it."""
+    run = getattr(args, "resume", None) or getattr(args, "out", None)
+    if args.command == "prune" and run and (Path(run) / "run.json").exists():
+        return f"; continue with `autoprune prune --resume {run}`"
+    if args.command == "train" and Path(f"{args.out}.ckpt").exists():
+        return "; run the same command again to resume from the last finished epoch"
+    return ""
 
 
 if __name__ == "__main__":

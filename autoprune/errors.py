@@ -12,6 +12,10 @@ class AutopruneError(ValueError):
     """A problem with the user's input, files or targets; the message names it and the fix."""
 
 
+class Interrupted(AutopruneError):
+    """A long job stopped on request at a safe point; the message says how to continue it (CLI exit 130)."""
+
+
 def unknown_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> AutopruneError:
     """Build the standard error for a name that is not in a registry."""
     return AutopruneError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(valid))}")

@@ -35,12 +35,12 @@ from autoprune.artifact import load_with_spec, make_spec, save_model, write_json
 from autoprune.data import Splits
 from autoprune.errors import AutopruneError, Interrupted
 from autoprune.evaluate import Evaluator, calibration_images, recalibrate_bn
-from autoprune.measure import compare_latency, cost_of, device_name, serialized_size
+from autoprune.measure import compare_latency, cost_of, serialized_size
 from autoprune.methods import MethodContext, create_method
 from autoprune.models import NormalizedModel, create_model
 from autoprune.search import Fitness, Problem, create_strategy, run_search
 from autoprune.space import PruningSpace
-from autoprune.train import TrainConfig, TrainingInterrupted, evaluate, fit
+from autoprune.train import TrainConfig, TrainingInterrupted, evaluate, fit, subnormals_flushed
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,9 @@ class PruneConfig:
             data = dict(data)
             data["finetune"] = TrainConfig(**data["finetune"])
             return cls(**data)
-        except (KeyError, TypeError) as exc:  # AutopruneError (a bad value) passes through
+        except AutopruneError:  # a bad value: its own message says which
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
             raise AutopruneError(f"saved run configuration is damaged or from another version "
                                  f"({type(exc).__name__}: {exc}); start a new run") from exc
 
@@ -179,6 +181,7 @@ def train_base(model_name: str, splits: Splits, config: TrainConfig, out: Path, 
     Every epoch is checkpointed to ``out`` + ``.ckpt``; a run started again with the same settings resumes
     from it. ``stop_requested`` is polled after each epoch (raising :class:`TrainingInterrupted`).
     """
+    torch.manual_seed(config.seed)  # the initial weights too follow the seed, not what ran before in the process
     model, spec = build_model(model_name, splits, **(model_kwargs or {}))
     model.to(device)
     checkpoint = out.with_name(out.name + ".ckpt")
@@ -229,6 +232,7 @@ def _load_history(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+@subnormals_flushed()
 def prune_model(model: NormalizedModel, spec: dict[str, Any], splits: Splits, config: PruneConfig, out: Path, *,
                 device: torch.device, progress: bool = True, resume: bool = False,
                 stop_requested: Callable[[], bool] | None = None,
@@ -404,7 +408,7 @@ def _measure(base: NormalizedModel, pruned: NormalizedModel, splits: Splits, con
         "accuracy_change_points": round(100 * (pruned_acc - base_acc), 3),
         "analytic_cost_matches": (analytic.macs, analytic.params) == (pruned_cost.macs, pruned_cost.params),
         "layers": space.describe(keep),
-        "latency": {"device": device_name("cpu"), "threads": lat_base.threads, "repeats": config.latency_repeats,
+        "latency": {"device": lat_base.device, "threads": lat_base.threads, "repeats": config.latency_repeats,
                     "warmup": 10, "statistic": "median", "batch_sizes": list(batches), "interleaved": True},
     }
 

@@ -1,4 +1,5 @@
-"""Reports of a pruning run: ``report.json`` (everything measured) and ``report.md`` (for people)."""
+"""Reports of a pruning run: ``report.json`` (everything measured), ``report.md`` (for people), and the
+figures (``accuracy_macs.png``, ``channels.png``, ``search.png``) with a self-contained ``report.html``."""
 
 from __future__ import annotations
 
@@ -50,6 +51,12 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def write_reports(out: Path, report: dict[str, Any]) -> None:
-    """Write ``report.json`` and ``report.md`` into ``out`` atomically."""
-    write_json(out / "report.json", report)
+    """Write ``report.md``, the figures, ``report.html`` and last ``report.json`` into ``out`` atomically.
+
+    ``report.json`` comes last, so its presence means the run's outputs are complete (``compare --resume``).
+    """
+    from autoprune.html_report import write_run_report  # matplotlib is imported only here
+
     write_text(out / "report.md", markdown(report))
+    write_run_report(out, report)
+    write_json(out / "report.json", report)

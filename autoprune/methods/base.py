@@ -93,16 +93,32 @@ class Method(ABC):
         summary: one line for ``autoprune methods``.
         source: the paper or baseline it follows.
         default_budget: candidate evaluations when ``--budget`` is not given (the paper's where it gives one).
+        option_types: the ``--method-option`` keys the method reads, with their types.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     source: ClassVar[str] = ""
     default_budget: ClassVar[int] = 200
+    option_types: ClassVar[dict[str, type]] = {}
 
     @abstractmethod
     def plan(self, ctx: MethodContext) -> Plan:
         """Decide scores and search for ``ctx``."""
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Raise unless every option is one this method reads and its value converts to the option's type."""
+        for key, value in options.items():
+            if key not in self.option_types:
+                valid = ", ".join(sorted(self.option_types)) or "none"
+                raise AutopruneError(f"unknown --method-option {key!r} for method {self.name!r}; valid options: "
+                                     f"{valid}")
+            kind = self.option_types[key]
+            try:
+                kind(value)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise AutopruneError(f"method option {key}={value!r} for {self.name!r} is not a valid "
+                                     f"{kind.__name__}") from exc
 
     def option(self, ctx: MethodContext, key: str, default: Any, kind: type = float) -> Any:
         """A method option from ``ctx.options`` converted to ``kind``, or ``default``."""

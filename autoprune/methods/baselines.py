@@ -93,6 +93,7 @@ class NetworkSlimming(Method):
     summary = "network slimming: L1 sparsity training on BN scales, one global threshold"
     source = "Liu et al. 2017 (network slimming)"
     default_budget = 60
+    option_types = {"lambda": float}
 
     def plan(self, ctx: MethodContext) -> Plan:
         missing = [g.name for g in ctx.space.groups

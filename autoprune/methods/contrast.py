@@ -135,6 +135,7 @@ class ContrastAnnealing(Method):
     summary = "paper 3: shard-trained polarised networks, contrast loss, simulated annealing over thresholds"
     source = "Wang, Wang & Chen 2023 (contrast loss + SA)"
     default_budget = 200
+    option_types = {"networks": int, "lambda": float, "t": float, "contrast_weight": float}
 
     def plan(self, ctx: MethodContext) -> Plan:
         networks = self.option(ctx, "networks", 3, int)

@@ -1,0 +1,181 @@
+"""Shared helpers of the CLI robustness tests: running ``autoprune`` in-process or as a subprocess, the tiny
+trained LeNet-5 they prune, the settings of a fast pruning run, and the uninterrupted reference run that the
+resume and determinism tests compare against.
+
+The trained model and the reference run are cached per process (one per pytest basetemp), so every test
+module that needs them shares one copy however the modules are selected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from autoprune.cli import main
+
+#: A fast, deterministic pruning run: PSO (state carried across evaluations, so a resume that replayed the
+#: history wrongly would diverge), enough evaluations to interrupt in the middle, two short fine-tuning epochs.
+PRUNE_FAST = ["--dataset", "synthetic", "--method", "pso", "--method-option", "particles=6", "--budget", "240",
+              "--macs-reduction", "0.5", "--finetune-epochs", "2", "--batch-size", "32", "--latency-batch", "8",
+              "--threads", "1", "--seed", "3", "--quiet"]
+
+_CACHE: dict[tuple[str, str], Any] = {}
+
+
+@contextlib.contextmanager
+def _without_figures() -> Iterator[None]:
+    """Skip drawing report.html's figures (matplotlib: about a second per run); every other output is written."""
+    import autoprune.html_report
+
+    real = getattr(autoprune.html_report, "write_run_report", None)
+    if real is not None:
+        autoprune.html_report.write_run_report = lambda out, report: None
+    try:
+        yield
+    finally:
+        if real is not None:
+            autoprune.html_report.write_run_report = real
+
+
+@pytest.fixture(autouse=True)
+def no_figures():
+    """Pruning runs in these tests leave out the figures of report.html (see _without_figures)."""
+    with _without_figures():
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_subnormals():
+    """Training and evaluation turn on flush-to-zero process-wide (autoprune.train, for CPU speed); leave the
+    process as the module found it, or later property tests cannot draw subnormal floats."""
+    yield
+    torch.set_flush_denormal(False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run each test with one intra-op thread: faster on a shared 2-core machine, and the same thread count
+    in-process as in the subprocesses (``OMP_NUM_THREADS=1``), so results can be compared bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``autoprune ARGV`` in-process: (exit code, stdout, stderr); usage errors arrive as SystemExit."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(err: str, phrase: str) -> None:
+    """Exactly one non-empty line on stderr, an ``autoprune: error:`` containing ``phrase``, no traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    assert lines[0].startswith("autoprune: error: "), lines[0]
+    assert phrase in lines[0], f"{phrase!r} not in {lines[0]!r}"
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment of a subprocess ``autoprune``: one intra-op thread, as in-process."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+def cli_command(*argv: object) -> list[str]:
+    """The command line that runs ``autoprune ARGV`` with this interpreter."""
+    return [sys.executable, "-m", "autoprune.cli", *[str(a) for a in argv]]
+
+
+def start_cli(*argv: object, cwd: Path) -> subprocess.Popen[str]:
+    """Start ``autoprune ARGV`` as a real process (stdout and stderr piped)."""
+    return subprocess.Popen(cli_command(*argv), cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def trained_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LeNet-5 trained for one epoch on the synthetic data by ``autoprune train`` (cached per session)."""
+    key = (str(tmp_path_factory.getbasetemp()), "base")
+    if key not in _CACHE:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            path = tmp_path_factory.mktemp("base") / "lenet5.pt"
+            code = main(["train", "--model", "lenet5", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "4",
+                         "--seed", "0", "--out", str(path), "--quiet"])
+        finally:
+            torch.set_num_threads(before)
+        assert code == 0 and path.exists()
+        _CACHE[key] = path
+    return _CACHE[key]
+
+
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted ``autoprune prune BASE PRUNE_FAST`` run (cached per session)."""
+    key = (str(tmp_path_factory.getbasetemp()), "reference")
+    if key not in _CACHE:
+        base = trained_base(tmp_path_factory)
+        out = tmp_path_factory.mktemp("reference") / "run"
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with _without_figures():
+                assert main(["prune", str(base), *PRUNE_FAST, "--out", str(out)]) == 0
+        finally:
+            torch.set_num_threads(before)
+        _CACHE[key] = out
+    return _CACHE[key]
+
+
+def history(out: Path) -> list[dict[str, Any]]:
+    """The run's history.jsonl without the wall-clock column."""
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text(encoding="utf-8").splitlines()]
+    for row in rows:
+        row.pop("seconds")
+    return rows
+
+
+def outcome(out: Path) -> dict[str, Any]:
+    """What a run decided and measured, without wall-clock times: keep vector, layers, accuracies, costs."""
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    payload = torch.load(out / "model.pt", weights_only=True)
+    return {
+        "keep": payload["spec"]["pruned"]["keep"],
+        "layers": report["layers"],
+        "base_accuracy": report["base"]["accuracy"],
+        "pruned_accuracy": report["pruned"]["accuracy"],
+        "accuracy_before_finetune": report["pruned"]["accuracy_before_finetune"],
+        "val_accuracy_search": report["pruned"]["val_accuracy_search"],
+        "best_fitness": report["search"]["best_fitness"],
+        "evaluations": report["search"]["evaluations"],
+        "macs": (report["base"]["macs"], report["pruned"]["macs"]),
+        "params": (report["base"]["params"], report["pruned"]["params"]),
+    }
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    """The pruned model's saved state dict."""
+    return torch.load(out / "model.pt", weights_only=True)["state_dict"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Bit-identical state dicts."""
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs by up to {float((a[key] - b[key]).abs().max())}"

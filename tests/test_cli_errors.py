@@ -1,0 +1,468 @@
+"""Bad input at the command line: one clear line on stderr, a non-zero exit, no traceback, no long work.
+
+The matrix runs in-process through ``autoprune.cli.main``; a few cases run again as real processes to show
+that nothing else (a traceback, a warning) reaches the terminal. A property-based test throws random
+arguments and config values at the CLI and at the config classes: they either work or fail cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import pickle
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import (  # noqa: F401  (one_thread, restore_subnormals: autouse fixtures)
+    assert_one_line_error,
+    one_thread,
+    restore_subnormals,
+    run_cli,
+    start_cli,
+    trained_base,
+)
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from autoprune.artifact import read_checkpoint
+from autoprune.cli import build_parser
+from autoprune.errors import AutopruneError
+from autoprune.pipeline import PruneConfig
+from autoprune.train import TrainConfig
+
+USAGE, ERROR = 2, 1
+
+
+class _Payload:
+    """A pickle that would create a directory when loaded: the proof that loading ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A trained model and every kind of bad file and directory, by name (absolute paths as strings)."""
+    base = trained_base(tmp_path_factory)
+    d = tmp_path_factory.mktemp("bad-inputs")
+    good = read_checkpoint(base)
+    made: dict[str, Path] = {"base": base, "marker": d / "PAYLOAD-RAN"}
+
+    def variant(name: str, change) -> None:
+        payload = read_checkpoint(base)
+        change(payload)
+        torch.save(payload, d / name)
+        made[name.removesuffix(".pt")] = d / name
+
+    (d / "empty.pt").write_bytes(b"")
+    (d / "garbage.pt").write_bytes(b"hello, this is not a model")
+    data = base.read_bytes()
+    (d / "trunc.pt").write_bytes(data[: len(data) // 2])
+    torch.save(good["state_dict"], d / "foreign.pt")  # a bare state_dict: another tool's checkpoint
+    torch.save({**good, "x": _Payload(made["marker"])}, d / "evil.pt")
+    with open(d / "evil_raw.pkl", "wb") as f:  # a plain pickle, not even a torch file
+        pickle.dump({"format": "autoprune-model", "x": _Payload(made["marker"])}, f, protocol=2)
+    variant("mismatch.pt", lambda p: p["spec"]["layers"]["net.classifier.1"].update(out=7))
+    variant("wrongarch.pt", lambda p: p["spec"].update(model="resnet20"))
+    variant("v99.pt", lambda p: p.update(version=99))
+    variant("classes7.pt", lambda p: p["spec"]["args"].update(num_classes=7))
+    for name in ("empty", "garbage", "trunc", "foreign", "evil"):
+        made[name] = d / f"{name}.pt"
+    made["evil_raw"] = d / "evil_raw.pkl"
+    (d / "emptydir").mkdir()
+    (d / "nonempty").mkdir()
+    (d / "nonempty" / "keep.txt").write_text("precious")
+    (d / "afile").write_text("x")
+    (d / "holder").mkdir()
+    shutil.copy(base, d / "holder" / "model.pt")
+    made["held"] = d / "holder" / "model.pt"
+    damaged = d / "damaged-run"
+    damaged.mkdir()
+    (damaged / "run.json").write_text('{"config": {"method": "l1", "macs_red')
+    nokeys = d / "nokeys-run"
+    nokeys.mkdir()
+    (nokeys / "run.json").write_text('{"config": {"method": "l1"}}')
+    (d / "badmodule_xyz.py").write_text("raise RuntimeError('boom at import')\n")
+    (d / "okmodule_xyz.py").write_text("def not_a_model(num_classes=10):\n    return 5\n")
+    made.update(emptydir=d / "emptydir", nonempty=d / "nonempty", afile=d / "afile", holder=d / "holder",
+                damaged=damaged, nokeys=nokeys, missing=d / "missing.pt", dir=d, missingdir=d / "no-such-dir")
+    return {k: str(v) for k, v in made.items()}
+
+
+T = ["train", "--model", "lenet5", "--dataset", "synthetic", "--epochs", "1", "--quiet", "--out", "{out}.pt"]
+P = ["prune", "{base}", "--dataset", "synthetic", "--method", "random", "--budget", "2", "--finetune-epochs", "0",
+     "--latency-batch", "2", "--threads", "1", "--quiet", "--out", "{out}"]
+R = [*P, "--macs-reduction", "0.5"]
+E = ["eval", "{base}", "--dataset", "synthetic", "--latency-batch", "2", "--quiet"]
+
+# (id, argv, exit code, phrase of the one stderr line)
+CASES = [
+    # ---- general
+    ("no-command", [], USAGE, "required: command"),
+    ("unknown-command", ["frobnicate"], USAGE, "invalid choice: 'frobnicate'"),
+    ("methods-extra-arg", ["methods", "extra"], USAGE, "unrecognized arguments: extra"),
+    ("methods-unknown-flag", ["methods", "--bogus"], USAGE, "unrecognized arguments: --bogus"),
+    ("models-unknown-flag", ["models", "--json"], USAGE, "unrecognized arguments: --json"),
+    # ---- train
+    ("train-missing-args", ["train"], USAGE, "required: --model, --dataset, --out"),
+    ("train-unknown-model", [*T, "--model", "nosuchnet"], ERROR, "valid models: lenet5"),
+    ("train-unknown-dataset", [*T, "--dataset", "nosuchdata"], ERROR, "valid datasets: cifar10"),
+    ("train-no-data-dir", [*T, "--dataset", "mnist"], ERROR, "--data-dir is required for dataset 'mnist'"),
+    ("train-missing-data-dir", [*T, "--dataset", "mnist", "--data-dir", "{missingdir}"], ERROR, "does not exist"),
+    ("train-data-dir-is-file", [*T, "--dataset", "mnist", "--data-dir", "{afile}"], ERROR, "is not a directory"),
+    ("train-mnist-files-missing", [*T, "--dataset", "mnist", "--data-dir", "{emptydir}"], ERROR,
+     "train-images-idx3-ubyte"),
+    ("train-cifar-files-missing", [*T, "--dataset", "cifar10", "--data-dir", "{emptydir}"], ERROR,
+     "no CIFAR-10 found"),
+    ("train-imagefolder-empty", [*T, "--dataset", "imagefolder", "--data-dir", "{emptydir}"], ERROR,
+     "image-folder tree"),
+    ("train-negative-epochs", [*T, "--epochs", "-1"], USAGE, "--epochs: must be >= 0"),
+    ("train-zero-lr", [*T, "--lr", "0"], ERROR, "invalid training setting lr=0.0"),
+    ("train-nan-lr", [*T, "--lr", "nan"], USAGE, "expected a finite number"),
+    ("train-text-lr", [*T, "--lr", "fast"], USAGE, "expected a number, got 'fast'"),
+    ("train-zero-batch", [*T, "--batch-size", "0"], USAGE, "--batch-size: must be >= 1"),
+    ("train-negative-weight-decay", [*T, "--weight-decay", "-1"], ERROR, "weight_decay=-1.0"),
+    ("train-zero-width", [*T, "--width", "0"], ERROR, "--width must be > 0"),
+    ("train-val-fraction", [*T, "--val-fraction", "0.9"], ERROR, "val_fraction must be in [0, 0.5]"),
+    ("train-zero-limit", [*T, "--limit", "0"], USAGE, "--limit: must be >= 1"),
+    ("train-negative-seed", [*T, "--seed", "-1"], USAGE, "--seed: must be >= 0"),
+    ("train-unknown-device", [*T, "--device", "tpu"], ERROR, "unknown --device 'tpu'"),
+    ("train-out-exists", [*T, "--out", "{base}"], ERROR, "already exists; pass --force"),
+    ("train-out-is-dir", [*T, "--out", "{emptydir}", "--force"], ERROR, "is a directory"),
+    ("train-out-under-a-file", [*T, "--out", "{afile}/model.pt"], ERROR, "check the path, permissions"),
+    ("train-model-module-missing", [*T, "--model", "no_such_pkg_xyz.nets:make"], ERROR,
+     "cannot import module 'no_such_pkg_xyz.nets'"),
+    ("train-model-module-raises", [*T, "--model", "badmodule_xyz:make"], ERROR, "boom at import"),
+    ("train-model-factory-missing", [*T, "--model", "okmodule_xyz:nothere"], ERROR, "has no callable 'nothere'"),
+    ("train-model-factory-not-module", [*T, "--model", "okmodule_xyz:not_a_model"], ERROR, "not an nn.Module"),
+    ("train-model-wrong-image-size", [*T, "--model", "vgg11"], ERROR, "cannot take 1x28x28 images"),
+    ("train-diverges", [*T, "--lr", "1e30", "--batch-size", "16"], ERROR, "training diverged: loss is nan at epoch 1"),
+    # ---- prune
+    ("prune-nothing", ["prune"], ERROR, "give the model file to prune"),
+    ("prune-no-dataset", ["prune", "{base}"], ERROR, "--dataset is required"),
+    ("prune-no-out", ["prune", "{base}", "--dataset", "synthetic"], ERROR, "--out is required"),
+    ("prune-no-target", P, ERROR, "give exactly one target"),
+    ("prune-two-targets", [*R, "--max-drop", "1"], ERROR, "give exactly one target"),
+    ("prune-reduction-above-1", [*P, "--macs-reduction", "1.5"], ERROR, "strictly between 0 and 1, got 1.5"),
+    ("prune-reduction-0", [*P, "--macs-reduction", "0"], ERROR, "strictly between 0 and 1, got 0.0"),
+    ("prune-reduction-1", [*P, "--macs-reduction", "1"], ERROR, "strictly between 0 and 1, got 1.0"),
+    ("prune-reduction-text", [*P, "--macs-reduction", "half"], USAGE, "expected a number, got 'half'"),
+    ("prune-max-drop-range", [*P, "--max-drop", "200"], ERROR, "between 0 and 100"),
+    ("prune-unreachable", [*P, "--macs-reduction", "0.99"], ERROR, "--macs-reduction 0.99 is unreachable"),
+    ("prune-unreachable-round-to", [*R, "--round-to", "1000"], ERROR, "is unreachable"),
+    ("prune-min-ratio", [*R, "--min-ratio", "1.5"], ERROR, "--min-ratio must lie in [0, 1)"),
+    ("prune-zero-budget", [*R, "--budget", "0"], USAGE, "--budget: must be >= 1"),
+    ("prune-negative-budget", [*R, "--budget", "-3"], USAGE, "--budget: must be >= 1"),
+    ("prune-negative-finetune", [*R, "--finetune-epochs", "-1"], USAGE, "--finetune-epochs: must be >= 0"),
+    ("prune-negative-extra", [*R, "--extra-epochs", "-1"], USAGE, "--extra-epochs: must be >= 0"),
+    ("prune-zero-finetune-lr", [*R, "--finetune-lr", "0"], ERROR, "lr=0.0"),
+    ("prune-distill-range", [*R, "--distill", "2"], ERROR, "distill=2.0"),
+    ("prune-zero-val-samples", [*R, "--val-samples", "0"], USAGE, "--val-samples: must be >= 1"),
+    ("prune-empty-validation", [*R, "--val-fraction", "0"], ERROR, "the validation split is empty"),
+    ("prune-unknown-method", [*R, "--method", "nosuch"], ERROR, "valid methods: gdp, global, l1"),
+    ("prune-option-syntax", [*R, "--method-option", "particles"], USAGE, "expected key=value"),
+    ("prune-option-unknown", [*R, "--method", "pso", "--method-option", "particle=20"], ERROR,
+     "unknown --method-option 'particle' for method 'pso'; valid options: iterations, particles"),
+    ("prune-option-type", [*R, "--method", "pso", "--method-option", "particles=many"], ERROR, "not a valid int"),
+    ("prune-option-range", [*R, "--method", "ssa", "--method-option", "grid=0"], ERROR, "must lie in (0, 1]"),
+    ("prune-slim-without-bn", [*R, "--method", "slim"], ERROR, "needs a BatchNorm"),
+    ("prune-unknown-dataset", [*R, "--dataset", "nosuchdata"], ERROR, "valid datasets:"),
+    ("prune-dataset-files-missing", [*R, "--dataset", "cifar10", "--data-dir", "{emptydir}"], ERROR,
+     "no CIFAR-10 found"),
+    ("prune-missing-model", [*R[:1], "{missing}", *R[2:]], ERROR, "does not exist"),
+    ("prune-empty-model", [*R[:1], "{empty}", *R[2:]], ERROR, "cannot read"),
+    ("prune-garbage-model", [*R[:1], "{garbage}", *R[2:]], ERROR, "cannot read"),
+    ("prune-truncated-model", [*R[:1], "{trunc}", *R[2:]], ERROR, "truncated"),
+    ("prune-foreign-checkpoint", [*R[:1], "{foreign}", *R[2:]], ERROR, "not an autoprune model file"),
+    ("prune-malicious-pickle", [*R[:1], "{evil}", *R[2:]], ERROR, "could run code"),
+    ("prune-malicious-raw-pickle", [*R[:1], "{evil_raw}", *R[2:]], ERROR, "could run code"),
+    ("prune-architecture-mismatch", [*R[:1], "{mismatch}", *R[2:]], ERROR, "architecture mismatch"),
+    ("prune-wrong-architecture", [*R[:1], "{wrongarch}", *R[2:]], ERROR, "architecture mismatch"),
+    ("prune-format-version", [*R[:1], "{v99}", *R[2:]], ERROR, "format version 99"),
+    ("prune-model-dataset-mismatch", [*R[:1], "{classes7}", *R[2:]], ERROR, "has num_classes=7"),
+    ("prune-model-is-dir", [*R[:1], "{emptydir}", *R[2:]], ERROR, "is a directory, not a model file"),
+    ("prune-out-is-file", [*R, "--out", "{afile}"], ERROR, "is a file; give a directory"),
+    ("prune-out-not-empty", [*R, "--out", "{nonempty}"], ERROR, "already exists and is not empty"),
+    ("prune-force-deletes-input", [*R[:1], "{held}", *R[2:], "--out", "{holder}", "--force"], ERROR,
+     "holds the model being pruned"),
+    ("prune-resume-nothing", ["prune", "--resume", "{emptydir}"], ERROR, "nothing to resume"),
+    ("prune-resume-damaged", ["prune", "--resume", "{damaged}"], ERROR, "is damaged"),
+    ("prune-resume-incomplete", ["prune", "--resume", "{nokeys}"], ERROR, "damaged or from another version"),
+    ("prune-unknown-device", [*R, "--device", "tpu"], ERROR, "unknown --device 'tpu'"),
+    ("prune-finetune-diverges", [*R, "--finetune-epochs", "1", "--finetune-lr", "1e30", "--batch-size", "16"],
+     ERROR, "training diverged: loss is nan"),
+    # ---- eval
+    ("eval-missing-args", ["eval"], USAGE, "required: model, --dataset"),
+    ("eval-no-dataset", ["eval", "{base}"], USAGE, "required: --dataset"),
+    ("eval-missing-model", ["eval", "{missing}", *E[2:]], ERROR, "does not exist"),
+    ("eval-garbage-model", ["eval", "{garbage}", *E[2:]], ERROR, "cannot read"),
+    ("eval-truncated-model", ["eval", "{trunc}", *E[2:]], ERROR, "truncated"),
+    ("eval-foreign-checkpoint", ["eval", "{foreign}", *E[2:]], ERROR, "not an autoprune model file"),
+    ("eval-malicious-pickle", ["eval", "{evil}", *E[2:]], ERROR, "could run code"),
+    ("eval-architecture-mismatch", ["eval", "{mismatch}", *E[2:]], ERROR, "architecture mismatch"),
+    ("eval-model-dataset-mismatch", ["eval", "{classes7}", *E[2:]], ERROR, "has num_classes=7"),
+    ("eval-unknown-dataset", [*E, "--dataset", "nosuchdata"], ERROR, "valid datasets:"),
+    ("eval-dataset-files-missing", [*E, "--dataset", "mnist", "--data-dir", "{emptydir}"], ERROR,
+     "train-images-idx3-ubyte"),
+    ("eval-zero-latency-batch", [*E, "--latency-batch", "0"], USAGE, "--latency-batch: must be >= 1"),
+    ("eval-unknown-device", [*E, "--device", "tpu"], ERROR, "unknown --device 'tpu'"),
+    # ---- demo
+    ("demo-unknown-method", ["demo", "--method", "nosuch", "--out", "{out}"], ERROR, "valid methods:"),
+    ("demo-reduction-range", ["demo", "--macs-reduction", "2", "--out", "{out}"], ERROR, "strictly between 0 and 1"),
+    ("demo-negative-epochs", ["demo", "--epochs", "-1"], USAGE, "--epochs: must be >= 0"),
+    ("demo-zero-budget", ["demo", "--budget", "0"], USAGE, "--budget: must be >= 1"),
+    ("demo-out-is-file", ["demo", "--out", "{afile}"], ERROR, "is a file; give a directory"),
+    ("demo-out-not-empty", ["demo", "--out", "{nonempty}"], ERROR, "already exists and is not empty"),
+    ("demo-unknown-device", ["demo", "--device", "tpu", "--out", "{out}"], ERROR, "unknown --device 'tpu'"),
+]
+
+
+@pytest.mark.parametrize("argv, code, phrase", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line(argv, code, phrase, files, tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(files["dir"])  # the custom --model modules
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(files["nonempty"]))
+    args = [a.format(out=tmp_path / "out", **files) for a in argv]
+    got, _, err = run_cli(args, capsys)
+    assert got == code, err
+    assert_one_line_error(err, phrase)
+    assert not Path(files["marker"]).exists(), "the malicious payload ran"
+    if "diverged" not in phrase:
+        assert not (tmp_path / "out" / "history.jsonl").exists(), "a search started before the input was checked"
+    assert not (tmp_path / "out.pt.ckpt").exists() and not (tmp_path / "out.pt").exists()
+    assert sorted(os.listdir(files["nonempty"])) == before, "an existing directory was changed"
+
+
+def test_the_matrix_covers_every_subcommand():
+    assert len(CASES) >= 30 and 3 <= len(SUBPROCESS_CASES) <= 5
+    commands = {c[1][0] for c in CASES if c[1]}
+    assert {"train", "prune", "eval", "demo", "methods", "models"} <= commands
+
+
+def test_errors_name_valid_choices_and_show_traceback_with_debug(files, capsys, tmp_path):
+    code, _, err = run_cli(["train", "--model", "nosuchnet", "--dataset", "synthetic", "--out", tmp_path / "m.pt"],
+                           capsys)
+    assert code == 1 and all(n in err for n in ("lenet5", "resnet20", "vgg11", "package.module:factory"))
+    with pytest.raises(AutopruneError, match="unknown model 'nosuchnet'"):
+        run_cli(["train", "--model", "nosuchnet", "--dataset", "synthetic", "--out", tmp_path / "m.pt", "--debug"],
+                capsys)
+
+
+def test_malicious_model_is_refused_and_its_payload_never_runs(files, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for argv in (["eval", files["evil"], "--dataset", "synthetic"],
+                 ["prune", files["evil"], "--dataset", "synthetic", "--macs-reduction", "0.5", "--out", "o"],
+                 ["eval", files["evil_raw"], "--dataset", "synthetic"]):
+        code, out, err = run_cli(argv, capsys)
+        assert code == 1 and out == ""
+        assert_one_line_error(err, "refusing to load")
+    assert not Path(files["marker"]).exists()
+    assert not (tmp_path / "o" / "run.json").exists()
+
+
+# ---- real processes: nothing but the one line reaches the terminal --------------------------------------
+
+SUBPROCESS_CASES = {
+    "malicious-prune": (["prune", "{evil}", "--dataset", "synthetic", "--macs-reduction", "0.5", "--out", "o"],
+                        ERROR, "could run code"),
+    "malicious-eval": (["eval", "{evil}", "--dataset", "synthetic"], ERROR, "could run code"),
+    "garbage-eval": (["eval", "{garbage}", "--dataset", "synthetic"], ERROR, "cannot read"),
+    "wrong-image-size-train": (["train", "--model", "vgg11", "--dataset", "synthetic", "--out", "m.pt"], ERROR,
+                               "cannot take 1x28x28 images"),
+}
+
+
+@pytest.fixture(scope="module")
+def subprocess_results(files, tmp_path_factory):
+    """Run every subprocess case at once (they spend most of their time importing torch)."""
+    cwd = tmp_path_factory.mktemp("subprocess-cwd")
+    procs = {name: start_cli(*[a.format(**files) for a in argv], cwd=cwd)
+             for name, (argv, _, _) in SUBPROCESS_CASES.items()}
+    results = {name: (p.wait(timeout=120), *p.communicate()) for name, p in procs.items()}
+    return results, cwd
+
+
+@pytest.mark.parametrize("name", sorted(SUBPROCESS_CASES))
+def test_real_process_prints_one_line_and_no_traceback(name, subprocess_results, files):
+    results, cwd = subprocess_results
+    code, out, err = results[name]
+    _, want_code, phrase = SUBPROCESS_CASES[name]
+    assert code == want_code, err
+    assert out == ""
+    assert_one_line_error(err, phrase)
+    assert not Path(files["marker"]).exists()
+    assert not (cwd / "o").exists() or not any((cwd / "o").iterdir())
+
+
+# ---- properties ----------------------------------------------------------------------------------------
+
+class _LongWorkReached(BaseException):
+    """Raised in place of the long work: the arguments passed every check before it."""
+
+
+_BAD_NUMBERS = ["0", "-1", "-0.5", "1.5", "nan", "inf", "-inf", "1e30", "", "abc", "0x10", "1e-9"]
+
+
+def _number(*valid: str) -> st.SearchStrategy[str]:
+    """Mostly plausible values (so that later checks are reached too), sometimes bad ones."""
+    return st.sampled_from(list(valid) * (24 // len(valid)) + _BAD_NUMBERS)
+
+
+_PATHS = ["{base}", "{missing}", "{garbage}", "{trunc}", "{foreign}", "{evil}", "{mismatch}", "{classes7}",
+          "{emptydir}", "{afile}", "{nonempty}", "{damaged}", "{nokeys}"]
+_FLAGS = {
+    "--dataset": st.sampled_from(["synthetic"] * 6 + ["mnist", "cifar10", "imagefolder", "nosuch", ""]),
+    "--data-dir": st.sampled_from(_PATHS),
+    "--model": st.sampled_from(["lenet5", "lenet5", "resnet20", "vgg11", "nosuch", "okmodule_xyz:not_a_model",
+                                "badmodule_xyz:make", "no_pkg:f", ":", "a:b:c"]),
+    "--method": st.sampled_from(["l1", "random", "pso", "ssa", "otp", "slim", "gdp", "sa", "nosuch", ""]),
+    "--method-option": st.sampled_from(["particles=2", "particles=x", "grid=0", "grid=0.5", "step=2", "x=1",
+                                        "=1", "noeq", "iterations=-1", "networks=0", "lambda=nan"]),
+    "--out": st.sampled_from(["{out}", "{out}.pt", "{scratch_file}", "{scratch_nonempty}", "{scratch_empty}"]),
+    "--resume": st.sampled_from(["{damaged}", "{nokeys}", "{emptydir}", "{missing}"]),
+    "--device": st.sampled_from(["cpu", "cpu", "auto", "tpu", "cuda:x", ""]),
+    "--force": st.just(None), "--quiet": st.just(None), "--json": st.just(None),
+    "--epochs": _number("0", "1"), "--finetune-epochs": _number("0", "1"), "--extra-epochs": _number("0", "1"),
+    "--lr": _number("0.01", "0.1"), "--finetune-lr": _number("0.01"), "--weight-decay": _number("0", "5e-4"),
+    "--batch-size": _number("8", "128", "100000"), "--width": _number("0.25", "1", "2"),
+    "--val-fraction": _number("0", "0.1", "0.5"), "--limit": _number("1", "5", "12", "50", "100000"),
+    "--seed": _number("0", "7", "4294967296"), "--macs-reduction": _number("0.3", "0.5", "0.9", "0.999"),
+    "--max-drop": _number("0", "2", "100"), "--budget": _number("1", "5"), "--val-samples": _number("1", "10"),
+    "--round-to": _number("1", "2", "8", "64"), "--min-ratio": _number("0", "0.05", "0.5", "0.99"),
+    "--latency-batch": _number("1", "8"), "--threads": _number("1", "2"), "--distill": _number("0", "0.5", "1"),
+}
+_REQUIRED = {  # what makes an invocation complete, drawn most of the time
+    "train": ["--model", "lenet5", "--dataset", "synthetic", "--out", "{out}.pt"],
+    "prune": ["{base}", "--dataset", "synthetic", "--out", "{out}", "--macs-reduction", "0.5"],
+    "eval": ["{base}", "--dataset", "synthetic"],
+    "demo": ["--out", "{out}"], "methods": [], "models": [],
+}
+
+
+@functools.lru_cache
+def _flags_of(command: str) -> list[str]:
+    """The options of a subcommand that _FLAGS can fill (from the parser itself)."""
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(f for f in subparsers.choices[command]._option_string_actions if f in _FLAGS)
+
+
+@st.composite
+def _argvs(draw):
+    command = draw(st.sampled_from(["train", "prune", "prune", "eval", "demo", "methods", "models"]))
+    argv = [command]
+    if draw(st.integers(0, 3)):
+        argv += _REQUIRED[command]
+    elif command in ("prune", "eval") and draw(st.booleans()):
+        argv.append(draw(st.sampled_from(_PATHS)))
+    own = _flags_of(command)
+    pool = own * 4 + sorted(_FLAGS) if own else sorted(_FLAGS)  # mostly the command's own options
+    for flag in dict.fromkeys(draw(st.lists(st.sampled_from(pool), max_size=5))):
+        value = draw(_FLAGS[flag])
+        argv += [flag] if value is None else [flag, value]
+    return argv
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(argv=_argvs())
+def test_random_arguments_never_crash(argv, files, tmp_path, capsys, monkeypatch):
+    """Any arguments: exit 0/1/2 with at most one error line and no traceback, or every check passed."""
+    import autoprune.pipeline
+    import autoprune.train
+
+    def long_work(*args, **kwargs):
+        raise _LongWorkReached
+
+    monkeypatch.setattr(autoprune.pipeline, "train_base", long_work)
+    monkeypatch.setattr(autoprune.pipeline, "MethodContext", long_work)  # right after the target checks
+    monkeypatch.setattr(autoprune.train, "evaluate", long_work)  # eval's first long step
+    if files["dir"] not in sys.path:
+        monkeypatch.syspath_prepend(files["dir"])
+    monkeypatch.chdir(tmp_path)
+    scratch = tmp_path / "scratch"  # fresh for every example: --force may delete what --out names
+    shutil.rmtree(scratch, ignore_errors=True)
+    (scratch / "nonempty").mkdir(parents=True)
+    (scratch / "nonempty" / "keep.txt").write_text("x")
+    (scratch / "empty").mkdir()
+    (scratch / "file").write_text("x")
+    paths = {"scratch_file": scratch / "file", "scratch_nonempty": scratch / "nonempty",
+             "scratch_empty": scratch / "empty"}
+    args = [a.format(out=scratch / "out", **paths, **files) for a in argv]
+    try:
+        code, _, err = run_cli(args, capsys)
+    except _LongWorkReached:
+        event("passed every check")
+        return
+    event(f"exit {code}")
+    assert code in (0, 1, 2), (args, code, err)
+    assert "Traceback" not in err
+    if code:
+        assert_one_line_error(err, "")
+    assert not Path(files["marker"]).exists()
+
+
+# No subnormals: autoprune.train turns on flush-to-zero for the whole process (a speed choice on CPU), which makes
+# hypothesis refuse to draw them once any training or evaluation ran in this module.
+_FLOATS = st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False)
+_NUMBER_VALUES = st.one_of(st.none(), st.integers(-5, 10**6), _FLOATS)
+
+
+@settings(max_examples=300, deadline=None)
+@given(fields=st.fixed_dictionaries({}, optional={
+    "macs_reduction": _NUMBER_VALUES, "max_drop": _NUMBER_VALUES,
+    "budget": st.one_of(st.none(), st.integers(-5, 10**6)), "extra_epochs": st.integers(-3, 5),
+    "val_samples": st.one_of(st.none(), st.integers(-3, 10**6)), "calibration_samples": st.integers(-3, 2000),
+    "round_to": st.integers(-3, 64), "min_ratio": _FLOATS,
+    "seed": st.integers(-3, 2**40), "latency_batch": st.integers(-3, 512), "latency_repeats": st.integers(-3, 50),
+    "threads": st.one_of(st.none(), st.integers(-3, 64)),
+    "method": st.sampled_from(["l1", "pso", "otp", "random", "nosuch", "", "L1"]),
+}), train=st.fixed_dictionaries({}, optional={
+    "epochs": st.integers(-3, 100), "batch_size": st.integers(-3, 4096),
+    "lr": _FLOATS, "momentum": _FLOATS,
+    "weight_decay": _FLOATS,
+    "warmup_epochs": _FLOATS,
+    "distill": _FLOATS,
+    "temperature": _FLOATS, "seed": st.integers(-3, 2**40),
+}))
+def test_config_values_give_a_valid_config_or_a_clear_error(fields, train):
+    try:
+        finetune = TrainConfig(**train)
+    except AutopruneError:
+        return
+    for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "distill", "temperature"):
+        assert finetune.__dict__[name] == finetune.__dict__[name] and abs(finetune.__dict__[name]) != float("inf")
+    fields = {"method": "l1", **fields}
+    try:
+        config = PruneConfig(finetune=finetune, **fields)
+    except AutopruneError:
+        return
+    assert (config.macs_reduction is None) != (config.max_drop is None)
+    assert config.latency_repeats >= 1 and config.seed >= 0 and 0 <= config.min_ratio < 1
+    assert PruneConfig.from_json(config.to_json()) == config
+
+
+_JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), _FLOATS, st.text(max_size=5)),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                  max_size=3), max_leaves=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.dictionaries(st.sampled_from(["method", "macs_reduction", "max_drop", "budget", "finetune", "seed",
+                                             "round_to", "min_ratio", "method_options", "junk"]), _JSON, max_size=6),
+       finetune=st.dictionaries(st.sampled_from(["epochs", "lr", "batch_size", "distill", "junk"]), _JSON,
+                                max_size=4))
+def test_a_damaged_run_json_config_is_a_clear_error(data, finetune):
+    data = {"method": "l1", "macs_reduction": 0.5, "finetune": finetune, **data}
+    try:
+        config = PruneConfig.from_json(data)
+    except AutopruneError as exc:
+        assert str(exc).splitlines()[0]
+        return
+    assert isinstance(config, PruneConfig) and isinstance(config.finetune, TrainConfig)
+
