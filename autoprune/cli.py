@@ -322,7 +322,15 @@ def _prune_config(args: argparse.Namespace):
 def cmd_prune(args: argparse.Namespace) -> int:
     from autoprune.errors import AutopruneError
     from autoprune.methods import create_method
-    from autoprune.pipeline import PruneConfig, check_compatible, load_for_pruning, prepare_output, prune_model
+    from autoprune.pipeline import (
+        PruneConfig,
+        check_compatible,
+        check_reachable,
+        load_for_pruning,
+        prepare_output,
+        prune_model,
+        pruning_space,
+    )
 
     if args.resume:
         out = Path(args.resume)
@@ -359,6 +367,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model, spec = load_for_pruning(model_path)
     splits = _load_data(args, config.seed)
     check_compatible(spec, splits, model_path)
+    check_reachable(pruning_space(model, splits, config), config)
     prepare_output(out, force=args.force, resume=bool(args.resume))
     invocation = {"model": str(Path(model_path).resolve()), "dataset": dataset,
                   "data_dir": str(Path(data_dir).resolve()) if data_dir else None,

@@ -40,8 +40,14 @@ from autoprune.data import Splits
 from autoprune.errors import AutopruneError, Interrupted
 from autoprune.methods import create_method, method_names
 from autoprune.models import NormalizedModel
-from autoprune.pipeline import PruneConfig, SearchInterrupted, prepare_output, prune_model
-from autoprune.space import PruningSpace
+from autoprune.pipeline import (
+    PruneConfig,
+    SearchInterrupted,
+    check_reachable,
+    prepare_output,
+    prune_model,
+    pruning_space,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +122,7 @@ def check_options(methods: Sequence[str], options: Mapping[str, Any]) -> None:
 
 def check_target(model: NormalizedModel, splits: Splits, config: PruneConfig) -> None:
     """Fail early (before any method runs) if the MACs target cannot be met at the minimum widths."""
-    if config.macs_reduction is None:
-        return
-    info = splits.info
-    example = torch.rand(1, info.in_channels, *info.image_size)
-    space = PruningSpace(copy.deepcopy(model).cpu().eval(), example, round_to=config.round_to,
-                         min_ratio=config.min_ratio)
-    floor = space.relative_macs(space.lower)
-    if floor > 1 - config.macs_reduction:
-        raise AutopruneError(f"--macs-reduction {config.macs_reduction} is unreachable: at the minimum widths the "
-                             f"model keeps {floor:.1%} of its MACs (max reduction {1 - floor:.3f}); lower the target "
-                             "or --min-ratio")
+    check_reachable(pruning_space(model, splits, config), config)
 
 
 def prepare_comparison(out: Path, *, force: bool, resume: bool) -> None:

@@ -232,6 +232,24 @@ def _load_history(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def pruning_space(model: NormalizedModel, splits: Splits, config: PruneConfig) -> PruningSpace:
+    """The pruning space of ``model`` for ``splits``' image shape and ``config``'s width rules."""
+    info = splits.info
+    example = torch.rand(1, info.in_channels, *info.image_size, device=next(model.parameters()).device)
+    return PruningSpace(model, example, round_to=config.round_to, min_ratio=config.min_ratio)
+
+
+def check_reachable(space: PruningSpace, config: PruneConfig) -> None:
+    """Fail before any work if the MACs target cannot be met at the minimum widths."""
+    if config.macs_reduction is None:
+        return
+    floor = space.relative_macs(space.lower)
+    if floor > 1 - config.macs_reduction:
+        raise AutopruneError(f"--macs-reduction {config.macs_reduction} is unreachable: at the minimum widths "
+                             f"the model keeps {floor:.1%} of its MACs (max reduction {1 - floor:.3f}); "
+                             "lower the target or --min-ratio")
+
+
 @subnormals_flushed()
 def prune_model(model: NormalizedModel, spec: dict[str, Any], splits: Splits, config: PruneConfig, out: Path, *,
                 device: torch.device, progress: bool = True, resume: bool = False,
@@ -251,14 +269,8 @@ def prune_model(model: NormalizedModel, spec: dict[str, Any], splits: Splits, co
         raise AutopruneError("the validation split is empty (--val-fraction 0 or a tiny --limit), but the search "
                              "scores candidates on it; use --val-fraction 0.1 or a larger --limit")
     model = model.to(device).eval()
-    example = torch.rand(1, info.in_channels, *info.image_size, device=device)
-    space = PruningSpace(model, example, round_to=config.round_to, min_ratio=config.min_ratio)
-    if config.macs_reduction is not None:
-        floor = space.relative_macs(space.lower)
-        if floor > 1 - config.macs_reduction:
-            raise AutopruneError(f"--macs-reduction {config.macs_reduction} is unreachable: at the minimum widths "
-                                 f"the model keeps {floor:.1%} of its MACs (max reduction {1 - floor:.3f}); "
-                                 "lower the target or --min-ratio")
+    space = pruning_space(model, splits, config)
+    check_reachable(space, config)
     write_json(out / "run.json", {"config": config.to_json(), "invocation": invocation or {}, "spec": spec})
 
     ctx = MethodContext(model=model, space=space, splits=splits, device=device, seed=config.seed,

@@ -292,3 +292,16 @@ def test_an_existing_output_is_kept_without_force(tmp_path_factory, tmp_path, ca
     code, _, err = run_cli(["demo", "--out", demo, "--epochs", "0"], capsys)
     assert code == 1 and "--force" in err
     assert (demo / "notes.txt").read_text() == "mine"
+
+
+def test_force_with_an_impossible_target_deletes_nothing(tmp_path_factory, tmp_path, capsys):
+    base = trained_base(tmp_path_factory)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.pt").write_text("an earlier result")
+    argv = list(PRUNE_FAST)
+    argv[argv.index("--macs-reduction") + 1] = "0.999"
+    code, _, err = run_cli(["prune", base, *argv, "--out", out, "--force"], capsys)
+    assert code == 1
+    assert_one_line_error(err, "unreachable")
+    assert (out / "model.pt").read_text() == "an earlier result"
