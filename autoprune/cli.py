@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train LeNet-5 on the embedded digit sample, prune it, show the gain")
     p.add_argument("--method", default="otp", help="pruning method (default otp)")
     p.add_argument("--macs-reduction", type=_float, default=0.7, help="MACs to remove (default 0.7)")
-    p.add_argument("--epochs", type=_nonneg_int, default=8, help="training epochs (default 8)")
+    p.add_argument("--epochs", type=_nonneg_int, default=20, help="training epochs (default 20)")
     p.add_argument("--finetune-epochs", type=_nonneg_int, default=3, help="fine-tuning epochs (default 3)")
     p.add_argument("--budget", type=_pos_int, help="candidate evaluations (default: the method's)")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo); an earlier demo's "
@@ -417,7 +417,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     create_method(args.method)
     config = PruneConfig(method=args.method, macs_reduction=args.macs_reduction, budget=args.budget,
-                         finetune=TrainConfig(epochs=args.finetune_epochs, lr=0.01, seed=args.seed),
+                         finetune=TrainConfig(epochs=args.finetune_epochs, lr=0.01, batch_size=64, distill=0.5,
+                                              seed=args.seed),
                          seed=args.seed)
     device = _device(args.device)
     out = Path(args.out)
@@ -429,8 +430,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[1/2] training LeNet-5 on the embedded sample ({len(splits.train)} train / {len(splits.val)} val / "
           f"{len(splits.test)} test real MNIST digits, {args.epochs} epochs)")
     base_path = out / "base.pt"
-    summary = train_base("lenet5", splits, TrainConfig(epochs=args.epochs, lr=0.05, seed=args.seed), base_path,
-                         device=device, progress=not args.quiet)
+    train_config = TrainConfig(epochs=args.epochs, lr=0.05, batch_size=64, seed=args.seed)
+    summary = train_base("lenet5", splits, train_config, base_path, device=device, progress=not args.quiet)
     print(f"      test accuracy {100 * summary['test_accuracy']:.2f}% ({summary['seconds']:.1f} s)")
     print(f"[2/2] pruning with {args.method} to remove {100 * args.macs_reduction:.0f}% of the MACs, then "
           f"{args.finetune_epochs} fine-tuning epochs")
