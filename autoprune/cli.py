@@ -109,6 +109,18 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_pos_int, help="CPU threads for latency measurement")
 
 
+def _add_pruning_run(p: argparse.ArgumentParser, *, out_help: str, resume_help: str) -> None:
+    """The arguments `prune` and `compare` share: model, data, target, fine-tuning, output, resume."""
+    p.add_argument("model", nargs="?", help="model file written by `autoprune train` (or `prune`)")
+    _add_data(p, required=False)
+    _add_target(p)
+    _add_finetune(p)
+    p.add_argument("--out", help=out_help)
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    p.add_argument("--resume", metavar="DIR", help=resume_help)
+    _add_common(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of all subcommands."""
     parser = _Parser(prog="autoprune", description="Automatic structured pruning of trained CNNs.")
@@ -139,29 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("prune", help="prune a trained model with one method")
-    p.add_argument("model", nargs="?", help="model file written by `autoprune train` (or `prune`)")
     p.add_argument("--method", default="l1", help="pruning method (see `autoprune methods`)")
-    _add_data(p, required=False)
-    _add_target(p)
-    _add_finetune(p)
-    p.add_argument("--out", help="output directory")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
-    p.add_argument("--resume", metavar="DIR", help="continue an interrupted run in DIR (other options are read "
-                   "from DIR/run.json)")
-    _add_common(p)
+    _add_pruning_run(p, out_help="output directory",
+                     resume_help="continue an interrupted run in DIR (other options are read from DIR/run.json)")
 
     p = sub.add_parser("compare", help="prune one model with several methods and compare them side by side")
-    p.add_argument("model", nargs="?", help="model file written by `autoprune train`")
     p.add_argument("--methods", default="all", help="comma-separated methods, e.g. otp,pso,l1 (default all)")
-    _add_data(p, required=False)
-    _add_target(p)
-    _add_finetune(p)
-    p.add_argument("--out", help="output directory (one sub-directory per method)")
     p.add_argument("--title", help="heading of the comparison's reports, e.g. 'ResNet-20 on CIFAR-10 (JPEG q75)'")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
-    p.add_argument("--resume", metavar="DIR", help="continue an interrupted comparison in DIR (finished methods "
-                   "are skipped; other options are read from DIR/compare_run.json)")
-    _add_common(p)
+    _add_pruning_run(p, out_help="output directory (one sub-directory per method)",
+                     resume_help="continue an interrupted comparison in DIR (finished methods are skipped; other "
+                     "options are read from DIR/compare_run.json)")
 
     p = sub.add_parser("eval", help="test accuracy, size, MACs and latency of a saved model")
     p.add_argument("model", help="model file")

@@ -17,14 +17,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-# The command as one line a shell can run again (arguments quoted only where needed).
-shell_join() {
-  local out="" a
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then out+="$a "; else out+="'${a//\'/\'\\\'\'}' "; fi
-  done
-  printf '%s' "${out% }"
-}
+source benchmarks/common.sh
 
 AUTOPRUNE="${AUTOPRUNE:-.venv/bin/autoprune}"
 PYTHON="${PYTHON:-.venv/bin/python}"
