@@ -28,8 +28,10 @@ class ParticleSwarm(Strategy):
     inertia weight decreasing linearly from ``inertia_start`` to ``inertia_end`` over the iterations
     and ``c1 = c2 = 2.0`` (Shi & Eberhart 1998); random numbers drawn per particle and dimension;
     velocities clamped to ``max_velocity * (upper - lower)`` and initialised uniformly within that
-    clamp; initial positions uniform in the box. Positions are clipped and snapped after every update,
-    and repaired in macs mode (the velocity is kept as computed, not reset by the repair). Each ask is
+    clamp; initial positions uniform in the box. Positions are clipped and snapped after every update;
+    in macs mode they are repaired when above the cost ceiling and pushed out to it when below
+    (:meth:`Problem.fill`: accuracy grows with width, so a position inside the budget wastes it; without
+    this, small budgets ended well short of the target). The velocity is kept as computed. Each ask is
     the whole swarm for one iteration; the search is done after ``iterations`` of them
     (``particles * iterations`` evaluations).
     """
@@ -71,7 +73,7 @@ class ParticleSwarm(Strategy):
         span = problem.upper - problem.lower
         self._vmax = self.max_velocity * span
         start = problem.lower + self.rng.random((self.particles, problem.dim)) * span
-        self._positions = np.array([problem.place(x) for x in start])
+        self._positions = np.array([problem.place(x, fill=True) for x in start])
         self._velocities = self.rng.uniform(-1.0, 1.0, (self.particles, problem.dim)) * self._vmax
         self._personal = self._positions.copy()
         self._personal_scores = np.full(self.particles, -np.inf)
@@ -105,4 +107,4 @@ class ParticleSwarm(Strategy):
         )
         self._velocities = np.clip(velocities, -self._vmax, self._vmax)
         moved = self._positions + self._velocities
-        self._positions = np.array([self.problem.place(x) for x in moved])
+        self._positions = np.array([self.problem.place(x, fill=True) for x in moved])
