@@ -319,13 +319,13 @@ def _prune_config(args: argparse.Namespace):
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from autoprune.artifact import load_with_spec
     from autoprune.errors import AutopruneError
     from autoprune.methods import create_method
     from autoprune.pipeline import (
         PruneConfig,
         check_compatible,
         check_reachable,
-        load_for_pruning,
         prepare_output,
         prune_model,
         pruning_space,
@@ -363,7 +363,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                                  "choose another --out")
     args.dataset, args.data_dir = dataset, data_dir
     device = _device(args.device)
-    model, spec = load_for_pruning(model_path)
+    model, spec = load_with_spec(model_path)
     splits = _load_data(args, config.seed)
     check_compatible(spec, splits, model_path)
     check_reachable(pruning_space(model, splits, config), config)
@@ -452,6 +452,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from autoprune.artifact import load_with_spec
     from autoprune.compare import (
         check_options,
         check_target,
@@ -462,7 +463,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         terminal_table,
     )
     from autoprune.errors import AutopruneError
-    from autoprune.pipeline import check_compatible, load_for_pruning
+    from autoprune.pipeline import check_compatible
 
     if args.resume:
         out = Path(args.resume)
@@ -491,7 +492,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                       "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
                       "val_fraction": args.val_fraction, "limit": args.limit}
     device = _device(args.device)
-    model, spec = load_for_pruning(model_path)
+    model, spec = load_with_spec(model_path)
     splits = _load_data(args, config.seed)
     check_compatible(spec, splits, model_path)
     check_target(model, splits, config)

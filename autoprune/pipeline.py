@@ -31,7 +31,7 @@ import torch_pruning as tp
 from tqdm.auto import tqdm
 
 import autoprune
-from autoprune.artifact import load_with_spec, make_spec, save_model, write_json, write_text
+from autoprune.artifact import make_spec, save_model, write_json, write_text
 from autoprune.data import Splits
 from autoprune.errors import AutopruneError, Interrupted
 from autoprune.evaluate import Evaluator, calibration_images, recalibrate_bn
@@ -284,8 +284,8 @@ def prune_model(model: NormalizedModel, spec: dict[str, Any], splits: Splits, co
     if config.val_samples is not None and config.val_samples < len(val):
         val = val.subset(torch.randperm(len(val), generator=torch.Generator().manual_seed(config.seed))
                          [: config.val_samples])
-    evaluator = Evaluator(plan.model, space, plan.scores, val,
-                          calibration_images(splits.train, config.calibration_samples, config.seed))
+    calibration = calibration_images(splits.train, config.calibration_samples, config.seed)
+    evaluator = Evaluator(plan.model, space, plan.scores, val, calibration)
     history_path = out / "history.jsonl"
     recorded = _load_history(history_path) if resume else []
     if resume:  # keep only the intact rows, so that nothing is appended to a line torn by a hard kill
@@ -343,7 +343,7 @@ def prune_model(model: NormalizedModel, spec: dict[str, Any], splits: Splits, co
 
     # ---- surgery, fine-tuning, measurement -----------------------------------------------------
     pruned = space.apply(plan.model, keep, plan.scores)
-    recalibrate_bn(pruned, calibration_images(splits.train, config.calibration_samples, config.seed))
+    recalibrate_bn(pruned, calibration)
     before_ft = evaluate(pruned, splits.test).accuracy
     finetune = replace(config.finetune, seed=config.seed)
     ft_started = time.perf_counter()
@@ -423,8 +423,3 @@ def _measure(base: NormalizedModel, pruned: NormalizedModel, splits: Splits, con
         "latency": {"device": lat_base.device, "threads": lat_base.threads, "repeats": config.latency_repeats,
                     "warmup": 10, "statistic": "median", "batch_sizes": list(batches), "interleaved": True},
     }
-
-
-def load_for_pruning(path: str) -> tuple[NormalizedModel, dict[str, Any]]:
-    """Load a saved model to prune (or to evaluate)."""
-    return load_with_spec(path)
