@@ -5,9 +5,9 @@ The Python API in brief::
     import autoprune
     model = autoprune.load("runs/l1/model.pt")      # a plain nn.Module; inputs are floats in [0, 1]
 
-The building blocks live in submodules: :mod:`autoprune.space` (prunable groups, costs, surgery),
+The building blocks live in submodules: :mod:`autoprune.engine.space` (prunable groups, costs, surgery),
 :mod:`autoprune.criteria`, :mod:`autoprune.search` (numpy only), :mod:`autoprune.methods`,
-:mod:`autoprune.pipeline` (the train and prune jobs) and :mod:`autoprune.data`.
+:mod:`autoprune.runs.pipeline` (the train and prune jobs) and :mod:`autoprune.data`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from autoprune.errors import AutopruneError
 
 __version__ = "0.1.0"
 
-_LAZY = {"load": "autoprune.artifact", "load_with_spec": "autoprune.artifact", "save_model": "autoprune.artifact",
-         "prune_model": "autoprune.pipeline", "PruneConfig": "autoprune.pipeline",
-         "PruningSpace": "autoprune.space", "TrainConfig": "autoprune.train"}
+_LAZY = {"load": "autoprune.io.artifact", "load_with_spec": "autoprune.io.artifact",
+         "save_model": "autoprune.io.artifact",
+         "prune_model": "autoprune.runs.pipeline", "PruneConfig": "autoprune.runs.pipeline",
+         "PruningSpace": "autoprune.engine.space", "TrainConfig": "autoprune.engine.train"}
 
 __all__ = ["AutopruneError", "__version__", *_LAZY]
 

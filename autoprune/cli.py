@@ -277,10 +277,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from autoprune.engine.train import TrainConfig
     from autoprune.errors import AutopruneError
     from autoprune.models import resolve_factory
-    from autoprune.pipeline import train_base
-    from autoprune.train import TrainConfig
+    from autoprune.runs.pipeline import train_base
 
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -306,8 +306,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _prune_config(args: argparse.Namespace):
-    from autoprune.pipeline import PruneConfig
-    from autoprune.train import TrainConfig
+    from autoprune.engine.train import TrainConfig
+    from autoprune.runs.pipeline import PruneConfig
 
     finetune = TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, batch_size=args.batch_size,
                            distill=args.distill, seed=args.seed)
@@ -319,10 +319,10 @@ def _prune_config(args: argparse.Namespace):
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from autoprune.artifact import load_with_spec
     from autoprune.errors import AutopruneError
+    from autoprune.io.artifact import load_with_spec
     from autoprune.methods import create_method
-    from autoprune.pipeline import (
+    from autoprune.runs.pipeline import (
         PruneConfig,
         check_compatible,
         check_reachable,
@@ -346,7 +346,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         model_path, dataset, data_dir = invocation.get("model"), invocation.get("dataset"), invocation.get("data_dir")
         if not model_path or not dataset:
             raise AutopruneError(f"{str(out / 'run.json')!r} does not name the model file and dataset (was the run "
-                                 "started from Python?); resume it with autoprune.pipeline.prune_model(resume=True)")
+                                 "started from Python?); resume it from Python with prune_model(resume=True)")
         args.val_fraction, args.limit = invocation.get("val_fraction", 0.1), invocation.get("limit")
     else:
         if not args.model:
@@ -381,10 +381,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from autoprune.artifact import load_with_spec
-    from autoprune.measure import compare_latency, cost_of, device_name
-    from autoprune.pipeline import check_compatible
-    from autoprune.train import evaluate
+    from autoprune.engine.measure import compare_latency, cost_of, device_name
+    from autoprune.engine.train import evaluate
+    from autoprune.io.artifact import load_with_spec
+    from autoprune.runs.pipeline import check_compatible
 
     model, spec = load_with_spec(args.model)
     splits = _load_data(args, args.seed)
@@ -410,9 +410,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from autoprune.data import load_dataset
+    from autoprune.engine.train import TrainConfig
     from autoprune.methods import create_method
-    from autoprune.pipeline import PruneConfig, prepare_output, prune_model, train_base
-    from autoprune.train import TrainConfig
+    from autoprune.runs.pipeline import PruneConfig, prepare_output, prune_model, train_base
 
     create_method(args.method)
     config = PruneConfig(method=args.method, macs_reduction=args.macs_reduction, budget=args.budget,
@@ -434,7 +434,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"      test accuracy {100 * summary['test_accuracy']:.2f}% ({summary['seconds']:.1f} s)")
     print(f"[2/2] pruning with {args.method} to remove {100 * args.macs_reduction:.0f}% of the MACs, then "
           f"{args.finetune_epochs} fine-tuning epochs")
-    from autoprune.artifact import load_with_spec
+    from autoprune.io.artifact import load_with_spec
 
     model, spec = load_with_spec(base_path)
     pruned_dir = out / "pruned"
@@ -452,8 +452,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from autoprune.artifact import load_with_spec
-    from autoprune.compare import (
+    from autoprune.errors import AutopruneError
+    from autoprune.io.artifact import load_with_spec
+    from autoprune.runs.compare import (
         check_options,
         check_target,
         load_comparison_run,
@@ -462,8 +463,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         run_comparison,
         terminal_table,
     )
-    from autoprune.errors import AutopruneError
-    from autoprune.pipeline import check_compatible
+    from autoprune.runs.pipeline import check_compatible
 
     if args.resume:
         out = Path(args.resume)

@@ -34,16 +34,16 @@ _CACHE: dict[tuple[str, str], Any] = {}
 @contextlib.contextmanager
 def _without_figures() -> Iterator[None]:
     """Skip drawing report.html's figures (matplotlib: about a second per run); every other output is written."""
-    import autoprune.html_report
+    import autoprune.report.html
 
-    real = getattr(autoprune.html_report, "write_run_report", None)
+    real = getattr(autoprune.report.html, "write_run_report", None)
     if real is not None:
-        autoprune.html_report.write_run_report = lambda out, report: None
+        autoprune.report.html.write_run_report = lambda out, report: None
     try:
         yield
     finally:
         if real is not None:
-            autoprune.html_report.write_run_report = real
+            autoprune.report.html.write_run_report = real
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +55,7 @@ def no_figures():
 
 @pytest.fixture(scope="module", autouse=True)
 def restore_subnormals():
-    """Training and evaluation turn on flush-to-zero process-wide (autoprune.train, for CPU speed); leave the
+    """Training and evaluation turn on flush-to-zero process-wide (autoprune.engine.train, for CPU speed); leave the
     process as the module found it, or later property tests cannot draw subnormal floats."""
     yield
     torch.set_flush_denormal(False)

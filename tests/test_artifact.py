@@ -10,9 +10,9 @@ import torch
 from conftest import small_model
 
 import autoprune
-from autoprune.artifact import atomic_path, make_spec, save_model
+from autoprune.engine.space import PruningSpace
 from autoprune.errors import AutopruneError
-from autoprune.space import PruningSpace
+from autoprune.io.artifact import atomic_path, make_spec, save_model
 
 
 def pruned_lenet(tmp_path):

@@ -28,11 +28,11 @@ from cli_helpers import (  # noqa: F401  (one_thread, restore_subnormals: autous
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from autoprune.artifact import read_checkpoint
 from autoprune.cli import build_parser
+from autoprune.engine.train import TrainConfig
 from autoprune.errors import AutopruneError
-from autoprune.pipeline import PruneConfig
-from autoprune.train import TrainConfig
+from autoprune.io.artifact import read_checkpoint
+from autoprune.runs.pipeline import PruneConfig
 
 USAGE, ERROR = 2, 1
 
@@ -373,15 +373,15 @@ def _argvs(draw):
 @given(argv=_argvs())
 def test_random_arguments_never_crash(argv, files, tmp_path, capsys, monkeypatch):
     """Any arguments: exit 0/1/2 with at most one error line and no traceback, or every check passed."""
-    import autoprune.pipeline
-    import autoprune.train
+    import autoprune.engine.train
+    import autoprune.runs.pipeline
 
     def long_work(*args, **kwargs):
         raise _LongWorkReached
 
-    monkeypatch.setattr(autoprune.pipeline, "train_base", long_work)
-    monkeypatch.setattr(autoprune.pipeline, "MethodContext", long_work)  # right after the target checks
-    monkeypatch.setattr(autoprune.train, "evaluate", long_work)  # eval's first long step
+    monkeypatch.setattr(autoprune.runs.pipeline, "train_base", long_work)
+    monkeypatch.setattr(autoprune.runs.pipeline, "MethodContext", long_work)  # right after the target checks
+    monkeypatch.setattr(autoprune.engine.train, "evaluate", long_work)  # eval's first long step
     if files["dir"] not in sys.path:
         monkeypatch.syspath_prepend(files["dir"])
     monkeypatch.chdir(tmp_path)
@@ -407,7 +407,8 @@ def test_random_arguments_never_crash(argv, files, tmp_path, capsys, monkeypatch
     assert not Path(files["marker"]).exists()
 
 
-# No subnormals: autoprune.train turns on flush-to-zero for the whole process (a speed choice on CPU), which makes
+# No subnormals: autoprune.engine.train turns
+# on flush-to-zero for the whole process (a speed choice on CPU), which makes
 # hypothesis refuse to draw them once any training or evaluation ran in this module.
 _FLOATS = st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False)
 _NUMBER_VALUES = st.one_of(st.none(), st.integers(-5, 10**6), _FLOATS)

@@ -21,7 +21,9 @@ import pytest
 import torch
 
 from autoprune import cli
-from autoprune.compare import (
+from autoprune.errors import AutopruneError
+from autoprune.report.plots import running_max
+from autoprune.runs.compare import (
     best_methods,
     check_options,
     columns,
@@ -31,9 +33,7 @@ from autoprune.compare import (
     parse_methods,
     terminal_table,
 )
-from autoprune.errors import AutopruneError
-from autoprune.pipeline import SearchInterrupted
-from autoprune.plots import running_max
+from autoprune.runs.pipeline import SearchInterrupted
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("accuracy_macs.png", "channels.png", "search.png")
@@ -55,7 +55,7 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module", autouse=True)
 def restore_subnormals():
-    """Training sets flush-to-zero process-wide (autoprune.train); leave the process as this module found it."""
+    """Training sets flush-to-zero process-wide (autoprune.engine.train); leave the process as this module found it."""
     yield
     torch.set_flush_denormal(False)
 
@@ -269,7 +269,7 @@ def test_resume_skips_finished_methods(comparison, tmp_path, monkeypatch):
     reports = saved_reports(src)
     (out / "random" / "report.json").unlink()  # random was interrupted: run.json and history remain
     fake = FakePrune(reports)
-    monkeypatch.setattr("autoprune.compare.prune_model", fake)
+    monkeypatch.setattr("autoprune.runs.compare.prune_model", fake)
     code, stdout, err = run_cli(["compare", "--resume", str(out), "--quiet"])
     assert code == 0, err
     assert fake.calls == [("slim", True), ("random", True)]  # l1 finished: skipped; the others continued
@@ -283,7 +283,7 @@ def test_interrupted_comparison_can_be_resumed(comparison, base_model, tmp_path,
     src, _ = comparison
     out = tmp_path / "cmp"
     fake = FakePrune(saved_reports(src), interrupt={"random"})
-    monkeypatch.setattr("autoprune.compare.prune_model", fake)
+    monkeypatch.setattr("autoprune.runs.compare.prune_model", fake)
     code, _, err = run_cli(["compare", str(base_model), "--methods", "l1,random", "--out", str(out)] + FAST)
     assert code == cli.EXIT_INTERRUPTED
     assert err.count("\n") == 1 and f"autoprune compare --resume {out}" in err

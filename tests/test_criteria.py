@@ -21,9 +21,9 @@ from autoprune.criteria import (
 )
 from autoprune.criteria import otp as otp_module
 from autoprune.criteria._common import out_members
+from autoprune.engine.space import PruningSpace
 from autoprune.errors import AutopruneError
 from autoprune.models import NormalizedModel, create_model
-from autoprune.space import PruningSpace
 
 DATA_CRITERIA = ["gradient", "otp", "taylor"]
 

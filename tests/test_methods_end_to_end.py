@@ -13,11 +13,11 @@ import torch
 
 import autoprune
 from autoprune.data import synthetic_dataset
+from autoprune.engine.measure import cost_of
+from autoprune.engine.train import TrainConfig, fit
 from autoprune.errors import AutopruneError
-from autoprune.measure import cost_of
 from autoprune.methods import method_names
-from autoprune.pipeline import PruneConfig, build_model, prune_model
-from autoprune.train import TrainConfig, fit
+from autoprune.runs.pipeline import PruneConfig, build_model, prune_model
 
 REDUCTION = 0.5
 

@@ -34,12 +34,12 @@ from cli_helpers import (  # noqa: F401  (no_figures, one_thread, restore_subnor
     weights,
 )
 
-import autoprune.artifact
 import autoprune.cli
-import autoprune.train
+import autoprune.engine.train
+import autoprune.io.artifact
+from autoprune.engine.train import TrainConfig, TrainingInterrupted, fit
 from autoprune.errors import AutopruneError
 from autoprune.models import NormalizedModel, create_model
-from autoprune.train import TrainConfig, TrainingInterrupted, fit
 
 BUDGET = int(PRUNE_FAST[PRUNE_FAST.index("--budget") + 1])
 
@@ -152,7 +152,7 @@ def test_stop_during_finetuning_resumes_from_the_epoch_checkpoint(tmp_path_facto
     assert f"--resume {out}" in err
     assert _rows(out) == BUDGET and checkpoint.exists() and not (out / "model.pt").exists()
     monkeypatch.undo()
-    caplog.set_level(logging.INFO, logger="autoprune.train")
+    caplog.set_level(logging.INFO, logger="autoprune.engine.train")
     code, _, err = run_cli(["prune", "--resume", out], capsys)
     assert code == 0, err
     assert "from epoch 1" in caplog.text
@@ -185,13 +185,13 @@ def uninterrupted(digits):
 def test_fit_killed_after_an_epoch_resumes_to_the_same_weights(digits, uninterrupted, tmp_path, monkeypatch):
     start = _lenet()
     checkpoint = tmp_path / "fit.ckpt"
-    save = autoprune.train._save_checkpoint
+    save = autoprune.engine.train._save_checkpoint
 
     def save_then_die(*args, **kwargs):  # the process dies right after epoch 1 is on disk
         save(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(autoprune.train, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(autoprune.engine.train, "_save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         fit(copy.deepcopy(start), digits.train, CONFIG, checkpoint=checkpoint, progress=False)
     monkeypatch.undo()
@@ -264,7 +264,7 @@ def test_a_full_disk_while_saving_leaves_no_partial_file(tmp_path_factory, tmp_p
             raise OSError(28, "No space left on device", str(f))
         return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(autoprune.artifact.torch, "save", disk_full)
+    monkeypatch.setattr(autoprune.io.artifact.torch, "save", disk_full)
     out = tmp_path / "run"
     code, _, err = run_cli(["prune", base, *PRUNE_FAST, "--budget", "4", "--finetune-epochs", "0", "--out", out],
                            capsys)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import small_model
 
+from autoprune.engine.evaluate import recalibrate_bn
+from autoprune.engine.space import PruningSpace, counted_cost
 from autoprune.errors import AutopruneError
-from autoprune.evaluate import recalibrate_bn
 from autoprune.models import model_names
-from autoprune.space import PruningSpace, counted_cost
 
 
 def uniform_keep(space: PruningSpace, reduction: float) -> np.ndarray:

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from autoprune.engine.space import PruningSpace
 from autoprune.errors import AutopruneError
-from autoprune.space import PruningSpace
 
 from .base import Batches
 

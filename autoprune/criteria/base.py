@@ -1,6 +1,6 @@
 """The criterion interface and its registry.
 
-A criterion gives every channel of every prunable group of a :class:`~autoprune.space.PruningSpace` a
+A criterion gives every channel of every prunable group of a :class:`~autoprune.engine.space.PruningSpace` a
 score; higher means more important, and the lowest-scored channels of a group are the ones pruned.
 Criteria are registered by name with :func:`register_criterion` and built with
 :func:`create_criterion` (timm-style: a name or an object; errors list the valid names and options).
@@ -25,8 +25,8 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
+from autoprune.engine.space import PruningSpace
 from autoprune.errors import AutopruneError, unknown_name
-from autoprune.space import PruningSpace
 
 Batches = Iterable[tuple[Tensor, Tensor]]
 

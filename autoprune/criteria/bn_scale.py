@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from autoprune.engine.space import PruningSpace
 from autoprune.errors import AutopruneError
-from autoprune.space import PruningSpace
 
 from ._common import NORM_TYPES, channel_rows, finish, out_members
 from .base import Batches, Criterion, register_criterion

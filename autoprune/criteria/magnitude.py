@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from autoprune.space import PruningSpace
+from autoprune.engine.space import PruningSpace
 
 from ._common import COMPUTE_TYPES, channel_rows, finish, out_members
 from .base import Batches, Criterion, register_criterion

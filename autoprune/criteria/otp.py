@@ -8,7 +8,7 @@ formulas; our reading:
 * **Sensitivity** of a channel: how much the loss (cross-entropy on the calibration batches) rises
   when the channel is removed. ``mode="measured"`` measures it: one pass over the calibration batches
   per channel, with the channel zeroed where it is produced (the output of every writer of the group,
-  exactly as :meth:`~autoprune.space.PruningSpace.masked` removes it), minus the unmasked loss.
+  exactly as :meth:`~autoprune.engine.space.PruningSpace.masked` removes it), minus the unmasked loss.
   The masked copies of a batch are forwarded together (several channels per pass), which is exact in
   eval mode. ``mode="first_order"`` estimates it with a first-order Taylor expansion:
   ``|sum a * dL/da|`` over the batch and positions of the channel's activation ``a`` (taken at the
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from autoprune.space import PruningSpace
+from autoprune.engine.space import PruningSpace
 
 from ._common import Members, calibration, finish, gate, loss, out_members, per_sample_channels, scoring_session
 from .base import Batches, DataCriterion, check_choice, check_int, register_criterion

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from autoprune.space import PruningSpace
+from autoprune.engine.space import PruningSpace
 
 from ._common import parameter_gradient_scores
 from .base import Batches, DataCriterion, register_criterion

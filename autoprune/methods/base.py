@@ -21,10 +21,10 @@ from torch import nn
 
 from autoprune.criteria import create_criterion
 from autoprune.data import DatasetInfo, Splits
+from autoprune.engine.evaluate import batches_for_criterion
+from autoprune.engine.space import PruningSpace
+from autoprune.engine.train import TrainConfig
 from autoprune.errors import AutopruneError, unknown_name
-from autoprune.evaluate import batches_for_criterion
-from autoprune.space import PruningSpace
-from autoprune.train import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ import copy
 import torch
 from torch import nn
 
+from autoprune.engine.train import fit
 from autoprune.errors import AutopruneError
 from autoprune.methods.base import Method, MethodContext, Plan, criterion_scores, normalized, register_method
-from autoprune.train import fit
 
 
 @register_method

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from autoprune.engine.space import PruningSpace
+from autoprune.engine.train import fit
 from autoprune.methods.base import Method, MethodContext, Plan, register_method
-from autoprune.space import PruningSpace
-from autoprune.train import fit
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 

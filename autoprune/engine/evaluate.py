@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from autoprune.data import BatchLoader, ImageTensors
+from autoprune.engine.space import PruningSpace
+from autoprune.engine.train import evaluate, model_device
 from autoprune.search import Fitness
-from autoprune.space import PruningSpace
-from autoprune.train import evaluate, model_device
 
 log = logging.getLogger(__name__)
 

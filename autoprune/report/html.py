@@ -5,7 +5,7 @@ A page needs nothing beside itself: the CSS is inline, the figures are PNGs embe
 can be mailed or attached as one file. The same PNGs are also written next to the page (atomically).
 
 This module draws and writes; what goes into a comparison's table (and which cells are best) is
-decided by :mod:`autoprune.compare`, which passes the cells in.
+decided by :mod:`autoprune.runs.compare`, which passes the cells in.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from autoprune import plots
-from autoprune.artifact import write_text
+from autoprune.io.artifact import write_text
+from autoprune.report import plots
 
 log = logging.getLogger(__name__)
 

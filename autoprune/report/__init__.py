@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from autoprune.artifact import write_json, write_text
+from autoprune.io.artifact import write_json, write_text
 
 
 def _mb(n: float) -> str:
@@ -55,7 +55,7 @@ def write_reports(out: Path, report: dict[str, Any]) -> None:
 
     ``report.json`` comes last, so its presence means the run's outputs are complete (``compare --resume``).
     """
-    from autoprune.html_report import write_run_report  # matplotlib is imported only here
+    from autoprune.report.html import write_run_report  # matplotlib is imported only here
 
     write_text(out / "report.md", markdown(report))
     write_run_report(out, report)

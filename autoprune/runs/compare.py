@@ -1,7 +1,7 @@
 """Side-by-side comparison of pruning methods on the same model, data, budget and fine-tuning schedule.
 
 :func:`run_comparison` prunes one trained model with several methods, one after another, each by
-:func:`autoprune.pipeline.prune_model` with the same :class:`~autoprune.pipeline.PruneConfig` except
+:func:`autoprune.runs.pipeline.prune_model` with the same :class:`~autoprune.runs.pipeline.PruneConfig` except
 ``method`` (same seed, same evaluation budget or each method's default, same fine-tuning), each into
 its own sub-directory ``OUT/<method>/`` with its complete artifacts. A method that fails is recorded
 with its one-line error and the others go on. A ``--method-option`` goes to the methods that read it.
@@ -34,13 +34,14 @@ from typing import Any
 import torch
 
 import autoprune
-from autoprune import html_report, plots
-from autoprune.artifact import write_json, write_text
+from autoprune.report import html as html_report
+from autoprune.report import plots
+from autoprune.io.artifact import write_json, write_text
 from autoprune.data import Splits
 from autoprune.errors import AutopruneError, Interrupted
 from autoprune.methods import create_method, method_names
 from autoprune.models import NormalizedModel
-from autoprune.pipeline import (
+from autoprune.runs.pipeline import (
     PruneConfig,
     SearchInterrupted,
     check_reachable,

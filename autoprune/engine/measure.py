@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from autoprune.space import Cost, counted_cost
-from autoprune.train import model_device
+from autoprune.engine.space import Cost, counted_cost
+from autoprune.engine.train import model_device
 
 
 @dataclass(frozen=True)

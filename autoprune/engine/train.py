@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from autoprune.artifact import atomic_path
 from autoprune.data import BatchLoader, ImageTensors
 from autoprune.errors import AutopruneError, Interrupted
+from autoprune.io.artifact import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -31,16 +31,16 @@ import torch_pruning as tp
 from tqdm.auto import tqdm
 
 import autoprune
-from autoprune.artifact import make_spec, save_model, write_json, write_text
+from autoprune.io.artifact import make_spec, save_model, write_json, write_text
 from autoprune.data import Splits
 from autoprune.errors import AutopruneError, Interrupted
-from autoprune.evaluate import Evaluator, calibration_images, recalibrate_bn
-from autoprune.measure import compare_latency, cost_of, serialized_size
+from autoprune.engine.evaluate import Evaluator, calibration_images, recalibrate_bn
+from autoprune.engine.measure import compare_latency, cost_of, serialized_size
 from autoprune.methods import MethodContext, create_method
 from autoprune.models import NormalizedModel, create_model
 from autoprune.search import Fitness, Problem, create_strategy, run_search
-from autoprune.space import PruningSpace
-from autoprune.train import TrainConfig, TrainingInterrupted, evaluate, fit, subnormals_flushed
+from autoprune.engine.space import PruningSpace
+from autoprune.engine.train import TrainConfig, TrainingInterrupted, evaluate, fit, subnormals_flushed
 
 log = logging.getLogger(__name__)
 
