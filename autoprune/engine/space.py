@@ -204,10 +204,9 @@ class PruningSpace:
 
     # ---- cost ---------------------------------------------------------------------------------
 
-    def cost(self, keep: Sequence[float] | np.ndarray) -> Cost:
-        """MACs and parameters of the network that ``keep`` describes, without building it."""
-        counts = self.counts(keep)
-        removed = self.channels - counts
+    def _removed_per_module(self, keep: Sequence[float] | np.ndarray) -> tuple[dict[str, int], dict[str, int]]:
+        """Input and output channels removed from each module by ``keep``."""
+        removed = self.channels - self.counts(keep)
         delta_in: dict[str, int] = {}
         delta_out: dict[str, int] = {}
         for members, r in zip(self._member_index, removed, strict=True):
@@ -216,6 +215,17 @@ class PruningSpace:
             for module, dim, ratio in members:
                 target = delta_out if dim == "out" else delta_in
                 target[module] = target.get(module, 0) + int(r) * ratio
+        return delta_in, delta_out
+
+    def layer_channels(self, keep: Sequence[float] | np.ndarray) -> dict[str, tuple[int, int]]:
+        """``(in_channels, out_channels)`` of every convolution, linear and normalisation layer under ``keep``."""
+        delta_in, delta_out = self._removed_per_module(keep)
+        return {name: (s.in_channels - delta_in.get(name, 0), s.out_channels - delta_out.get(name, 0))
+                for name, s in self._shapes.items() if s.kind != "other"}
+
+    def cost(self, keep: Sequence[float] | np.ndarray) -> Cost:
+        """MACs and parameters of the network that ``keep`` describes, without building it."""
+        delta_in, delta_out = self._removed_per_module(keep)
         macs = params = 0
         for name, s in self._shapes.items():
             cin = s.in_channels - delta_in.get(name, 0)
