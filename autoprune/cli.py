@@ -1,7 +1,9 @@
-"""``autoprune``: thin subcommands over the library.
+"""``autoprune``: thin subcommands over the Python API.
 
-Every user error is one line on stderr (``autoprune: error: ...``) and a non-zero exit; ``--debug``
-shows the traceback instead. Arguments and files are checked before any long work starts.
+Every user error is one line on stderr (``autoprune: error: ...``) and a non-zero exit; ``--debug`` shows the
+traceback instead. Arguments and files are checked before any long work starts. ``prune`` and ``compare``
+read defaults from ``--config run.yaml`` (keys are the long option names, e.g. ``macs_reduction: 0.6``,
+``method_options: {particles: 20}``); flags given on the command line override the file.
 """
 
 from __future__ import annotations
@@ -18,37 +20,36 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+MAX_SEED = 2**63 - 1
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors and exit code 2."""
+    """argparse with one-line errors, exit code 2 and no abbreviated options (``--macs`` is not accepted)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"autoprune: error: {message} (see `{self.prog} --help`)\n")
         raise SystemExit(EXIT_USAGE)
 
 
-def _nonneg_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
 
 
-def _pos_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+_nonneg_int, _pos_int, _seed = _int_in(0, 10**9), _int_in(1, 10**9), _int_in(0, MAX_SEED)
 
 
 def _float(text: str) -> float:
@@ -69,7 +70,7 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed for everything random (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for everything random (default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -83,41 +84,52 @@ def _add_data(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     p.add_argument("--limit", type=_pos_int, help="use at most this many training and test images (quick runs)")
 
 
-def _add_finetune(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--finetune-epochs", type=_nonneg_int, default=2, help="fine-tuning epochs (default 2)")
-    p.add_argument("--finetune-lr", type=_float, default=0.01, help="fine-tuning learning rate (default 0.01)")
-    p.add_argument("--batch-size", type=_pos_int, default=128, help="training batch size (default 128)")
-    p.add_argument("--distill", type=_float, default=0.0,
-                   help="weight of distillation from the unpruned model during fine-tuning, 0..1 (default 0)")
+def _add_model_trust(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", dest="factory", metavar="PACKAGE.MODULE:FACTORY",
+                   help="the factory that built the model file, if it was not a registered architecture "
+                        "(autoprune never imports code a file names; you name it here)")
+    p.add_argument("--allow-other-dataset", action="store_true",
+                   help="measure on a dataset other than the one the model was trained on")
 
 
-def _add_target(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--macs-reduction", type=_float, help="remove at least this fraction of the MACs, 0 < R < 1")
-    p.add_argument("--max-drop", type=_float,
-                   help="instead: remove as many MACs as possible losing at most PP points of validation accuracy")
-    p.add_argument("--budget", type=_pos_int, help="candidate evaluations allowed (default: the method's)")
-    p.add_argument("--extra-epochs", type=_nonneg_int, default=1,
-                   help="epochs of a method's own training (slim's sparsity, sa's shards; default 1)")
-    p.add_argument("--method-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="method-specific option, e.g. particles=20 (repeatable)")
-    p.add_argument("--val-samples", type=_pos_int, help="validation images used to score candidates (default all)")
-    p.add_argument("--round-to", type=_pos_int, default=1, help="kept channel counts are multiples of this")
-    p.add_argument("--min-ratio", type=_float, default=0.05, help="each layer keeps at least this fraction")
-    p.add_argument("--latency-batch", type=_pos_int, default=256, help="large batch size for latency (default 256)")
-    p.add_argument("--latency-repeats", type=_pos_int, default=30,
-                   help="timed runs per model and batch size for latency (default 30)")
-    p.add_argument("--threads", type=_pos_int, help="CPU threads for latency measurement")
-
-
-def _add_pruning_run(p: argparse.ArgumentParser, *, out_help: str, resume_help: str) -> None:
-    """The arguments `prune` and `compare` share: model, data, target, fine-tuning, output, resume."""
-    p.add_argument("model", nargs="?", help="model file written by `autoprune train` (or `prune`)")
+def _add_pruning(p: argparse.ArgumentParser) -> None:
+    """The arguments `prune` and `compare` share: model, data, target, search, fine-tuning, output."""
+    p.add_argument("model_file", nargs="?", metavar="MODEL", help="model file written by `autoprune train` (or prune)")
+    p.add_argument("--config", metavar="YAML", help="read defaults from this YAML file (flags override it)")
+    _add_model_trust(p)
     _add_data(p, required=False)
-    _add_target(p)
-    _add_finetune(p)
-    p.add_argument("--out", help=out_help)
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
-    p.add_argument("--resume", metavar="DIR", help=resume_help)
+    t = p.add_argument_group("target")
+    t.add_argument("--macs-reduction", type=_float, help="remove at least this fraction of the MACs, 0 < R < 1")
+    t.add_argument("--latency-reduction", type=_float,
+                   help="cut the measured latency at --latency-batch by at least this fraction, 0 < R < 1")
+    t.add_argument("--max-drop", type=_float,
+                   help="instead: remove as many MACs as possible losing at most PP points of validation accuracy")
+    s = p.add_argument_group("search")
+    s.add_argument("--budget", type=_pos_int, help="candidate evaluations allowed (default: the method's)")
+    s.add_argument("--method-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, e.g. particles=20 (repeatable; `autoprune methods` lists them)")
+    s.add_argument("--score", default="bn", help="how candidates are scored during the search (default bn)")
+    s.add_argument("--val-samples", type=_pos_int, help="validation images used to score candidates (default all)")
+    s.add_argument("--calibration-samples", type=_nonneg_int, default=512,
+                   help="training images for BatchNorm re-estimation of each candidate (default 512)")
+    s.add_argument("--round-to", type=_pos_int, default=1, help="kept channel counts are multiples of this")
+    s.add_argument("--min-ratio", type=_float, default=0.05, help="each layer keeps at least this fraction")
+    s.add_argument("--workers", type=_pos_int, default=1, help="processes evaluating candidates (default 1)")
+    s.add_argument("--ray-address", help="evaluate candidates on a Ray cluster: auto, local or an address")
+    s.add_argument("--threads-per-worker", type=_pos_int, help="torch threads per worker (default cores/workers)")
+    f = p.add_argument_group("fine-tuning")
+    f.add_argument("--finetune-epochs", type=_nonneg_int, default=2, help="fine-tuning epochs (default 2)")
+    f.add_argument("--finetune-lr", type=_float, default=0.01, help="fine-tuning learning rate (default 0.01)")
+    f.add_argument("--batch-size", type=_pos_int, default=128, help="training batch size (default 128)")
+    f.add_argument("--distill", type=_float, default=0.0,
+                   help="weight of distillation from the unpruned model during fine-tuning, 0..1 (default 0)")
+    m = p.add_argument_group("measurement")
+    m.add_argument("--latency-batch", type=_pos_int, default=64, help="large batch size for latency (default 64)")
+    m.add_argument("--latency-repeats", type=_pos_int, default=30, help="timed runs per model and batch (default 30)")
+    m.add_argument("--threads", type=_pos_int, help="CPU threads for latency measurement")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--force", action="store_true", help="replace an earlier run in --out")
+    p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR (settings are read from it)")
     _add_common(p)
 
 
@@ -135,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=_pos_int, help="candidate evaluations (default: the method's)")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo); an earlier demo's "
                    "output there is replaced, anything else only with --force")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     _add_common(p)
 
     p = sub.add_parser("train", help="train a model from scratch")
@@ -152,24 +164,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a trained model with one method")
     p.add_argument("--method", default="l1", help="pruning method (see `autoprune methods`)")
-    _add_pruning_run(p, out_help="output directory",
-                     resume_help="continue an interrupted run in DIR (other options are read from DIR/run.json)")
+    _add_pruning(p)
 
     p = sub.add_parser("compare", help="prune one model with several methods and compare them side by side")
     p.add_argument("--methods", default="all", help="comma-separated methods, e.g. otp,pso,l1 (default all)")
     p.add_argument("--title", help="heading of the comparison's reports, e.g. 'ResNet-20 on CIFAR-10 (JPEG q75)'")
-    _add_pruning_run(p, out_help="output directory (one sub-directory per method)",
-                     resume_help="continue an interrupted comparison in DIR (finished methods are skipped; other "
-                     "options are read from DIR/compare_run.json)")
+    _add_pruning(p)
 
     p = sub.add_parser("eval", help="test accuracy, size, MACs and latency of a saved model")
-    p.add_argument("model", help="model file")
+    p.add_argument("model_file", metavar="MODEL", help="model file")
+    _add_model_trust(p)
     _add_data(p)
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--latency-batch", type=_pos_int, default=256, help="large batch size for latency (default 256)")
+    p.add_argument("--latency-batch", type=_pos_int, default=64, help="large batch size for latency (default 64)")
     _add_common(p)
 
-    p = sub.add_parser("methods", help="list the pruning methods")
+    p = sub.add_parser("export", help="export a saved model to ONNX (checked in onnxruntime)")
+    p.add_argument("model_file", metavar="MODEL", help="model file")
+    p.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file to write")
+    p.add_argument("--model", dest="factory", metavar="PACKAGE.MODULE:FACTORY",
+                   help="the factory that built the model file, if it was not a registered architecture")
+    p.add_argument("--opset", type=_int_in(7, 30), help="ONNX opset (default 17)")
+    p.add_argument("--no-verify", action="store_true", help="do not check the file in onnxruntime")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    p = sub.add_parser("methods", help="list the pruning methods and their options")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
@@ -184,51 +203,105 @@ def _version() -> str:
     return f"autoprune {__version__}"
 
 
+# ---- configuration files -------------------------------------------------------------------------
+
+def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; for ``prune``/``compare`` with ``--config``, the file's values become the defaults."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) is None:
+        return args
+    from autoprune.errors import AutopruneError
+
+    sub = _subparser(parser, args.command)
+    values = _read_config(args.config)
+    dests = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
+    options = values.pop("method_options", {})
+    if not isinstance(options, dict):
+        raise AutopruneError(f"method_options in {args.config!r} must be a mapping, e.g. {{particles: 20}}")
+    unknown = sorted(set(values) - set(dests))
+    if unknown:
+        raise AutopruneError(f"unknown setting {unknown[0]!r} in {args.config!r}; settings are the long option names "
+                             f"with _ for -, e.g. macs_reduction, finetune_epochs")
+    defaults = {}
+    for key, value in values.items():
+        action = dests[key]
+        if action.type is not None and value is not None and not isinstance(value, bool):
+            try:
+                value = action.type(str(value))
+            except argparse.ArgumentTypeError as exc:
+                raise AutopruneError(f"{key}: {value!r} in {args.config!r}: {exc}") from None
+        defaults[key] = value
+    defaults["method_option"] = [(str(k), v) for k, v in options.items()]
+    sub.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    given = {k for k, _ in args.method_option} - set(options)
+    args.method_option = [(k, v) for k, v in defaults["method_option"] if k not in given] + [
+        (k, v) for k, v in args.method_option if k in given]
+    return args
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise KeyError(name)
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    import yaml
+
+    from autoprune.errors import AutopruneError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise AutopruneError(f"cannot read --config {path!r}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise AutopruneError(f"--config {path!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise AutopruneError(f"--config {path!r} must be a mapping of settings, e.g. 'macs_reduction: 0.6'")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
 # ---- helpers -----------------------------------------------------------------------------------
 
 def _device(name: str):
     import torch
 
-    from autoprune.errors import AutopruneError
+    from autoprune.engine.prune import resolve_device
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise AutopruneError(f"unknown --device {name!r}; use auto, cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AutopruneError(f"--device {name} requested but CUDA is not available; use --device cpu")
-    return device
+    return resolve_device(torch.nn.Module(), name)
 
 
-def _load_data(args: argparse.Namespace, seed: int):
-    from autoprune.data import load_dataset
+class StopFlag:
+    """First Ctrl-C or SIGTERM: finish the current evaluation (or epoch) and stop cleanly; a second Ctrl-C: at once.
 
-    return load_dataset(args.dataset, args.data_dir, val_fraction=args.val_fraction, seed=seed, limit=args.limit)
-
-
-class _StopFlag:
-    """First Ctrl-C: finish the current evaluation (or training epoch) and stop cleanly; second: stop at once.
-
-    ``main`` restores the previous SIGINT handler when the command returns.
+    Also an :class:`autoprune.Callback` (``should_stop``). ``main`` restores the previous handlers.
     """
 
     def __init__(self) -> None:
+        from autoprune.engine.callbacks import Callback
+
         self.requested = False
+        self.callback = type("StopCallback", (Callback,), {"should_stop": lambda _self: self.requested})()
 
     def __call__(self) -> bool:
         return self.requested
 
     def install(self) -> None:
         def handler(signum: int, frame: Any) -> None:
-            if self.requested:
+            if self.requested and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.requested = True
             sys.stderr.write("\nautoprune: stopping after the current evaluation or epoch (Ctrl-C again to abort)\n")
 
         if threading.current_thread() is threading.main_thread():  # signals can only be handled there
             signal.signal(signal.SIGINT, handler)
+            signal.signal(signal.SIGTERM, handler)
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
@@ -238,18 +311,18 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def before_after_table(report: dict[str, Any]) -> str:
+def before_after_table(result: Any) -> str:
     """The before/after table printed at the end of `prune` and `demo`."""
-    b, p = report["base"], report["pruned"]
-    batches = list(b["latency_ms"])
-    rows = [["", "accuracy", "params", "MACs", "size (KiB)"] + [f"latency b={x} (ms)" for x in batches]]
+    b, p = result.base, result.pruned
+    batches = list(b.latency)
+    rows = [["", result.metric, "params", "MACs", "size (KiB)"] + [f"latency b={x} (ms)" for x in batches]]
     for name, side in (("base", b), ("pruned", p)):
-        rows.append([name, f"{100 * side['accuracy']:.2f}%", f"{side['params']:,}", f"{side['macs']:,}",
-                     f"{side['size_bytes'] / 1024:.1f}"] + [f"{side['latency_ms'][x]:.3f}" for x in batches])
-    red = report["reduction"]
-    rows.append(["change", f"{report['accuracy_change_points']:+.2f} pts", f"-{100 * red['params']:.1f}%",
-                 f"-{100 * red['macs']:.1f}%", f"-{100 * red['size']:.1f}%"]
-                + [f"{report['speedup'][x]:.2f}x faster" for x in batches])
+        rows.append([name, f"{100 * side.accuracy:.2f}%", f"{side.params:,}", f"{side.macs:,}",
+                     f"{(side.size_bytes or 0) / 1024:.1f}"] + [f"{side.latency_ms(x):.3f}" for x in batches])
+    red = result.reduction
+    rows.append(["change", f"{result.accuracy_change_points:+.2f} pts", f"-{100 * red['params']:.1f}%",
+                 f"-{100 * red['macs']:.1f}%", f"-{100 * red.get('size', 0):.1f}%"]
+                + [f"{result.speedup[x]['ratio']:.2f}x faster" for x in batches])
     return _table(rows)
 
 
@@ -257,14 +330,17 @@ def before_after_table(report: dict[str, Any]) -> str:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from autoprune.methods import METHODS
+    from autoprune.registry import option_defaults
 
-    rows = [{"name": n, "summary": m.summary, "source": m.source, "default_budget": m.default_budget}
-            for n, m in sorted(METHODS.items())]
+    rows = [{"name": n, "summary": m.summary, "source": m.source, "default_budget": m.default_budget,
+             "options": option_defaults(m)} for n, m in METHODS.items()]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(_table([["method", "default budget", "what it does"]]
-                     + [[r["name"], str(r["default_budget"]), r["summary"]] for r in rows]))
+        print(_table([["method", "default budget", "options", "what it does"]]
+                     + [[r["name"], str(r["default_budget"]),
+                         ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in r["options"].items()) or "-", r["summary"]] for r in rows]))
     return 0
 
 
@@ -272,231 +348,146 @@ def cmd_models(args: argparse.Namespace) -> int:
     from autoprune.models import MODELS
 
     print(_table([["model", "description"]] + [[n, (f.__doc__ or "").strip().splitlines()[0]]
-                                                for n, f in sorted(MODELS.items())]))
+                                                for n, f in MODELS.items()]))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from autoprune.data import load_dataset
     from autoprune.engine.train import TrainConfig
     from autoprune.errors import AutopruneError
     from autoprune.models import resolve_factory
-    from autoprune.runs.pipeline import train_base
+    from autoprune.runs.training import train_base
 
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise AutopruneError(f"{args.out!r} already exists; pass --force to overwrite it or choose another --out")
     if out.is_dir():
         raise AutopruneError(f"--out {args.out!r} is a directory; give a file name such as runs/model.pt")
-    out.parent.mkdir(parents=True, exist_ok=True)  # an unusable --out fails now, not after training (OSError)
+    if out.exists() and not args.force:
+        raise AutopruneError(f"{args.out!r} already exists; pass --force to overwrite it or choose another --out")
     resolve_factory(args.model)
-    if args.width is not None and not args.width > 0:
-        raise AutopruneError(f"--width must be > 0 (it multiplies every layer's width), got {args.width}")
+    if args.width is not None and not 0 < args.width <= 64:
+        raise AutopruneError(f"--width must be in (0, 64] (it multiplies every layer's width), got {args.width}")
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                          weight_decay=args.weight_decay, seed=args.seed)
     device = _device(args.device)
-    splits = _load_data(args, args.seed)
-    kwargs = {"width": args.width} if args.width is not None else {}
-    stop = _StopFlag()
+    splits = load_dataset(args.dataset, args.data_dir, val_fraction=args.val_fraction, seed=args.seed,
+                          limit=args.limit)
+    stop = StopFlag()
     stop.install()
     summary = train_base(args.model, splits, config, out, device=device, progress=not args.quiet,
-                         model_kwargs=kwargs, stop_requested=stop)
+                         model_kwargs={"width": args.width} if args.width is not None else {}, stop_requested=stop)
     print(f"trained {summary['model']} on {summary['dataset']} for {summary['epochs']} epochs in "
           f"{summary['seconds']:.1f} s: test accuracy {100 * summary['test_accuracy']:.2f}% -> {summary['out']}")
     return 0
 
 
-def _prune_config(args: argparse.Namespace):
+def prune_config(args: argparse.Namespace, method: str):
+    """The :class:`PruneConfig` of a `prune` / `compare` command line."""
+    from autoprune.engine.config import PruneConfig, Target
     from autoprune.engine.train import TrainConfig
-    from autoprune.runs.pipeline import PruneConfig
+    from autoprune.errors import AutopruneError
 
+    if args.macs_reduction is None and args.latency_reduction is None and args.max_drop is None:
+        raise AutopruneError("give a target: --macs-reduction R or --latency-reduction R (0 < R < 1), or "
+                             "--max-drop PP (accuracy points)")
     finetune = TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, batch_size=args.batch_size,
                            distill=args.distill, seed=args.seed)
-    return PruneConfig(method=args.method, macs_reduction=args.macs_reduction, max_drop=args.max_drop,
-                       budget=args.budget, finetune=finetune, extra_epochs=args.extra_epochs,
-                       method_options=dict(args.method_option), val_samples=args.val_samples,
-                       round_to=args.round_to, min_ratio=args.min_ratio, seed=args.seed,
-                       latency_batch=args.latency_batch, latency_repeats=args.latency_repeats, threads=args.threads)
+    return PruneConfig(
+        method=method, method_options=dict(args.method_option),
+        target=Target(macs_reduction=args.macs_reduction, latency_reduction=args.latency_reduction,
+                      max_drop=args.max_drop),
+        budget=args.budget, score=args.score, finetune=finetune, round_to=args.round_to, min_ratio=args.min_ratio,
+        val_samples=args.val_samples, calibration_samples=args.calibration_samples, seed=args.seed,
+        latency_batch=args.latency_batch, latency_repeats=args.latency_repeats, threads=args.threads,
+        workers=args.workers, ray_address=args.ray_address, threads_per_worker=args.threads_per_worker)
+
+
+def _resumed(args: argparse.Namespace, run_file: dict[str, Any]) -> None:
+    """Fill the model file and data arguments of ``args`` from a resumed run's saved invocation."""
+    from autoprune.errors import AutopruneError
+
+    invocation = run_file.get("invocation") or {}
+    if not invocation.get("model") or not invocation.get("dataset"):
+        raise AutopruneError(f"{args.resume!r} does not name its model file and dataset (was the run started from "
+                             "Python?); resume it with autoprune.prune(..., out=DIR, resume=True)")
+    args.model_file, args.factory = invocation["model"], invocation.get("model_factory")
+    args.dataset, args.data_dir = invocation["dataset"], invocation.get("data_dir")
+    args.val_fraction, args.limit = invocation.get("val_fraction", 0.1), invocation.get("limit")
+
+
+def _inputs(args: argparse.Namespace, config: Any):
+    from autoprune.errors import AutopruneError
+    from autoprune.runs.inputs import load_inputs
+
+    if not args.model_file:
+        raise AutopruneError(f"give the model file (autoprune {args.command} MODEL ...) or --resume DIR")
+    if not args.dataset:
+        raise AutopruneError("--dataset is required (the data the model was trained on)")
+    return load_inputs(args.model_file, dataset=args.dataset, data_dir=args.data_dir, val_fraction=args.val_fraction,
+                       limit=args.limit, seed=config.seed, batch_size=config.finetune.batch_size,
+                       device=_device(args.device), factory=args.factory,
+                       allow_other_dataset=getattr(args, "allow_other_dataset", False))
+
+
+def _check_out(args: argparse.Namespace) -> Path:
+    from autoprune.errors import AutopruneError
+
+    if args.resume:
+        return Path(args.resume)
+    if not args.out:
+        raise AutopruneError("--out is required: the directory for the pruned model and reports")
+    out = Path(args.out)
+    if args.force and out.resolve() in Path(args.model_file or ".").resolve().parents:
+        raise AutopruneError(f"--out {args.out!r} holds the model being pruned and --force would delete it; choose "
+                             "another --out")
+    return out
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from autoprune.errors import AutopruneError
-    from autoprune.io.artifact import load_with_spec
+    from autoprune.api import execute
+    from autoprune.engine.config import PruneConfig
     from autoprune.methods import create_method
-    from autoprune.runs.pipeline import (
-        PruneConfig,
-        check_compatible,
-        check_reachable,
-        prepare_output,
-        prune_model,
-        pruning_space,
-    )
+    from autoprune.runs.job import read_run_file
 
     if args.resume:
-        out = Path(args.resume)
-        prepare_output(out, force=False, resume=True)
-        try:
-            saved = json.loads((out / "run.json").read_text(encoding="utf-8"))
-            config = PruneConfig.from_json(saved["config"])
-            invocation = dict(saved.get("invocation") or {})
-        except AutopruneError:
-            raise
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
-            raise AutopruneError(f"{str(out / 'run.json')!r} is damaged ({type(exc).__name__}), so the run cannot be "
-                                 "resumed; start it again with --out") from exc
-        model_path, dataset, data_dir = invocation.get("model"), invocation.get("dataset"), invocation.get("data_dir")
-        if not model_path or not dataset:
-            raise AutopruneError(f"{str(out / 'run.json')!r} does not name the model file and dataset (was the run "
-                                 "started from Python?); resume it from Python with prune_model(resume=True)")
-        args.val_fraction, args.limit = invocation.get("val_fraction", 0.1), invocation.get("limit")
+        saved = read_run_file(Path(args.resume))
+        config = PruneConfig.from_json(saved["config"])
+        _resumed(args, saved)
+        method = create_method(config.method, config.method_options)
     else:
-        if not args.model:
-            raise AutopruneError("give the model file to prune (autoprune prune MODEL ...) or --resume DIR")
-        if not args.dataset:
-            raise AutopruneError("--dataset is required (the data the model was trained on)")
-        if not args.out:
-            raise AutopruneError("--out is required: the directory for the pruned model and reports")
-        config = _prune_config(args)
-        create_method(config.method).check_options(config.method_options)
-        out, model_path, dataset, data_dir = Path(args.out), args.model, args.dataset, args.data_dir
-        if args.force and out.resolve() in Path(model_path).resolve().parents:
-            raise AutopruneError(f"--out {args.out!r} holds the model being pruned and --force would delete it; "
-                                 "choose another --out")
-    args.dataset, args.data_dir = dataset, data_dir
-    device = _device(args.device)
-    model, spec = load_with_spec(model_path)
-    splits = _load_data(args, config.seed)
-    check_compatible(spec, splits, model_path)
-    check_reachable(pruning_space(model, splits, config), config)
-    prepare_output(out, force=args.force, resume=bool(args.resume))
-    invocation = {"model": str(Path(model_path).resolve()), "dataset": dataset,
-                  "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
-                  "val_fraction": args.val_fraction, "limit": args.limit}
-    stop = _StopFlag()
+        config = prune_config(args, args.method)
+        method = create_method(config.method, config.method_options, from_text=True)
+        config = config.replace(method_options=method.options)
+    out = _check_out(args)
+    inputs = _inputs(args, config)
+    stop = StopFlag()
     stop.install()
-    report = prune_model(model, spec, splits, config, out, device=device, progress=not args.quiet,
-                         resume=bool(args.resume), stop_requested=stop, invocation=invocation)
-    print(before_after_table(report))
-    print(f"\nsaved {out / 'model.pt'}, {out / 'report.json'}, {out / 'report.md'}")
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from autoprune.engine.measure import compare_latency, cost_of, device_name
-    from autoprune.engine.train import evaluate
-    from autoprune.io.artifact import load_with_spec
-    from autoprune.runs.pipeline import check_compatible
-
-    model, spec = load_with_spec(args.model)
-    splits = _load_data(args, args.seed)
-    check_compatible(spec, splits, args.model)
-    device = _device(args.device)
-    info = splits.info
-    shape = (info.in_channels, *info.image_size)
-    accuracy = evaluate(model.to(device), splits.test, progress=not args.quiet).accuracy
-    cost = cost_of(model, shape)
-    (lat,) = compare_latency([model.cpu()], shape, batch_sizes=(1, args.latency_batch))
-    result = {"model": args.model, "architecture": spec.get("model"), "dataset": info.name,
-              "test_samples": len(splits.test), "accuracy": accuracy, "params": cost.params, "macs": cost.macs,
-              "size_bytes": os.path.getsize(args.model),
-              "latency_ms": {str(b): round(v, 4) for b, v in lat.ms.items()}, "latency_device": device_name("cpu")}
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(_table([["metric", "value"], ["accuracy", f"{100 * accuracy:.2f}%"], ["params", f"{cost.params:,}"],
-                      ["MACs", f"{cost.macs:,}"], ["size", f"{result['size_bytes'] / 1024:.1f} KiB"]]
-                     + [[f"latency b={b} (ms)", f"{v:.3f}"] for b, v in lat.ms.items()]))
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from autoprune.data import load_dataset
-    from autoprune.engine.train import TrainConfig
-    from autoprune.methods import create_method
-    from autoprune.runs.pipeline import PruneConfig, prepare_output, prune_model, train_base
-
-    create_method(args.method)
-    config = PruneConfig(method=args.method, macs_reduction=args.macs_reduction, budget=args.budget,
-                         finetune=TrainConfig(epochs=args.finetune_epochs, lr=0.01, batch_size=64, distill=0.5,
-                                              seed=args.seed),
-                         seed=args.seed)
-    device = _device(args.device)
-    out = Path(args.out)
-    earlier_demo = out.is_dir() and all(p.name in ("base.pt", "base.pt.ckpt", "pruned")
-                                        or p.name.startswith(".base.pt.") for p in out.iterdir())
-    prepare_output(out, force=args.force or earlier_demo, resume=False)
-    started = time.perf_counter()
-    splits = load_dataset("sample", seed=args.seed)
-    print(f"[1/2] training LeNet-5 on the embedded sample ({len(splits.train)} train / {len(splits.val)} val / "
-          f"{len(splits.test)} test real MNIST digits, {args.epochs} epochs)")
-    base_path = out / "base.pt"
-    train_config = TrainConfig(epochs=args.epochs, lr=0.05, batch_size=64, seed=args.seed)
-    summary = train_base("lenet5", splits, train_config, base_path, device=device, progress=not args.quiet)
-    print(f"      test accuracy {100 * summary['test_accuracy']:.2f}% ({summary['seconds']:.1f} s)")
-    print(f"[2/2] pruning with {args.method} to remove {100 * args.macs_reduction:.0f}% of the MACs, then "
-          f"{args.finetune_epochs} fine-tuning epochs")
-    from autoprune.io.artifact import load_with_spec
-
-    model, spec = load_with_spec(base_path)
-    pruned_dir = out / "pruned"
-    prepare_output(pruned_dir, force=True, resume=False)
-    stop = _StopFlag()
-    stop.install()
-    report = prune_model(model, spec, splits, config, pruned_dir, device=device, progress=not args.quiet,
-                         stop_requested=stop)
-    print()
-    print(before_after_table(report))
-    print(f"\nsearch: {report['search']['evaluations']} evaluations in {report['search']['seconds']:.1f} s; "
-          f"total {time.perf_counter() - started:.1f} s; latency on {report['latency']['device']}")
-    print(f"saved {pruned_dir / 'model.pt'} (load with autoprune.load), report in {pruned_dir / 'report.md'}")
+    result = execute(inputs.model, inputs.example_inputs, config, method, inputs.data, device=_device(args.device),
+                     callbacks=[stop.callback], out=out, resume=bool(args.resume), force=args.force,
+                     progress=not args.quiet, info=inputs.info, invocation=inputs.invocation)
+    print(before_after_table(result))
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    print(f"\nsaved {out / 'model.pt'}, {out / 'report.json'}, {out / 'report.md'}, {out / 'report.html'}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from autoprune.errors import AutopruneError
-    from autoprune.io.artifact import load_with_spec
-    from autoprune.runs.compare import (
-        check_options,
-        check_target,
-        load_comparison_run,
-        parse_methods,
-        prepare_comparison,
-        run_comparison,
-        terminal_table,
-    )
-    from autoprune.runs.pipeline import check_compatible
+    from autoprune.runs.compare import Comparison, load_comparison_run, parse_methods, run_comparison, terminal_table
 
     if args.resume:
-        out = Path(args.resume)
-        saved = load_comparison_run(out)
+        saved = load_comparison_run(Path(args.resume))
         config, methods, title = saved["config"], saved["methods"], saved.get("title")
-        invocation = saved.get("invocation", {})
-        model_path = invocation.get("model")
-        args.dataset, args.data_dir = invocation.get("dataset"), invocation.get("data_dir")
-        args.val_fraction, args.limit = invocation.get("val_fraction", 0.1), invocation.get("limit")
+        _resumed(args, saved)
     else:
-        if not args.model:
-            raise AutopruneError("give the model file to prune (autoprune compare MODEL ...) or --resume DIR")
         methods = parse_methods(args.methods)
-        if not args.dataset:
-            raise AutopruneError("--dataset is required (the data the model was trained on)")
-        if not args.out:
-            raise AutopruneError("--out is required: the directory for the comparison")
-        args.method = methods[0]
-        config = _prune_config(args)
-        check_options(methods, config.method_options)
-        out, model_path, title = Path(args.out), args.model, args.title
-        if args.force and out.resolve() in Path(model_path).resolve().parents:
-            raise AutopruneError(f"--out {args.out!r} holds the model being pruned and --force would delete it; "
-                                 "choose another --out")
-        invocation = {"model": str(Path(model_path).resolve()), "dataset": args.dataset,
-                      "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
-                      "val_fraction": args.val_fraction, "limit": args.limit}
-    device = _device(args.device)
-    model, spec = load_with_spec(model_path)
-    splits = _load_data(args, config.seed)
-    check_compatible(spec, splits, model_path)
-    check_target(model, splits, config)
-    prepare_comparison(out, force=args.force, resume=bool(args.resume))
+        config = prune_config(args, methods[0])
+        title = args.title
+    out = _check_out(args)
+    inputs = _inputs(args, config)
+    stop = StopFlag()
+    stop.install()
 
     def started(method: str, i: int, n: int) -> None:
         print(f"[{i + 1}/{n}] {method} ...", flush=True)
@@ -505,18 +496,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if result.skipped:
             print(f"      {result.method}: already finished, skipped", flush=True)
         elif result.status == "ok":
-            r = result.report
-            print(f"      {result.method}: test accuracy {100 * r['pruned']['accuracy']:.2f}% "
-                  f"({r['accuracy_change_points']:+.2f} pts), MACs -{100 * r['reduction']['macs']:.1f}% "
+            r = result.result
+            print(f"      {result.method}: {r.metric} {100 * r.pruned.accuracy:.2f}% "
+                  f"({r.accuracy_change_points:+.2f} pts), MACs -{100 * r.reduction['macs']:.1f}% "
                   f"in {result.seconds:.1f} s", flush=True)
         else:
             print(f"      {result.method}: {result.status}: {result.error}", flush=True)
 
-    stop = _StopFlag()
-    stop.install()
-    summary = run_comparison(model, spec, splits, config, methods, out, device=device, progress=not args.quiet,
-                             resume=bool(args.resume), stop_requested=stop, invocation=invocation, title=title,
-                             on_start=started, on_done=done)
+    comparison = Comparison(inputs.model, inputs.example_inputs, inputs.data, _device(args.device), inputs.info,
+                            inputs.invocation, title)
+    summary = run_comparison(comparison, config, methods, out, force=args.force, resume=bool(args.resume),
+                             callbacks=[stop.callback], progress=not args.quiet, on_start=started, on_done=done)
     print()
     print(terminal_table(summary))
     print(f"\nsaved {out / 'compare.md'}, {out / 'compare.json'}, {out / 'report.html'} (one sub-directory per "
@@ -526,49 +516,172 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from autoprune.engine.measure import compare_latency, cost_of, device_name
+    from autoprune.engine.train import evaluate
+    from autoprune.runs.inputs import load_inputs
+
+    device = _device(args.device)
+    inputs = load_inputs(args.model_file, dataset=args.dataset, data_dir=args.data_dir,
+                         val_fraction=args.val_fraction, limit=args.limit, seed=args.seed, batch_size=128,
+                         device=device, factory=args.factory, allow_other_dataset=args.allow_other_dataset)
+    model = inputs.model.to(device)
+    accuracy = evaluate(model, inputs.data.test, progress=not args.quiet).accuracy
+    cost = cost_of(model, inputs.example_inputs)
+    (lat,) = compare_latency([model], inputs.example_inputs, batch_sizes=(1, args.latency_batch))
+    result = {"model": args.model_file, "architecture": inputs.file.architecture,
+              "dataset": inputs.splits.info.name, "test_samples": len(inputs.splits.test), "accuracy": accuracy,
+              "params": cost.params, "macs": cost.macs, "size_bytes": os.path.getsize(args.model_file),
+              "latency_ms": {str(b): round(v, 4) for b, v in lat.ms.items()}, "latency_device": device_name(device)}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(_table([["metric", "value"], ["accuracy", f"{100 * accuracy:.2f}%"], ["params", f"{cost.params:,}"],
+                      ["MACs", f"{cost.macs:,}"], ["size", f"{result['size_bytes'] / 1024:.1f} KiB"]]
+                     + [[f"latency b={b} (ms)", f"{v:.3f}"] for b, v in lat.ms.items()]))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from autoprune.export import export_onnx
+    from autoprune.io.modelfile import load_with_spec
+
+    model, file = load_with_spec(args.model_file, factory=args.factory)
+    shape = (file.spec.get("dataset") or {}).get("input_shape")
+    if not shape:
+        from autoprune.errors import AutopruneError
+
+        raise AutopruneError(f"{args.model_file!r} does not record its input shape; export it from Python with "
+                             "autoprune.export_onnx(model, example_inputs, path)")
+    report = export_onnx(model, torch.rand(1, *shape), args.onnx, opset=args.opset, verify=not args.no_verify)
+    checked = f"checked in onnxruntime (max difference {report.max_abs_diff:.2e})" if report.verified else "not checked"
+    print(f"wrote {report.path} (opset {report.opset}, {report.size_bytes / 1024:.1f} KiB), {checked}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from autoprune.api import execute
+    from autoprune.data import load_dataset
+    from autoprune.engine.config import PruneConfig, Target
+    from autoprune.engine.train import TrainConfig
+    from autoprune.errors import AutopruneError
+    from autoprune.methods import create_method
+    from autoprune.runs.inputs import load_inputs
+    from autoprune.runs.training import train_base
+
+    method = create_method(args.method)
+    config = PruneConfig(method=method.name, method_options=method.options,
+                         target=Target(macs_reduction=args.macs_reduction), budget=args.budget,
+                         finetune=TrainConfig(epochs=args.finetune_epochs, lr=0.01, batch_size=64, distill=0.5,
+                                              seed=args.seed), seed=args.seed)
+    device = _device(args.device)
+    out = Path(args.out)
+    demo_files = ("base.pt", "base.pt.ckpt", "pruned", ".base.pt.lock")
+    if out.is_dir() and any(p.name not in demo_files and not p.name.startswith(".base.pt.") for p in out.iterdir()) \
+            and not args.force:
+        raise AutopruneError(f"{args.out!r} holds files other than an earlier demo's; pass --force or choose "
+                             "another --out")
+    started = time.perf_counter()
+    splits = load_dataset("sample", seed=args.seed)
+    print(f"[1/2] training LeNet-5 on the embedded sample ({len(splits.train)} train / {len(splits.val)} val / "
+          f"{len(splits.test)} test real MNIST digits, {args.epochs} epochs)")
+    base_path = out / "base.pt"
+    base_path.unlink(missing_ok=True)
+    summary = train_base("lenet5", splits, TrainConfig(epochs=args.epochs, lr=0.05, batch_size=64, seed=args.seed),
+                         base_path, device=device, progress=not args.quiet)
+    print(f"      test accuracy {100 * summary['test_accuracy']:.2f}% ({summary['seconds']:.1f} s)")
+    print(f"[2/2] pruning with {args.method} to remove {100 * args.macs_reduction:.0f}% of the MACs, then "
+          f"{args.finetune_epochs} fine-tuning epochs")
+    inputs = load_inputs(str(base_path), dataset="sample", data_dir=None, val_fraction=0.1, limit=None,
+                         seed=args.seed, batch_size=64, device=device)
+    stop = StopFlag()
+    stop.install()
+    result = execute(inputs.model, inputs.example_inputs, config, method, inputs.data, device=device,
+                     callbacks=[stop.callback], out=out / "pruned", force=True, progress=not args.quiet,
+                     info=inputs.info, invocation=inputs.invocation)
+    print()
+    print(before_after_table(result))
+    print(f"\nsearch: {result.search.evaluations} evaluations in {result.search.seconds:.1f} s; "
+          f"total {time.perf_counter() - started:.1f} s; latency on {result.latency_device}")
+    print(f"saved {out / 'pruned' / 'model.pt'} (load with autoprune.load), report in "
+          f"{out / 'pruned' / 'report.html'}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": cmd_demo, "train": cmd_train, "prune": cmd_prune, "compare": cmd_compare, "eval": cmd_eval,
-    "methods": cmd_methods, "models": cmd_models,
+    "export": cmd_export, "methods": cmd_methods, "models": cmd_models,
 }
+
+#: How the CLI spells the API's setting names in its messages.
+FLAGS = {"macs_reduction": "--macs-reduction", "latency_reduction": "--latency-reduction", "max_drop": "--max-drop",
+         "budget": "--budget", "round_to": "--round-to", "min_ratio": "--min-ratio", "val_samples": "--val-samples",
+         "calibration_samples": "--calibration-samples", "seed": "--seed", "latency_batch": "--latency-batch",
+         "latency_repeats": "--latency-repeats", "threads": "--threads", "workers": "--workers",
+         "ray_address": "--ray-address", "threads_per_worker": "--threads-per-worker", "lr": "--lr/--finetune-lr",
+         "distill": "--distill", "epochs": "--epochs/--finetune-epochs", "batch_size": "--batch-size",
+         "weight_decay": "--weight-decay", "method": "--method", "score": "--score"}
+
+
+def error_line(exc: Exception) -> str:
+    """The one line the CLI prints for a user error."""
+    from autoprune.errors import ConfigError
+
+    if isinstance(exc, ConfigError) and exc.field in FLAGS:
+        return f"{FLAGS[exc.field]} {exc.value!r}: {exc.problem}"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``autoprune`` console script."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="autoprune: %(levelname)s: %(message)s")
     from autoprune.errors import AutopruneError, Interrupted
 
-    previous_sigint = signal.getsignal(signal.SIGINT)  # commands install their own (_StopFlag)
+    parser = build_parser()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # commands install their own
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    args: argparse.Namespace | None = None
     try:
+        args = apply_config_file(parser, argv)
+        logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                            format="autoprune: %(levelname)s: %(message)s")
         return COMMANDS[args.command](args)
     except AutopruneError as exc:
-        if args.debug:
+        if debug:
             raise
-        sys.stderr.write(f"autoprune: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}\n")
-        return EXIT_INTERRUPTED if isinstance(exc, Interrupted) else 1
+        if isinstance(exc, Interrupted):
+            sys.stderr.write(f"autoprune: {error_line(exc)}{_resume_hint(args)}\n")
+            return EXIT_INTERRUPTED
+        sys.stderr.write(f"autoprune: error: {error_line(exc)}\n")
+        return EXIT_ERROR
     except KeyboardInterrupt:
-        if args.debug:
+        if debug:
             raise
         sys.stderr.write(f"autoprune: interrupted{_resume_hint(args)}\n")
         return EXIT_INTERRUPTED
     except OSError as exc:
-        if args.debug:
+        if debug:
             raise
         sys.stderr.write(f"autoprune: error: {exc.strerror or exc} ({exc.filename or 'file system'}); check the "
                          "path, permissions and free disk space\n")
-        return 1
+        return EXIT_ERROR
     finally:
-        if (previous_sigint is not None and signal.getsignal(signal.SIGINT) is not previous_sigint
-                and threading.current_thread() is threading.main_thread()):
-            signal.signal(signal.SIGINT, previous_sigint)
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in previous.items():
+                if handler is not None and signal.getsignal(sig) is not handler:
+                    signal.signal(sig, handler)
 
 
-def _resume_hint(args: argparse.Namespace) -> str:
+def _resume_hint(args: argparse.Namespace | None) -> str:
     """How to continue after a hard Ctrl-C: what was checkpointed survives it."""
+    if args is None:
+        return ""
     run = getattr(args, "resume", None) or getattr(args, "out", None)
-    if args.command == "prune" and run and (Path(run) / "run.json").exists():
-        return f"; continue with `autoprune prune --resume {run}`"
+    if args.command in ("prune", "compare") and run and (Path(run) / "run.json").exists() | (
+            Path(run) / "compare_run.json").exists():
+        return f"; continue with `autoprune {args.command} --resume {run}`"
     if args.command == "train" and Path(f"{args.out}.ckpt").exists():
         return "; run the same command again to resume from the last finished epoch"
     return ""

@@ -1,4 +1,4 @@
-"""The package's one exception type.
+"""The package's exception types.
 
 Every error that a user can cause (a bad name, a bad file, an impossible target) is raised as an
 :class:`AutopruneError` whose message says what was wrong and how to fix it, in one line. The CLI
@@ -7,15 +7,30 @@ prints that line and exits non-zero; anything else is a bug and shows a tracebac
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class AutopruneError(ValueError):
     """A problem with the user's input, files or targets; the message names it and the fix."""
+
+
+class ConfigError(AutopruneError):
+    """A bad setting: which one, its value, and what is allowed.
+
+    The message names the setting as the Python API spells it (``macs_reduction=1.5: ...``); the CLI
+    re-words it with its flag (``--macs-reduction 1.5: ...``) from :attr:`field`, :attr:`value` and
+    :attr:`problem`, so both interfaces share one check.
+    """
+
+    def __init__(self, field: str, value: Any, problem: str):
+        self.field, self.value, self.problem = field, value, problem
+        super().__init__(f"{field}={value!r}: {problem}")
 
 
 class Interrupted(AutopruneError):
     """A long job stopped on request at a safe point; the message says how to continue it (CLI exit 130)."""
 
 
-def unknown_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> AutopruneError:
+def unknown_name(kind: str, name: object, valid: list[str] | tuple[str, ...]) -> AutopruneError:
     """Build the standard error for a name that is not in a registry."""
     return AutopruneError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(valid))}")

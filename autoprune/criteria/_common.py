@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from autoprune.engine.batches import Inputs, batch_size_of, describe_shape, forward, split_batch, to_device
 from autoprune.engine.space import PruningSpace
 from autoprune.errors import AutopruneError
 
@@ -107,32 +108,38 @@ def scoring_session(model: nn.Module, device: str | torch.device) -> Iterator[nn
 
 
 def calibration(batches: Batches, max_batches: int, device: str | torch.device,
-                criterion: str) -> Iterator[tuple[Tensor, Tensor]]:
-    """The first ``max_batches`` ``(images, labels)`` batches, checked and moved to ``device``."""
+                criterion: str) -> Iterator[tuple[Inputs, Tensor]]:
+    """The first ``max_batches`` ``(inputs, labels)`` batches, checked and moved to ``device``."""
     count = 0
     for item in itertools.islice(batches, max_batches):
-        if not isinstance(item, Sequence) or len(item) != 2:
-            raise AutopruneError(f"criterion {criterion}: calibration batches must be (images, labels) pairs, "
-                                 f"got {type(item).__name__}")
-        images, labels = item
-        if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
-            raise AutopruneError(f"criterion {criterion}: calibration batches must hold tensors")
-        if labels.dim() != 1 or images.dim() < 1 or labels.shape[0] != images.shape[0]:
-            raise AutopruneError(f"criterion {criterion}: a batch has images {tuple(images.shape)} and labels "
-                                 f"{tuple(labels.shape)}; expected (B, C, H, W) images and (B,) labels")
-        images = images.to(device=device, dtype=torch.float32)
+        inputs, labels = split_batch(item, f"a calibration batch of criterion {criterion}")
+        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != batch_size_of(inputs):
+            raise AutopruneError(f"criterion {criterion}: a batch has inputs {describe_shape(inputs)} and labels "
+                                 f"{tuple(getattr(labels, 'shape', ()))}; expected class labels (B,) for B inputs")
+        inputs = to_device(inputs, device)
         labels = labels.to(device=device, dtype=torch.long)
-        if images.is_inference() or labels.is_inference():  # made under torch.inference_mode()
-            images, labels = images.clone(), labels.clone()
+        if isinstance(inputs, tuple | list):  # made under torch.inference_mode(): not usable with autograd
+            inputs = tuple(t.clone() if t.is_inference() else t for t in inputs)
+        elif inputs.is_inference():
+            inputs = inputs.clone()
+        if labels.is_inference():
+            labels = labels.clone()
         count += 1
-        yield images, labels
+        yield inputs, labels
     if count == 0:
         raise AutopruneError(f"criterion {criterion} got no calibration batches (the data is empty)")
 
 
-def loss(model: nn.Module, images: Tensor, labels: Tensor, *, reduction: str = "mean") -> Tensor:
+def repeat_batch(inputs: Inputs, copies: int) -> Inputs:
+    """``copies`` copies of a batch of inputs, one after the other along the batch dimension."""
+    if isinstance(inputs, tuple | list):
+        return tuple(t.repeat(copies, *([1] * (t.dim() - 1))) for t in inputs)
+    return inputs.repeat(copies, *([1] * (inputs.dim() - 1)))
+
+
+def loss(model: nn.Module, inputs: Inputs, labels: Tensor, *, reduction: str = "mean") -> Tensor:
     """Cross-entropy of the model's logits against the labels."""
-    return F.cross_entropy(model(images), labels, reduction=reduction)
+    return F.cross_entropy(forward(model, inputs), labels, reduction=reduction)
 
 
 def finish(scores: Sequence[Tensor], space: PruningSpace, criterion: str) -> list[Tensor]:
@@ -174,8 +181,8 @@ def parameter_gradient_scores(model: nn.Module, space: PruningSpace, batches: Ba
             param.requires_grad_(True)
         totals = [torch.zeros(g.channels, device=device) for g in space.groups]
         count = 0
-        for images, labels in calibration(batches, max_batches, device, criterion):
-            grads = torch.autograd.grad(loss(work, images, labels), params, allow_unused=True)
+        for inputs, labels in calibration(batches, max_batches, device, criterion):
+            grads = torch.autograd.grad(loss(work, inputs, labels), params, allow_unused=True)
             with torch.no_grad():
                 for group, entries, total in zip(space.groups, owners, totals, strict=True):
                     for i, where in entries:

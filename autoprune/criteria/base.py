@@ -19,34 +19,21 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from autoprune.checks import check_choice, check_int
 from autoprune.engine.space import PruningSpace
-from autoprune.errors import AutopruneError, unknown_name
+from autoprune.errors import AutopruneError
+from autoprune.registry import Registry
+
+__all__ = ["CRITERIA", "Batches", "Criterion", "DataCriterion", "check_choice", "check_int", "create_criterion",
+           "criterion_names", "register_criterion"]
 
 Batches = Iterable[tuple[Tensor, Tensor]]
-
-CRITERIA: dict[str, type[Criterion]] = {}
-
-_C = TypeVar("_C", bound="type[Criterion]")
-
-
-def check_int(name: str, value: object, *, minimum: int) -> int:
-    """Return ``value`` if it is an integer ``>= minimum``, else raise an :class:`AutopruneError`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise AutopruneError(f"option {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise an :class:`AutopruneError`."""
-    if not isinstance(value, str) or value not in choices:
-        raise AutopruneError(f"option {name} must be one of {', '.join(choices)}; got {value!r}")
-    return value
 
 
 class Criterion(ABC):
@@ -123,40 +110,24 @@ class DataCriterion(Criterion):
         self.max_batches = check_int("max_batches", max_batches, minimum=1)
 
 
-def register_criterion(name: str) -> Callable[[_C], _C]:
+#: Every criterion by name.
+CRITERIA: Registry[type[Criterion]] = Registry("criterion")
+
+
+def register_criterion(name: str) -> Callable[[type[Criterion]], type[Criterion]]:
     """Class decorator: register a :class:`Criterion` subclass under ``name``."""
-
-    def decorate(cls: _C) -> _C:
-        if name in CRITERIA:
-            raise ValueError(f"criterion {name!r} is already registered by {CRITERIA[name].__name__}")
-        cls.name = name
-        CRITERIA[name] = cls
-        return cls
-
-    return decorate
+    return CRITERIA.register(name)
 
 
 def criterion_names() -> list[str]:
     """Names of the registered criteria, sorted."""
-    return sorted(CRITERIA)
+    return CRITERIA.names()
 
 
 def create_criterion(name: str | Criterion, **options: Any) -> Criterion:
-    """Build a criterion by registered name (or pass an existing one through).
+    """Build a criterion by registered name (an already built one passes through).
 
     Raises:
         AutopruneError: for an unknown name, an option the criterion does not take, or a bad value.
     """
-    if isinstance(name, Criterion):
-        if options:
-            raise AutopruneError(f"options {sorted(options)} cannot be applied to an already built {name!r}")
-        return name
-    if not isinstance(name, str) or name not in CRITERIA:
-        raise unknown_name("criterion", str(name), criterion_names())
-    cls = CRITERIA[name]
-    valid = cls.defaults()
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise AutopruneError(f"criterion {name!r} has no option {', '.join(unknown)}; valid options: "
-                             f"{', '.join(sorted(valid)) or 'none'}")
-    return cls(**options)
+    return CRITERIA.create(name, **options)

@@ -41,9 +41,20 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from autoprune.engine.batches import Inputs, forward
 from autoprune.engine.space import PruningSpace
 
-from ._common import Members, calibration, finish, gate, loss, out_members, per_sample_channels, scoring_session
+from ._common import (
+    Members,
+    calibration,
+    finish,
+    gate,
+    loss,
+    out_members,
+    per_sample_channels,
+    repeat_batch,
+    scoring_session,
+)
 from .base import Batches, DataCriterion, check_choice, check_int, register_criterion
 
 logger = logging.getLogger(__name__)
@@ -54,7 +65,7 @@ TIE_BREAK = 1e-6
 #: (exact: the model is in eval mode, where every sample is computed independently).
 CHUNK_SAMPLES = 256
 
-Data = list[tuple[Tensor, Tensor]]
+Data = list[tuple[Inputs, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -149,7 +160,7 @@ def max_abs_correlation(activations: Tensor) -> Tensor:
     return corr.abs().clamp(max=1.0).max(dim=1).values
 
 
-def _probe(model: nn.Module, members: Sequence[Members], images: Tensor) -> tuple[dict[str, int], list[Members]]:
+def _probe(model: nn.Module, members: Sequence[Members], inputs: Inputs) -> tuple[dict[str, int], list[Members]]:
     """Forward order of the out members, and per group its final writers (whose output no other
     writer of the same group reads, e.g. the BatchNorm but not the convolution before it)."""
     group_of = {name: i for i, group in enumerate(members) for name, _ in group}
@@ -172,7 +183,7 @@ def _probe(model: nn.Module, members: Sequence[Members], images: Tensor) -> tupl
     handles = [module.register_forward_hook(make_hook(name)) for group in members for name, module in group]
     try:
         with torch.no_grad():
-            model(images)
+            forward(model, inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -198,10 +209,10 @@ class _Gate:
 
 
 def _mean_loss(model: nn.Module, data: Data) -> float:
-    total = torch.zeros((), dtype=torch.float64, device=data[0][0].device)
+    total = torch.zeros((), dtype=torch.float64, device=data[0][1].device)
     count = 0
-    for images, labels in data:
-        total += loss(model, images, labels, reduction="sum").double()
+    for inputs, labels in data:
+        total += loss(model, inputs, labels, reduction="sum").double()
         count += labels.shape[0]
     return float(total) / count
 
@@ -228,7 +239,7 @@ def _measured(model: nn.Module, space: PruningSpace, members: Sequence[Members],
             hook = _Gate(torch.ones(group.channels, device=device))
             handles = [module.register_forward_hook(hook) for _, module in group_members]
             try:
-                for images, labels in data:
+                for inputs, labels in data:
                     per_pass = max(1, CHUNK_SAMPLES // labels.shape[0])
                     for start in range(0, group.channels, per_pass):
                         channels = torch.arange(start, min(start + per_pass, group.channels), device=device)
@@ -236,8 +247,8 @@ def _measured(model: nn.Module, space: PruningSpace, members: Sequence[Members],
                         masks = torch.ones(copies, group.channels, device=device)
                         masks[torch.arange(copies, device=device), channels] = 0.0
                         hook.weights = masks.repeat_interleave(labels.shape[0], dim=0)
-                        per_sample = loss(model, images.repeat(copies, *([1] * (images.dim() - 1))),
-                                          labels.repeat(copies), reduction="none")
+                        per_sample = loss(model, repeat_batch(inputs, copies), labels.repeat(copies),
+                                          reduction="none")
                         losses[channels] += per_sample.view(copies, -1).double().sum(dim=1)
                 bar.update(group.channels)
             finally:
@@ -258,8 +269,8 @@ def _first_order(model: nn.Module, space: PruningSpace, terminal: Sequence[Membe
                 for group, weights in zip(terminal, gates, strict=True) for _, module in group]
     sums = [torch.zeros(g.channels, device=device) for g in space.groups]
     try:
-        for images, labels in data:
-            grads = torch.autograd.grad(loss(model, images, labels), gates, allow_unused=True)
+        for inputs, labels in data:
+            grads = torch.autograd.grad(loss(model, inputs, labels), gates, allow_unused=True)
             for total, grad in zip(sums, grads, strict=True):
                 if grad is not None:
                     total += grad.abs()

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autoprune.data.base import RawDataset, Splits, check_labels, check_split_args, make_splits
-from autoprune.errors import AutopruneError, unknown_name
+from autoprune.errors import AutopruneError
+from autoprune.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class DatasetSpec:
 
 
 #: All datasets by name.
-DATASETS: dict[str, DatasetSpec] = {}
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
 def register_dataset(
@@ -49,9 +50,7 @@ def register_dataset(
     """Decorator registering a reader under ``name``; the reader is returned unchanged."""
 
     def wrap(reader: Reader) -> Reader:
-        if name in DATASETS:
-            raise AutopruneError(f"dataset {name!r} is registered twice; pick a unique name")
-        DATASETS[name] = DatasetSpec(name, reader, needs_data_dir, source)
+        DATASETS.add(name, DatasetSpec(name, reader, needs_data_dir, source))
         return reader
 
     return wrap
@@ -59,15 +58,12 @@ def register_dataset(
 
 def dataset_names() -> list[str]:
     """Names of all registered datasets, sorted."""
-    return sorted(DATASETS)
+    return DATASETS.names()
 
 
 def get_dataset_spec(name: str) -> DatasetSpec:
     """Look a dataset up by name, raising the standard unknown-name error."""
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise unknown_name("dataset", name, list(DATASETS)) from None
+    return DATASETS.get(name)
 
 
 def load_dataset(

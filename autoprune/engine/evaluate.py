@@ -1,14 +1,15 @@
-"""Candidate evaluation: keep vector -> :class:`Fitness` on the validation split.
+"""Candidate evaluation: keep vector -> :class:`~autoprune.search.Fitness` on held-out validation data.
 
-A candidate is scored on a working copy of the model with its removed channels masked (no surgery,
-no re-tracing): BatchNorm statistics are recalibrated on training images first (reset, then a
-cumulative average over a few hundred images in train mode, without gradients), then accuracy is
-measured on the validation split carved from the training data. The test split is never seen here.
-MACs and parameters come from the space's analytic cost model.
+A candidate is scored on a working copy of the model with its removed channels masked (no surgery, no
+re-tracing) or, where that is not exact or slower, physically pruned: BatchNorm statistics are
+re-estimated on training samples first (reset, then a cumulative average in train mode, without
+gradients), then the validation score is measured: top-1 accuracy on the validation batches, or the
+caller's ``score_fn(model)``. The test data is never seen here. MACs and parameters come from the space's
+analytic cost model.
 
-Masking gives the same accuracy as physical pruning when every activation maps 0 to 0; the evaluator
-checks this once on the model and otherwise prunes each candidate physically. Results are cached by
-channel counts, so a strategy that proposes the same structure twice pays once.
+Whether candidates are masked or pruned physically is decided once, by :func:`choose_physical`, and
+passed in, so that every process evaluating candidates of one run makes the same choice. Results are
+cached by channel counts, so a strategy that proposes the same structure twice pays once.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from autoprune.data import BatchLoader, ImageTensors
+from autoprune.engine.batches import Batch, Inputs, forward, to_device
 from autoprune.engine.space import PruningSpace
 from autoprune.engine.train import evaluate, model_device
 from autoprune.search import Fitness
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
+ScoreFn = Callable[[nn.Module], float]
+
 
 def has_batchnorm(model: nn.Module) -> bool:
     """Whether the model has BatchNorm layers with running statistics."""
@@ -38,15 +41,15 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, images: torch.Tensor, *, batch_size: int = 256) -> None:
-    """Re-estimate BatchNorm running statistics of ``model`` on ``images`` (uint8 or float in [0, 1]).
+def recalibrate_bn(model: nn.Module, calibration: Sequence[Inputs]) -> None:
+    """Re-estimate the BatchNorm running statistics of ``model`` on the ``calibration`` input batches.
 
-    Statistics are reset and re-accumulated as an exact average over the images (momentum None);
-    only BatchNorm layers run in train mode, so dropout and the like stay deterministic. The model's
-    modes and the BatchNorm momenta are restored.
+    Statistics are reset and re-accumulated as an exact average over the samples (momentum None); only
+    BatchNorm layers run in train mode, so dropout and the like stay deterministic. The model's modes and
+    the BatchNorm momenta are restored.
     """
     bns = [m for m in model.modules() if isinstance(m, _BN_TYPES) and m.track_running_stats]
-    if not bns or len(images) == 0:
+    if not bns or len(calibration) == 0:
         return
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in bns}
@@ -57,9 +60,8 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, *, batch_size: int = 
             m.reset_running_stats()
             m.momentum = None
             m.train()
-        for start in range(0, len(images), batch_size):
-            x = images[start:start + batch_size].to(device)
-            model(x.float().div_(255) if x.dtype == torch.uint8 else x)
+        for inputs in calibration:
+            forward(model, to_device(inputs, device))
     finally:
         for m, mode in modes.items():
             m.train(mode)
@@ -67,63 +69,41 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, *, batch_size: int = 
             m.momentum = momentum
 
 
-def calibration_images(train: ImageTensors, samples: int, seed: int) -> torch.Tensor:
-    """A fixed random subset of training images for BatchNorm recalibration."""
-    n = min(samples, len(train))
-    g = torch.Generator().manual_seed(seed)
-    return train.images[torch.randperm(len(train), generator=g)[:n]]
+def measure_score(model: nn.Module, val: Sequence[Batch], score_fn: ScoreFn | None) -> float:
+    """The model's validation score: ``score_fn(model)`` if given, else top-1 accuracy on ``val``."""
+    if score_fn is not None:
+        model.eval()
+        return float(score_fn(model))
+    return evaluate(model, list(val)).accuracy
 
 
 class Evaluator:
-    """Scores keep vectors: validation accuracy after BN recalibration, analytic MACs and params.
+    """Scores keep vectors: validation score after BatchNorm re-estimation, analytic MACs and params.
 
     Args:
         model: the trained network (not modified; a working copy is made).
         space: its pruning space.
         scores: per-group channel scores deciding which channels a keep ratio removes.
-        val: the validation split.
-        calibration: training images for BatchNorm recalibration (uint8).
-        batch_size: evaluation batch size.
-        physical: force physical pruning per candidate (default: only if masking is not exact).
+        val: validation batches ``(inputs, targets)`` held in memory.
+        calibration: training input batches for BatchNorm re-estimation.
+        score_fn: replaces validation accuracy: ``score_fn(model) -> float``, higher is better.
+        physical: prune each candidate physically (True) or mask it (False); see :func:`choose_physical`.
     """
 
-    def __init__(self, model: nn.Module, space: PruningSpace, scores: Sequence[torch.Tensor], val: ImageTensors,
-                 calibration: torch.Tensor, *, batch_size: int = 500, physical: bool | None = None):
+    def __init__(self, model: nn.Module, space: PruningSpace, scores: Sequence[torch.Tensor], val: Sequence[Batch],
+                 calibration: Sequence[Inputs], *, score_fn: ScoreFn | None = None, physical: bool = False):
         self.space = space
         self.scores = [torch.as_tensor(s).detach().cpu() for s in scores]
-        self.val = val
-        self.calibration = calibration
-        self.batch_size = batch_size
+        self.val = list(val)
+        self.calibration = list(calibration)
+        self.score_fn = score_fn
+        self.physical = physical
         self.recalibrate = has_batchnorm(model)
         self._model = copy.deepcopy(model).eval()
         for p in self._model.parameters():
             p.requires_grad_(False)
-        if physical is None:
-            probe = space.snap(np.clip(np.full(len(space), 0.5), space.lower, space.upper))
-            if not space.masking_is_exact(self._model, probe, self.scores):
-                log.warning("masking does not match physical pruning on this model (an activation with f(0) != 0?); "
-                            "evaluating candidates by physical pruning")
-                physical = True
-            else:
-                physical = self._surgery_is_faster(probe)
-        self.physical = physical
         self._cache: dict[tuple[int, ...], Fitness] = {}
         self.evaluations = 0
-
-    def _surgery_is_faster(self, probe: np.ndarray) -> bool:
-        """Whether pruning a candidate physically beats masking it, timed once on a half-width probe.
-
-        Both give the same accuracy; masking skips the copy and re-tracing, surgery runs a smaller network.
-        On small models on a CPU surgery usually wins, on large models on a GPU masking does.
-        """
-        seconds = {}
-        for physical in (False, True):
-            self.physical = physical
-            started = time.perf_counter()
-            self.accuracy(probe)
-            seconds[physical] = time.perf_counter() - started
-        log.info("candidate evaluation: masking %.3f s, surgery %.3f s", seconds[False], seconds[True])
-        return seconds[True] < seconds[False]
 
     def __call__(self, keep: Sequence[float] | np.ndarray) -> Fitness:
         counts = tuple(int(c) for c in self.space.counts(keep))
@@ -131,31 +111,49 @@ class Evaluator:
         if cached is not None:
             return cached
         keep = np.asarray(counts) / self.space.channels
-        accuracy = self.accuracy(keep)
         cost = self.space.cost(keep)
-        fitness = Fitness(accuracy=accuracy, macs=float(cost.macs), params=float(cost.params))
+        fitness = Fitness(accuracy=self.score(keep), macs=float(cost.macs), params=float(cost.params))
         self._cache[counts] = fitness
         self.evaluations += 1
         return fitness
 
-    def accuracy(self, keep: np.ndarray) -> float:
-        """Validation accuracy of the candidate after BatchNorm recalibration."""
+    def score(self, keep: np.ndarray) -> float:
+        """Validation score of the candidate after BatchNorm re-estimation."""
         if self.physical:
             pruned = self.space.apply(self._model, keep, self.scores)
             if self.recalibrate:
                 recalibrate_bn(pruned, self.calibration)
-            return evaluate(pruned, self.val, batch_size=self.batch_size).accuracy
+            return measure_score(pruned, self.val, self.score_fn)
         with self.space.masked(self._model, keep, self.scores) as masked:
             if self.recalibrate:
                 recalibrate_bn(masked, self.calibration)
-            return evaluate(masked, self.val, batch_size=self.batch_size).accuracy
+            return measure_score(masked, self.val, self.score_fn)
 
     def prefill(self, counts: Sequence[int], fitness: Fitness) -> None:
         """Record a known result (from a resumed run's history) so it is not evaluated again."""
         self._cache[tuple(int(c) for c in counts)] = fitness
 
 
-def batches_for_criterion(train: ImageTensors, *, batch_size: int, seed: int, device: torch.device | str,
-                          augment: str = "none") -> BatchLoader:
-    """Shuffled training batches for data-driven criteria (the criterion bounds how many it uses)."""
-    return BatchLoader(train, batch_size, shuffle=True, augment=augment, seed=seed, device=device)
+def choose_physical(evaluator: Evaluator) -> bool:
+    """Decide once whether candidates are pruned physically: when masking is not exact, or measured slower.
+
+    Masking zeroes removed channels where they are produced, which equals removing them only when every
+    activation maps 0 to 0; :meth:`PruningSpace.masking_is_exact` checks it on a half-width probe. Both
+    ways give the same score otherwise; masking skips the copy and re-tracing, surgery runs a smaller
+    network (on small models on a CPU surgery usually wins, on large models on a GPU masking does), so
+    the probe is timed both ways.
+    """
+    space = evaluator.space
+    probe = space.snap(np.clip(np.full(len(space), 0.5), space.lower, space.upper))
+    if not space.masking_is_exact(evaluator._model, probe, evaluator.scores):
+        log.warning("masking does not match physical pruning on this model (an activation with f(0) != 0?); "
+                    "evaluating candidates by physical pruning")
+        return True
+    seconds = {}
+    for physical in (False, True):
+        evaluator.physical = physical
+        started = time.perf_counter()
+        evaluator.score(probe)
+        seconds[physical] = time.perf_counter() - started
+    log.info("candidate evaluation: masking %.3f s, surgery %.3f s", seconds[False], seconds[True])
+    return seconds[True] < seconds[False]

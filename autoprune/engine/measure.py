@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from autoprune.engine.batches import Inputs, forward, random_batch
 from autoprune.engine.space import Cost, counted_cost
 from autoprune.engine.train import model_device
 
@@ -66,14 +67,14 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def compare_latency(models: Sequence[nn.Module], input_shape: Sequence[int], *,
+def compare_latency(models: Sequence[nn.Module], example_inputs: Inputs, *,
                     batch_sizes: Sequence[int] = (1, 256), warmup: int = 10, repeats: int = 30,
                     threads: int | None = None) -> list[Latency]:
     """Latency of several models by the protocol, their timed runs interleaved.
 
     Args:
         models: the models (each on its device); their train/eval mode is restored afterwards.
-        input_shape: (C, H, W) of one input.
+        example_inputs: what the models take (batches of each size are made like it).
         batch_sizes: batch sizes to time.
         warmup: untimed runs per model and batch size.
         repeats: timed runs per model and batch size; the median is reported.
@@ -86,16 +87,16 @@ def compare_latency(models: Sequence[nn.Module], input_shape: Sequence[int], *,
     try:
         with fixed_threads(threads) as used:
             for b in batch_sizes:
-                inputs = [torch.rand(b, *input_shape, device=model_device(m)) for m in models]
+                inputs = [random_batch(example_inputs, b, model_device(m)) for m in models]
                 for m, x in zip(models, inputs, strict=True):
                     for _ in range(warmup):
-                        m(x)
-                    _sync(x.device)
+                        forward(m, x)
+                    _sync(model_device(m))
                 for _ in range(repeats):
                     for i, (m, x) in enumerate(zip(models, inputs, strict=True)):
                         start = time.perf_counter()
-                        m(x)
-                        _sync(x.device)
+                        forward(m, x)
+                        _sync(model_device(m))
                         samples[i][b].append((time.perf_counter() - start) * 1000.0)
             names = [device_name(model_device(m)) for m in models]
     finally:
@@ -112,6 +113,6 @@ def serialized_size(model: nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
-def cost_of(model: nn.Module, input_shape: Sequence[int]) -> Cost:
-    """MACs (convolution and linear layers) and parameters counted on the real module."""
-    return counted_cost(model, torch.rand(1, *input_shape))
+def cost_of(model: nn.Module, example_inputs: Inputs) -> Cost:
+    """MACs (convolution and linear layers, per sample) and parameters counted on the real module."""
+    return counted_cost(model, example_inputs)

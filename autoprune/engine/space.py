@@ -41,6 +41,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from autoprune.engine.batches import Inputs, as_inputs, first_sample, forward, random_batch, to_device
 from autoprune.errors import AutopruneError
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
@@ -123,7 +124,8 @@ class PruningSpace:
 
     Args:
         model: the network (its structure is read, it is not modified).
-        example_input: one input batch (shape (1, C, H, W)) for tracing.
+        example_inputs: what the model's forward takes (a tensor or a tuple of tensors, batch first); only
+            the first sample is used, for tracing and the cost model (MACs are per sample).
         round_to: kept channel counts are multiples of this (or the full width).
         min_ratio: every group keeps at least this fraction of its channels.
         min_channels: every group keeps at least this many channels.
@@ -131,7 +133,7 @@ class PruningSpace:
             which is always kept).
     """
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor, *, round_to: int = 1,
+    def __init__(self, model: nn.Module, example_inputs: Inputs, *, round_to: int = 1,
                  min_ratio: float = 0.05, min_channels: int = 1, ignored: Sequence[str] = ()):
         if round_to < 1:
             raise AutopruneError(f"round_to must be >= 1, got {round_to}")
@@ -140,12 +142,12 @@ class PruningSpace:
         if min_channels < 1:
             raise AutopruneError(f"min_channels must be >= 1, got {min_channels}")
         self.round_to = round_to
-        self.example_input = example_input.detach()[:1].clone()
+        self.example_inputs = _detached(first_sample(as_inputs(example_inputs)))
         names = {m: n for n, m in model.named_modules()}
         unknown = [n for n in ignored if n not in {v for v in names.values()}]
         if unknown:
             raise AutopruneError(f"ignored layer(s) {unknown} are not modules of the model")
-        graph = _build_graph(model, self.example_input)
+        graph = _build_graph(model, self.example_inputs)
         order = {n: i for i, n in enumerate(names.values())}
         found = sorted(_groups_from_graph(graph, names, set(ignored), round_to, min_ratio, min_channels),
                        key=lambda g: order[g.root])
@@ -154,7 +156,7 @@ class PruningSpace:
         if not self.groups:
             raise AutopruneError("the model has no prunable channels (no convolution or linear layer "
                                  "feeds another one)")
-        self._shapes = _record_shapes(model, self.example_input, names)
+        self._shapes = _record_shapes(model, self.example_inputs, names)
         self._member_index = [[(m.module, m.dim, m.ratio) for m in g.members] for g in self.groups]
         full = self.cost(np.ones(len(self.groups)))
         self.base_macs, self.base_params = full.macs, full.params
@@ -302,7 +304,7 @@ class PruningSpace:
         removed = self.removed_channels(keep, scores)
         pruned = copy.deepcopy(model)
         device = next((p.device for p in pruned.parameters()), torch.device("cpu"))
-        graph = _build_graph(pruned, self.example_input.to(device))
+        graph = _build_graph(pruned, to_device(self.example_inputs, device))
         modules = dict(pruned.named_modules())
         for g, idx in zip(self.groups, removed, strict=True):
             if idx.size == 0:
@@ -318,16 +320,16 @@ class PruningSpace:
         """Whether masking ``keep`` gives the same outputs as physically pruning it (eval mode)."""
         was_training = model.training
         model.eval()
-        x = torch.rand_like(self.example_input).repeat(4, 1, 1, 1)
-        x = x.to(next((p.device for p in model.parameters()), torch.device("cpu")))
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        x = random_batch(self.example_inputs, 4, device, torch.Generator().manual_seed(0))
         try:
             with torch.no_grad():
                 with self.masked(model, keep, scores):
-                    a = model(x)
-                b = self.apply(model, keep, scores).eval()(x)
+                    a = forward(model, x)
+                b = forward(self.apply(model, keep, scores).eval(), x)
         finally:
             model.train(was_training)
-        return bool(torch.allclose(a, b, atol=atol, rtol=1e-4))
+        return _all_close(a, b, atol)
 
     def describe(self, keep: Sequence[float] | np.ndarray) -> list[dict[str, object]]:
         """Per group: name, channels before, channels after."""
@@ -345,7 +347,24 @@ def _mask_hook(mask: torch.Tensor):
     return hook
 
 
-def _build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+def _detached(inputs: Inputs) -> Inputs:
+    if isinstance(inputs, tuple):
+        return tuple(t.detach().clone() for t in inputs)
+    return inputs.detach().clone()
+
+
+def _all_close(a: object, b: object, atol: float) -> bool:
+    """Whether two model outputs (tensors, or nested tuples/lists/dicts of them) agree."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and bool(torch.allclose(a, b, atol=atol, rtol=1e-4))
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_all_close(x, y, atol) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_all_close(a[k], b[k], atol) for k in a)
+    return a == b
+
+
+def _build_graph(model: nn.Module, example_inputs: Inputs) -> tp.DependencyGraph:
     was_training = model.training
     frozen = [p for p in model.parameters() if not p.requires_grad]
     model.eval()
@@ -354,10 +373,14 @@ def _build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Dependency
         for p in frozen:
             p.requires_grad_(True)
         with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
+                                                         forward_fn=forward, verbose=False)
+    except AutopruneError:
+        raise
     except Exception as exc:
-        raise AutopruneError(f"Torch-Pruning could not trace the model ({type(exc).__name__}: {exc}); "
-                             "the model must run on a (1, C, H, W) tensor") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise AutopruneError(f"Torch-Pruning could not trace the model ({type(exc).__name__}: {first}); the model "
+                             "must run on its example inputs") from exc
     finally:
         for p in frozen:
             p.requires_grad_(False)
@@ -405,7 +428,7 @@ def _dedupe(members: list[Member]) -> tuple[Member, ...]:
     return tuple(out.values())
 
 
-def _record_shapes(model: nn.Module, example_input: torch.Tensor,
+def _record_shapes(model: nn.Module, example_inputs: Inputs,
                    names: dict[nn.Module, str]) -> dict[str, _LayerShape]:
     shapes: dict[str, _LayerShape] = {}
 
@@ -439,7 +462,7 @@ def _record_shapes(model: nn.Module, example_input: torch.Tensor,
     model.eval()
     try:
         with torch.no_grad():
-            model(example_input.to(next((p.device for p in model.parameters()), torch.device("cpu"))))
+            forward(model, to_device(example_inputs, next((p.device for p in model.parameters()), torch.device("cpu"))))
     finally:
         for h in handles:
             h.remove()
@@ -450,10 +473,11 @@ def _record_shapes(model: nn.Module, example_input: torch.Tensor,
     return shapes
 
 
-def counted_cost(model: nn.Module, example_input: torch.Tensor) -> Cost:
-    """MACs (convolution and linear layers) and parameters counted by Torch-Pruning on a real module."""
+def counted_cost(model: nn.Module, example_inputs: Inputs) -> Cost:
+    """MACs (convolution and linear layers, per sample) and parameters counted by Torch-Pruning on a real module."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    x = example_input[:1].to(device)
+    inputs = to_device(first_sample(as_inputs(example_inputs)), device)
+    x = inputs if isinstance(inputs, tuple) else (inputs,)
     was_training = model.training
     model.eval()
     try:

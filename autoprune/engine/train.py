@@ -1,6 +1,8 @@
-"""Training, fine-tuning (optionally distilled from the unpruned model) and evaluation.
+"""Training, fine-tuning (optionally distilled from the unpruned model) and evaluation, on any loader.
 
-One loop serves all three: SGD with Nesterov momentum, a cosine learning-rate schedule with linear
+A loader is any iterable of ``(inputs, targets)`` batches (:mod:`autoprune.engine.batches`); every epoch
+is one seeded pass over it, so a run resumed from an epoch checkpoint sees the same batches as an
+uninterrupted one. One loop serves all three: SGD with Nesterov momentum, a cosine learning-rate schedule with linear
 warm-up (:func:`lr_at`, a pure function of the step), cross-entropy, and, when a teacher is given,
 Hinton's distillation loss mixed in with weight ``distill``. A ``regularizer`` callable adds a term to
 the loss (network slimming's L1 on BatchNorm scales, SA's polarization). Every epoch can be
@@ -14,22 +16,28 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from autoprune.data import BatchLoader, ImageTensors
+from autoprune.engine.batches import correct_predictions, count_batches, forward, iterate, to_device
 from autoprune.errors import AutopruneError, Interrupted
 from autoprune.io.artifact import atomic_path
 
 log = logging.getLogger(__name__)
 
 Regularizer = Callable[[nn.Module], torch.Tensor]
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+#: Pass keys of the seeded loader iterations (:func:`autoprune.engine.batches.iterate`): epochs use their
+#: index; evaluation a key of its own, far from any epoch.
+EVAL_KEY = 1_000_003
 
 
 class TrainingInterrupted(Interrupted):
@@ -38,7 +46,11 @@ class TrainingInterrupted(Interrupted):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of one training or fine-tuning run."""
+    """Hyper-parameters of one training or fine-tuning run.
+
+    ``batch_size`` is used where autoprune builds the loader itself (the CLI's datasets); a loader you
+    pass keeps its own batch size.
+    """
 
     epochs: int = 10
     batch_size: int = 128
@@ -120,23 +132,30 @@ def subnormals_flushed() -> Iterator[None]:
 
 @subnormals_flushed()
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageTensors, *, batch_size: int = 500, progress: bool = False) -> EvalResult:
-    """Accuracy and loss of ``model`` on ``data`` in eval mode; the model's mode is restored."""
+def evaluate(model: nn.Module, data: Iterable[Any], *, seed: int = 0, progress: bool = False,
+             desc: str = "evaluate") -> EvalResult:
+    """Top-1 accuracy and mean cross-entropy of ``model`` on ``data`` in eval mode (the model's mode is restored).
+
+    ``data`` is a loader or a list of ``(inputs, targets)`` batches (held in memory by the caller).
+    """
     was_training = model.training
     model.eval()
     device = model_device(model)
-    correct, loss_sum, n = 0, 0.0, 0
+    correct, loss_sum, n = 0.0, 0.0, 0
+    batches = data if isinstance(data, list) else iterate(data, seed=seed, key=EVAL_KEY, device=device)
     try:
-        loader = BatchLoader(data, batch_size, device=device)
-        for images, labels in tqdm(loader, desc="evaluate", leave=False, disable=not progress or None):
-            logits = model(images)
-            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-            correct += int((logits.argmax(1) == labels).sum())
-            n += labels.numel()
+        for inputs, targets in tqdm(batches, desc=desc, leave=False, disable=not progress or None):
+            if isinstance(data, list):
+                inputs, targets = to_device(inputs, device), to_device(targets, device)
+            logits = forward(model, inputs)
+            hits, samples = correct_predictions(logits, targets)
+            loss_sum += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+            correct += hits
+            n += samples
     finally:
         model.train(was_training)
     if n == 0:
-        raise AutopruneError("cannot evaluate on an empty dataset")
+        raise AutopruneError("cannot evaluate on empty data (the loader yielded no samples)")
     return EvalResult(correct / n, loss_sum / n, n)
 
 
@@ -147,24 +166,61 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                     reduction="batchmean") * t * t
 
 
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum; no weight decay on biases and normalisation parameters."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return torch.optim.SGD([{"params": decay, "weight_decay": config.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}],
+                           lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
+
+
+def _steps_per_epoch(loader: Iterable[Any], seed: int) -> int:
+    steps = count_batches(loader)
+    if steps is None:  # an iterable without len(): count one pass
+        steps = sum(1 for _ in iterate(loader, seed=seed, key=EVAL_KEY + 1))
+    if steps == 0:
+        raise AutopruneError("the training loader yielded no batches; check the data (or its drop_last with fewer "
+                             "samples than one batch)")
+    return steps
+
+
+def _training_loss(model: nn.Module, inputs: Any, targets: Any, config: TrainConfig, teacher: nn.Module | None,
+                   regularizer: Regularizer | None, loss_fn: LossFn | None) -> torch.Tensor:
+    outputs = forward(model, inputs)
+    loss = loss_fn(outputs, targets) if loss_fn is not None else F.cross_entropy(outputs, targets)
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_outputs = forward(teacher, inputs)
+        loss = (1 - config.distill) * loss + config.distill * distillation_loss(outputs, teacher_outputs,
+                                                                               config.temperature)
+    if regularizer is not None:
+        loss = loss + regularizer(model)
+    return loss
+
+
 @subnormals_flushed()
-def fit(model: nn.Module, train: ImageTensors, config: TrainConfig, *, augment: str = "none",
-        teacher: nn.Module | None = None, regularizer: Regularizer | None = None,
+def fit(model: nn.Module, loader: Iterable[Any], config: TrainConfig, *, teacher: nn.Module | None = None,
+        regularizer: Regularizer | None = None, loss_fn: LossFn | None = None,
         checkpoint: str | os.PathLike[str] | None = None, progress: bool = True, desc: str = "train",
-        stop_requested: Callable[[], bool] | None = None) -> TrainLog:
-    """Train ``model`` in place on ``train``.
+        stop_requested: Callable[[], bool] | None = None,
+        on_epoch: Callable[[int, int], None] | None = None) -> TrainLog:
+    """Train ``model`` in place on the ``(inputs, targets)`` batches of ``loader``, one seeded pass per epoch.
 
     Args:
-        model: the network, already on its device.
-        train: training images (uint8) and labels.
+        model: the network, already on its device (batches are moved there).
+        loader: training batches; its own augmentation and batch size apply.
         config: hyper-parameters.
-        augment: the loader's augmentation ("none" or "crop_flip").
         teacher: when given and ``config.distill > 0``, the model distilled from (kept in eval mode).
         regularizer: an extra loss term computed from the model.
+        loss_fn: ``loss_fn(outputs, targets)``; default cross-entropy on logits.
         checkpoint: a file updated atomically after every epoch; if it exists, training resumes from it.
         progress: show progress bars.
         desc: label of the progress bar.
         stop_requested: polled after every epoch (and its checkpoint); when true, training stops there.
+        on_epoch: called with ``(epoch, epochs)`` (1-based) after every epoch and its checkpoint.
 
     Raises:
         AutopruneError: when the loss or the weights become NaN or infinite (naming the epoch, step and
@@ -174,68 +230,51 @@ def fit(model: nn.Module, train: ImageTensors, config: TrainConfig, *, augment: 
     if config.epochs == 0:
         return TrainLog(0, 0.0, float("nan"), 0)
     device = model_device(model)
-    torch.manual_seed(config.seed)
-    steps_per_epoch = len(BatchLoader(train, config.batch_size, drop_last=len(train) > config.batch_size))
-    total = steps_per_epoch * config.epochs
-    warmup = int(config.warmup_epochs * steps_per_epoch)
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": config.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
+    steps_per_epoch = _steps_per_epoch(loader, config.seed)
+    total, warmup = steps_per_epoch * config.epochs, int(config.warmup_epochs * steps_per_epoch)
+    optimizer = _optimizer(model, config)
     start_epoch = _resume(checkpoint, model, optimizer, config) if checkpoint else 0
-    use_teacher = teacher is not None and config.distill > 0
-    if use_teacher:
-        teacher.eval()
-    started = time.perf_counter()
-    last_loss = float("nan")
+    teacher = teacher.eval() if teacher is not None and config.distill > 0 else None
+    started, last_loss = time.perf_counter(), float("nan")
     model.train()
     for epoch in range(start_epoch, config.epochs):
-        loader = BatchLoader(train, config.batch_size, shuffle=True, augment=augment,
-                             seed=config.seed * 100_003 + epoch, device=device,
-                             drop_last=len(train) > config.batch_size)
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False, disable=not progress or None)
+        batches = iterate(loader, seed=config.seed, key=epoch, device=device, what="the training loader")
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False,
+                   disable=not progress or None)
         running = 0.0
-        for i, (images, labels) in enumerate(bar):
-            step = epoch * steps_per_epoch + i
-            lr = lr_at(step, total, config.lr, warmup)
+        for i, (inputs, targets) in enumerate(bar):
+            lr = lr_at(min(epoch * steps_per_epoch + i, total - 1), total, config.lr, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)
-            if use_teacher:
-                with torch.no_grad():
-                    teacher_logits = teacher(images)
-                loss = (1 - config.distill) * loss + config.distill * distillation_loss(
-                    logits, teacher_logits, config.temperature)
-            if regularizer is not None:
-                loss = loss + regularizer(model)
+            loss = _training_loss(model, inputs, targets, config, teacher, regularizer, loss_fn)
             if not torch.isfinite(loss):
                 raise AutopruneError(f"training diverged: loss is {float(loss.detach())} at epoch {epoch + 1}, "
-                                     f"step {i + 1} (learning rate {lr:.4g}); lower --lr or check the data")
+                                     f"step {i + 1} (learning rate {lr:.4g}); lower the learning rate or check "
+                                     "the data")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            value = float(loss.detach())
-            running = 0.9 * running + 0.1 * value if i else value
+            running = 0.9 * running + 0.1 * float(loss.detach()) if i else float(loss.detach())
             if i % 20 == 0:
                 bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr:.3g}")
         last_loss = running
         log.info("%s epoch %d/%d: loss %.4f", desc, epoch + 1, config.epochs, running)
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # the last step's update
-            raise AutopruneError(f"training diverged: the weights became NaN or infinite in epoch {epoch + 1} "
-                                 f"(by step {steps_per_epoch}, learning rate up to "
-                                 f"{lr_at((epoch + 1) * steps_per_epoch - 1, total, config.lr, warmup):.4g}); "
-                                 "lower --lr or check the data")
+        _check_finite_weights(model, epoch, config)
         if checkpoint:
             _save_checkpoint(checkpoint, model, optimizer, config, epoch + 1)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, config.epochs)
         if stop_requested is not None and stop_requested() and epoch + 1 < config.epochs:
             where = f"; its checkpoint {str(checkpoint)!r} resumes it when run again" if checkpoint else ""
             raise TrainingInterrupted(f"{desc} interrupted after epoch {epoch + 1} of {config.epochs}{where}")
     model.eval()
     return TrainLog(config.epochs - start_epoch, time.perf_counter() - started, last_loss, start_epoch)
+
+
+def _check_finite_weights(model: nn.Module, epoch: int, config: TrainConfig) -> None:
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # the last step's update
+        raise AutopruneError(f"training diverged: the weights became NaN or infinite in epoch {epoch + 1} "
+                             f"(peak learning rate {config.lr:.4g}); lower the learning rate or check the data")
 
 
 def _save_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer,

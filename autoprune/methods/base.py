@@ -1,32 +1,38 @@
 """Methods: named recipes of (criterion, strategy, extra training) under one interface.
 
-A method turns the trained model into a :class:`Plan`: the model to prune (the trained one, or one
-that the method trained further, e.g. with a sparsity regulariser), the channel scores deciding
-which channels a keep ratio removes, and the search strategy with its options. The pipeline does the
-rest identically for every method (search, physical pruning, fine-tuning, measurement), so it never
-checks which method it runs.
+A method turns the trained model into a :class:`Plan`: the model to prune (the trained one, or one that
+the method trained further, e.g. with a sparsity regulariser), the channel scores deciding which channels
+a keep ratio removes, and the search strategy with its options. The engine does the rest identically for
+every method (search, physical pruning, fine-tuning, measurement), so it never checks which method it runs.
+
+A method's options are the keyword-only arguments of its constructor, with their defaults:
+``autoprune.methods.PSO(particles=20)`` in Python, ``--method-option particles=20`` on the command line,
+``method_options: {particles: 20}`` in a YAML file; all three go through :data:`METHODS`'s one check.
 """
 
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from autoprune.criteria import create_criterion
-from autoprune.data import DatasetInfo, Splits
-from autoprune.engine.evaluate import batches_for_criterion
+from autoprune.engine.batches import Batch, Inputs, iterate
 from autoprune.engine.space import PruningSpace
 from autoprune.engine.train import TrainConfig
-from autoprune.errors import AutopruneError, unknown_name
+from autoprune.errors import AutopruneError
+from autoprune.registry import Registry, coerce_options, option_defaults
 
 log = logging.getLogger(__name__)
+
+#: Pass key of the criterion's seeded iteration over the training loader.
+CRITERION_KEY = 2_000_003
 
 
 @dataclass(frozen=True)
@@ -36,30 +42,37 @@ class MethodContext:
     Attributes:
         model: the trained network (on ``device``); a method must not modify it.
         space: its pruning space.
-        splits: the data (train without validation, validation, test: never touched here).
+        example_inputs: what the model's forward takes.
+        train_loader: training batches ``(inputs, targets)`` (None when the caller gave none).
         device: where to compute.
         seed: the run's seed.
-        train: settings for any extra training a method does (learning rate, batch size, seed).
-        extra_epochs: epochs of a method's own extra training (slimming's sparsity training, SA's shard
-            training).
-        options: method-specific options (``--method-option key=value``).
+        train: settings for any extra training a method does (learning rate, seed...).
         progress: show progress bars.
     """
 
     model: nn.Module
     space: PruningSpace
-    splits: Splits
+    example_inputs: Inputs
+    train_loader: Iterable[Any] | None
     device: torch.device
     seed: int
-    train: TrainConfig
-    extra_epochs: int = 1
-    options: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=0.01))
     progress: bool = True
 
-    @property
-    def info(self) -> DatasetInfo:
-        """The dataset's description."""
-        return self.splits.info
+    def loader(self, method: str, purpose: str) -> Iterable[Any]:
+        """The training loader, or a clear error naming the method and why it needs data."""
+        if self.train_loader is None:
+            raise AutopruneError(f"method {method!r} needs training data for {purpose}; pass train_loader=")
+        return self.train_loader
+
+    def batches(self, method: str, purpose: str) -> Iterator[Batch]:
+        """One seeded pass over the training loader, on the context's device."""
+        return iterate(self.loader(method, purpose), seed=self.seed, key=CRITERION_KEY, device=self.device,
+                       what="the training loader")
+
+    def training(self, epochs: int, **changes: Any) -> TrainConfig:
+        """The settings for ``epochs`` epochs of a method's own extra training (plain cross-entropy)."""
+        return replace(self.train, epochs=epochs, distill=0.0, **changes)
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,8 @@ class Plan:
         choices: optional allowed keep ratios per group (a constraint set, candidate thresholds).
         penalty: optional term subtracted from every candidate's score (SA's contrast loss).
         notes: facts about the plan worth reporting (JSON-compatible).
+        extra_training_epochs: epochs of training the method added before pruning (reported, and
+            counted against the fine-tuning budget so every method trains as long).
     """
 
     model: nn.Module
@@ -83,89 +98,104 @@ class Plan:
     choices: tuple[np.ndarray, ...] | None = None
     penalty: Callable[[np.ndarray], float] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    extra_training_epochs: int = 0
 
 
 class Method(ABC):
-    """A pruning method. Subclasses set the class attributes and implement :meth:`plan`.
+    """A pruning method. Subclasses set the class attributes, take options as keyword-only constructor
+    arguments (validated there) and implement :meth:`plan`.
 
     Attributes:
-        name: registry name (``--method``).
+        name: registry name (``method=`` / ``--method``).
         summary: one line for ``autoprune methods``.
         source: the paper or baseline it follows.
-        default_budget: candidate evaluations when ``--budget`` is not given (the paper's where it gives one).
-        option_types: the ``--method-option`` keys the method reads, with their types.
+        default_budget: candidate evaluations when no budget is given (the paper's where it gives one).
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     source: ClassVar[str] = ""
     default_budget: ClassVar[int] = 200
-    option_types: ClassVar[dict[str, type]] = {}
 
     @abstractmethod
     def plan(self, ctx: MethodContext) -> Plan:
         """Decide scores and search for ``ctx``."""
 
-    def check_options(self, options: dict[str, Any]) -> None:
-        """Raise unless every option is one this method reads and its value converts to the option's type."""
-        for key, value in options.items():
-            if key not in self.option_types:
-                valid = ", ".join(sorted(self.option_types)) or "none"
-                raise AutopruneError(f"unknown --method-option {key!r} for method {self.name!r}; valid options: "
-                                     f"{valid}")
-            kind = self.option_types[key]
-            try:
-                kind(value)
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise AutopruneError(f"method option {key}={value!r} for {self.name!r} is not a valid "
-                                     f"{kind.__name__}") from exc
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options this method was built with (for reports and saved configurations)."""
+        return {key: getattr(self, key) for key in option_defaults(type(self))}
 
-    def option(self, ctx: MethodContext, key: str, default: Any, kind: type = float) -> Any:
-        """A method option from ``ctx.options`` converted to ``kind``, or ``default``."""
-        if key not in ctx.options:
-            return default
-        try:
-            return kind(ctx.options[key])
-        except (TypeError, ValueError) as exc:
-            raise AutopruneError(f"method option {key}={ctx.options[key]!r} for {self.name!r} is not a valid "
-                                 f"{kind.__name__}") from exc
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
 
 
-METHODS: dict[str, type[Method]] = {}
-_M = TypeVar("_M", bound=type[Method])
-
-
-def register_method(cls: _M) -> _M:
-    """Register a :class:`Method` subclass under its ``name`` (class decorator)."""
-    if not cls.name or cls.name in METHODS:
-        raise ValueError(f"method name {cls.name!r} is empty or registered twice")
-    METHODS[cls.name] = cls
-    return cls
+#: Every method by name.
+METHODS: Registry[type[Method]] = Registry("method")
+register_method = METHODS.register
 
 
 def method_names() -> list[str]:
     """Names of the registered methods."""
-    return sorted(METHODS)
+    return METHODS.names()
 
 
-def create_method(name: str) -> Method:
-    """Instantiate a registered method by name."""
-    if name not in METHODS:
-        raise unknown_name("method", name, method_names())
-    return METHODS[name]()
+def create_method(spec: str | Method, options: dict[str, Any] | None = None, *, from_text: bool = False) -> Method:
+    """A method from its name (with options) or an already built :class:`Method` (passed through).
+
+    Args:
+        spec: a registered name, or a Method instance.
+        options: the method's keyword options.
+        from_text: the option values are text or YAML values to convert to the declared types (CLI).
+
+    Raises:
+        AutopruneError: an unknown name, an option the method does not take, or a bad value.
+    """
+    options = dict(options or {})
+    if isinstance(spec, Method):
+        if options:
+            raise AutopruneError(f"method options {sorted(options)} cannot be applied to the built {spec!r}; "
+                                 "give them to its constructor")
+        return spec
+    if from_text:
+        options = coerce_options(METHODS.get(spec), options, f"method {spec!r}")
+    return METHODS.create(spec, **options)
 
 
-def criterion_scores(ctx: MethodContext, name: str, model: nn.Module | None = None,
+def criterion_scores(ctx: MethodContext, name: str, model: nn.Module | None = None, *, method: str,
                      **options: Any) -> list[torch.Tensor]:
-    """Scores of criterion ``name`` on ``model`` (default: the context's), with training batches if needed."""
+    """Scores of criterion ``name`` on ``model`` (default: the context's), reading training batches if needed."""
     criterion = create_criterion(name, **options)
-    batches = None
-    if criterion.needs_data:
-        batches = batches_for_criterion(ctx.splits.train, batch_size=min(128, ctx.train.batch_size),
-                                        seed=ctx.seed, device=ctx.device)
+    batches = ctx.batches(method, f"its {name} criterion") if criterion.needs_data else None
     return criterion.scores(model if model is not None else ctx.model, ctx.space, batches, device=ctx.device)
 
 
 def normalized(scores: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each group's scores divided by their mean (Torch-Pruning's 'mean' normaliser), for global ranking."""
     return [s / s.mean().clamp_min(1e-12) for s in scores]
+
+
+class ShardLoader:
+    """Every ``shards``-th batch of a loader, starting at ``index``: a disjoint part of the training data.
+
+    Iterating it iterates the wrapped loader (so its shuffling and ``set_epoch`` apply) and keeps the batches
+    whose position in the pass is ``index`` modulo ``shards``.
+    """
+
+    def __init__(self, loader: Iterable[Any], index: int, shards: int) -> None:
+        self.loader, self.index, self.shards = loader, index, shards
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward ``set_epoch`` to the wrapped loader (see :func:`autoprune.engine.batches.set_epoch`)."""
+        from autoprune.engine.batches import set_epoch
+
+        set_epoch(self.loader, epoch)
+
+    def __len__(self) -> int:
+        total = len(self.loader)  # type: ignore[arg-type]
+        return len(range(self.index, total, self.shards))
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, batch in enumerate(self.loader):
+            if i % self.shards == self.index:
+                yield batch

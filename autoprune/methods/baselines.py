@@ -7,13 +7,14 @@ import copy
 import torch
 from torch import nn
 
+from autoprune.checks import check_float, check_int
 from autoprune.engine.train import fit
 from autoprune.errors import AutopruneError
 from autoprune.methods.base import Method, MethodContext, Plan, criterion_scores, normalized, register_method
 
 
 @register_method
-class L1Uniform(Method):
+class L1(Method):
     """PFEC (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017).
 
     Filters are ranked by the L1 norm of their weights and every layer keeps the same fraction: the
@@ -28,11 +29,11 @@ class L1Uniform(Method):
     default_budget = 12
 
     def plan(self, ctx: MethodContext) -> Plan:
-        return Plan(ctx.model, criterion_scores(ctx, "l1"), "uniform")
+        return Plan(ctx.model, criterion_scores(ctx, "l1", method=self.name), "uniform")
 
 
 @register_method
-class GlobalMagnitude(Method):
+class Global(Method):
     """Torch-Pruning's global pruning: one ranking of all channels across layers.
 
     Channels are scored by the L2 norm of their group's weights, each group's scores divided by their
@@ -46,13 +47,13 @@ class GlobalMagnitude(Method):
     default_budget = 60
 
     def plan(self, ctx: MethodContext) -> Plan:
-        scores = normalized(criterion_scores(ctx, "l2"))
+        scores = normalized(criterion_scores(ctx, "l2", method=self.name))
         return Plan(ctx.model, scores, "threshold",
                     {"scores": [s.numpy() for s in scores], "rule": "global"})
 
 
 @register_method
-class RandomSearch(Method):
+class Random(Method):
     """Random keep vectors within the budget: the floor every search method must beat.
 
     Channels inside a layer are chosen by L1 norm, as for the searches it is compared with, so only the
@@ -65,7 +66,7 @@ class RandomSearch(Method):
     default_budget = 200
 
     def plan(self, ctx: MethodContext) -> Plan:
-        return Plan(ctx.model, criterion_scores(ctx, "l1"), "random")
+        return Plan(ctx.model, criterion_scores(ctx, "l1", method=self.name), "random")
 
 
 def bn_l1_penalty(weight: float):
@@ -80,11 +81,11 @@ def bn_l1_penalty(weight: float):
 
 
 @register_method
-class NetworkSlimming(Method):
+class Slim(Method):
     """Network slimming (Liu et al., ICCV 2017).
 
-    The model is trained further with an L1 penalty on BatchNorm scale factors (``lambda``, default
-    1e-4 as in the paper, for ``--extra-epochs`` epochs), channels are ranked by |gamma|, and one
+    The model is trained further with an L1 penalty on BatchNorm scale factors (``sparsity``, the paper's
+    lambda, default 1e-4, for ``epochs`` epochs), channels are ranked by |gamma|, and one
     global threshold on the raw scale factors prunes the whole network. Needs a BatchNorm after every
     prunable layer.
     """
@@ -93,7 +94,14 @@ class NetworkSlimming(Method):
     summary = "network slimming: L1 sparsity training on BN scales, one global threshold"
     source = "Liu et al. 2017 (network slimming)"
     default_budget = 60
-    option_types = {"lambda": float}
+
+    def __init__(self, *, sparsity: float = 1e-4, epochs: int = 1) -> None:
+        """Args:
+        sparsity: weight of the L1 penalty on BatchNorm scales (the paper's lambda).
+        epochs: epochs of sparsity training.
+        """
+        self.sparsity = check_float("sparsity", sparsity, low=0.0)
+        self.epochs = check_int("epochs", epochs, minimum=0)
 
     def plan(self, ctx: MethodContext) -> Plan:
         missing = [g.name for g in ctx.space.groups
@@ -103,10 +111,9 @@ class NetworkSlimming(Method):
             raise AutopruneError(f"method 'slim' needs a BatchNorm after every prunable layer; {missing[0]!r} "
                                  "has none (use l1, global or a search method for this model)")
         model = copy.deepcopy(ctx.model)
-        weight = self.option(ctx, "lambda", 1e-4)
-        config = ctx.train.__class__(**{**ctx.train.__dict__, "epochs": ctx.extra_epochs, "distill": 0.0})
-        fit(model, ctx.splits.train, config, augment=ctx.info.augment, regularizer=bn_l1_penalty(weight),
-            progress=ctx.progress, desc="sparsity training")
-        scores = criterion_scores(ctx, "bn_scale", model)
+        fit(model, ctx.loader(self.name, "sparsity training"), ctx.training(self.epochs),
+            regularizer=bn_l1_penalty(self.sparsity), progress=ctx.progress, desc="sparsity training")
+        scores = criterion_scores(ctx, "bn_scale", model, method=self.name)
         return Plan(model, scores, "threshold", {"scores": [s.numpy() for s in scores], "rule": "global"},
-                    notes={"sparsity_lambda": weight, "sparsity_epochs": ctx.extra_epochs})
+                    notes={"sparsity": self.sparsity, "sparsity_epochs": self.epochs},
+                    extra_training_epochs=self.epochs)

@@ -8,10 +8,11 @@ structures differ least is kept; simulated annealing searches the choices.
 
 Our reading, where the abstract is silent:
 
-* ``networks`` (default 3) copies of the trained model are trained for ``--extra-epochs`` on disjoint
-  shards of the training split with the polarisation regulariser of Zhuang et al. (NeurIPS 2020),
-  ``lambda * sum_layers (t * sum|s| - sum|s - mean(s)|)``, ``t`` = 1.2, ``lambda`` = 1e-4. The scale
-  factors ``s`` are BatchNorm's gammas; in a layer without BatchNorm, the L2 norms of its filters.
+* ``networks`` (default 3) copies of the trained model are trained for ``epochs`` epochs on disjoint
+  shards of the training data (every ``networks``-th batch of each pass) with the polarisation
+  regulariser of Zhuang et al. (NeurIPS 2020), ``lambda * sum_layers (t * sum|s| - sum|s - mean(s)|)``,
+  ``t`` = 1.2, ``lambda`` = ``polarization`` = 1e-4. The scale factors ``s`` are BatchNorm's gammas;
+  in a layer without BatchNorm, the L2 norms of its filters.
 * Per layer, the candidate thresholds are the stationary points (density extrema) of a Gaussian kernel
   density estimate of the pooled, max-normalised scale factors that lie below the 90th percentile
   ("close to zero"), plus 0; if fewer than 8 exist, evenly spaced thresholds fill in.
@@ -32,9 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from autoprune.checks import check_float, check_int
 from autoprune.engine.space import PruningSpace
 from autoprune.engine.train import fit
-from autoprune.methods.base import Method, MethodContext, Plan, register_method
+from autoprune.methods.base import Method, MethodContext, Plan, ShardLoader, register_method
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -128,31 +130,37 @@ def contrast_penalty(choices: tuple[np.ndarray, ...], contrasts: tuple[np.ndarra
 
 
 @register_method
-class ContrastAnnealing(Method):
+class SA(Method):
     """SA: polarised networks on data shards, contrast loss, simulated annealing over thresholds."""
 
     name = "sa"
     summary = "paper 3: shard-trained polarised networks, contrast loss, simulated annealing over thresholds"
     source = "Wang, Wang & Chen 2023 (contrast loss + SA)"
     default_budget = 200
-    option_types = {"networks": int, "lambda": float, "t": float, "contrast_weight": float}
+
+    def __init__(self, *, networks: int = 3, epochs: int = 1, polarization: float = 1e-4, t: float = 1.2,
+                 contrast_weight: float = 1.0) -> None:
+        """Args:
+        networks: networks trained on disjoint shards of the training data (>= 2: a contrast needs two).
+        epochs: training epochs of each shard network.
+        polarization: weight of the polarisation regulariser (lambda of Zhuang et al.).
+        t: the regulariser's t.
+        contrast_weight: weight of the contrast loss against the validation score.
+        """
+        self.networks = check_int("networks", networks, minimum=2, maximum=64)
+        self.epochs = check_int("epochs", epochs, minimum=0)
+        self.polarization = check_float("polarization", polarization, low=0.0)
+        self.t = check_float("t", t, low=0.0)
+        self.contrast_weight = check_float("contrast_weight", contrast_weight, low=0.0)
 
     def plan(self, ctx: MethodContext) -> Plan:
-        networks = self.option(ctx, "networks", 3, int)
-        weight = self.option(ctx, "lambda", 1e-4)
-        t = self.option(ctx, "t", 1.2)
-        contrast_weight = self.option(ctx, "contrast_weight", 1.0)
-        train = ctx.splits.train
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(ctx.seed))
-        shards = order.chunk(max(1, networks))
+        loader = ctx.loader(self.name, "training its shard networks")
         nets, scales = [], []
-        for k, shard in enumerate(shards):
+        for k in range(self.networks):
             net = copy.deepcopy(ctx.model)
-            config = ctx.train.__class__(**{**ctx.train.__dict__, "epochs": ctx.extra_epochs, "distill": 0.0,
-                                            "seed": ctx.seed + k})
-            fit(net, train.subset(shard), config, augment=ctx.info.augment,
-                regularizer=polarization_penalty(ctx.space, weight, t), progress=ctx.progress,
-                desc=f"polarise net {k + 1}/{len(shards)}")
+            fit(net, ShardLoader(loader, k, self.networks), ctx.training(self.epochs, seed=ctx.seed + k),
+                regularizer=polarization_penalty(ctx.space, self.polarization, self.t), progress=ctx.progress,
+                desc=f"polarise net {k + 1}/{self.networks}")
             with torch.no_grad():
                 factors = [s.detach().abs().cpu().double() for s in scale_factors(net, ctx.space)]
             scales.append([(f / f.max().clamp_min(1e-12)).numpy() for f in factors])
@@ -160,6 +168,7 @@ class ContrastAnnealing(Method):
         choices, contrasts = structure_table(ctx.space, scales)
         model, own = nets[0]
         return Plan(model, [f.float() for f in own], "sa", {},
-                    choices=choices, penalty=contrast_penalty(choices, contrasts, contrast_weight),
-                    notes={"networks": len(shards), "polarization_lambda": weight, "polarization_t": t,
-                           "thresholds_per_layer": [int(len(c)) for c in choices]})
+                    choices=choices, penalty=contrast_penalty(choices, contrasts, self.contrast_weight),
+                    notes={"networks": self.networks, "polarization": self.polarization, "polarization_t": self.t,
+                           "thresholds_per_layer": [int(len(c)) for c in choices]},
+                    extra_training_epochs=self.epochs)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from autoprune.errors import AutopruneError
+from autoprune.checks import check_choice, check_float, check_int
 from autoprune.methods.base import Method, MethodContext, Plan, criterion_scores, register_method
 
 
 @register_method
-class OptimalThreshold(Method):
+class OTP(Method):
     """OTP: greedy optimal threshold (Wang, Liu & Pan, ICMAI 2020).
 
     The paper: node importance from *sensitivity* and *correlation*; a greedy algorithm selects the
@@ -25,26 +25,32 @@ class OptimalThreshold(Method):
     summary = "paper 1: sensitivity x (1 - correlation) importance, greedy per-layer threshold raising"
     source = "Wang, Liu & Pan 2020 (optimal threshold)"
     default_budget = 400
-    option_types = {"step": float}
 
     #: Measured sensitivity costs one masked forward pass per channel and calibration sample; above this
     #: many multiply-accumulates in all (about a minute on two CPU cores) it is estimated to first order.
     MEASURED_WORK_LIMIT = 1e11
 
+    def __init__(self, *, mode: str = "auto", max_batches: int = 8, step: float = 1 / 16) -> None:
+        """Args:
+        mode: sensitivity ``"measured"``, ``"first_order"`` or ``"auto"`` (measured while affordable).
+        max_batches: calibration batches of the importance.
+        step: one greedy move, as a fraction of a layer's keep-ratio range.
+        """
+        self.mode = check_choice("mode", mode, ("auto", "measured", "first_order"))
+        self.max_batches = check_int("max_batches", max_batches, minimum=1)
+        self.step = check_float("step", step, low=0.0, high=1.0, low_open=True)
+
     def plan(self, ctx: MethodContext) -> Plan:
-        options = {}
-        if "step" in ctx.options:
-            options["step"] = self.option(ctx, "step", 0.0625)
-        max_batches = self.option(ctx, "max_batches", 8, int)
-        samples = min(len(ctx.splits.train), max_batches * min(128, ctx.train.batch_size))
+        samples = self.max_batches * 128
         work = float(ctx.space.channels.sum()) * samples * ctx.space.base_macs
-        mode = str(ctx.options.get("mode", "measured" if work <= self.MEASURED_WORK_LIMIT else "first_order"))
-        scores = criterion_scores(ctx, "otp", mode=mode, max_batches=max_batches)
-        return Plan(ctx.model, scores, "greedy", options, notes={"sensitivity": mode, "calibration_samples": samples})
+        mode = self.mode if self.mode != "auto" else ("measured" if work <= self.MEASURED_WORK_LIMIT
+                                                      else "first_order")
+        scores = criterion_scores(ctx, "otp", mode=mode, max_batches=self.max_batches, method=self.name)
+        return Plan(ctx.model, scores, "greedy", {"step": self.step}, notes={"sensitivity": mode})
 
 
 @register_method
-class ParticleSwarm(Method):
+class PSO(Method):
     """PSOPruner (Zhang, Hong, Wu, Liu & Ju, ICHCI 2020).
 
     The paper: particles are candidate pruned structures; each particle gives a threshold per
@@ -61,16 +67,22 @@ class ParticleSwarm(Method):
     summary = "paper 2: particle swarm over per-layer magnitude thresholds (PSOPruner)"
     source = "Zhang et al. 2020 (PSOPruner)"
     default_budget = 1000
-    option_types = {"particles": int, "iterations": int}
+
+    def __init__(self, *, particles: int = 10, iterations: int = 100) -> None:
+        """Args:
+        particles: swarm size.
+        iterations: swarm updates (the paper's 100).
+        """
+        self.particles = check_int("particles", particles, minimum=1)
+        self.iterations = check_int("iterations", iterations, minimum=1)
 
     def plan(self, ctx: MethodContext) -> Plan:
-        options = {"particles": self.option(ctx, "particles", 10, int),
-                   "iterations": self.option(ctx, "iterations", 100, int)}
-        return Plan(ctx.model, criterion_scores(ctx, "l1"), "pso", options)
+        options = {"particles": self.particles, "iterations": self.iterations}
+        return Plan(ctx.model, criterion_scores(ctx, "l1", method=self.name), "pso", options)
 
 
 @register_method
-class SparrowSearch(Method):
+class SSA(Method):
     """Sparrow search channel pruning (Xie & Feng, CECIT 2023).
 
     The paper: the number of channels per layer is determined by the sparrow search algorithm over a
@@ -84,23 +96,28 @@ class SparrowSearch(Method):
     summary = "paper 4: sparrow search over per-layer channel counts on a constraint grid"
     source = "Xie & Feng 2023 (sparrow search)"
     default_budget = 1000
-    option_types = {"grid": float, "population": int, "iterations": int}
+
+    def __init__(self, *, grid: float = 1 / 16, population: int = 20, iterations: int = 50) -> None:
+        """Args:
+        grid: the constraint set's keep-ratio step, in (0, 1].
+        population: sparrows.
+        iterations: update rounds.
+        """
+        self.grid = check_float("grid", grid, low=0.0, high=1.0, low_open=True)
+        self.population = check_int("population", population, minimum=2)
+        self.iterations = check_int("iterations", iterations, minimum=1)
 
     def plan(self, ctx: MethodContext) -> Plan:
-        grid = self.option(ctx, "grid", 1 / 16)
-        if not 0 < grid <= 1:
-            raise AutopruneError(f"method option grid={grid} for 'ssa' must lie in (0, 1] (a keep-ratio step)")
         space = ctx.space
-        choices = tuple(np.unique(space.snap_one(i, np.arange(grid, 1.0 + 1e-9, grid)))
+        choices = tuple(np.unique(space.snap_one(i, np.arange(self.grid, 1.0 + 1e-9, self.grid)))
                         for i in range(len(space)))
-        options = {"population": self.option(ctx, "population", 20, int),
-                   "iterations": self.option(ctx, "iterations", 50, int)}
-        return Plan(ctx.model, criterion_scores(ctx, "l1"), "ssa", options, choices=choices,
-                    notes={"constraint_grid": grid})
+        options = {"population": self.population, "iterations": self.iterations}
+        return Plan(ctx.model, criterion_scores(ctx, "l1", method=self.name), "ssa", options, choices=choices,
+                    notes={"constraint_grid": self.grid})
 
 
 @register_method
-class GradientPruning(Method):
+class GDP(Method):
     """GDP: gradient-based deep network pruning (Wang, Xu, Song, Zhang & Cai, J. Comput. Appl. 2020).
 
     The paper: the gradient is the basis for judging each weight's importance; weights whose gradients
@@ -115,6 +132,12 @@ class GradientPruning(Method):
     source = "Wang et al. 2020 (GDP)"
     default_budget = 60
 
+    def __init__(self, *, max_batches: int = 16) -> None:
+        """Args:
+        max_batches: training batches over which gradients are accumulated.
+        """
+        self.max_batches = check_int("max_batches", max_batches, minimum=1)
+
     def plan(self, ctx: MethodContext) -> Plan:
-        scores = criterion_scores(ctx, "gradient")
+        scores = criterion_scores(ctx, "gradient", max_batches=self.max_batches, method=self.name)
         return Plan(ctx.model, scores, "threshold", {"scores": [s.numpy() for s in scores], "rule": "adaptive"})

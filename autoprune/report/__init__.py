@@ -3,60 +3,84 @@ figures (``accuracy_macs.png``, ``channels.png``, ``search.png``) with a self-co
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
 
-from autoprune.io.artifact import write_json, write_text
+from autoprune.engine.result import PruneResult
+from autoprune.io.files import write_json, write_text
 
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:.3f} M"
 
 
-def markdown(report: dict[str, Any]) -> str:
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def markdown(result: PruneResult) -> str:
     """A short human-readable summary of one pruning run."""
-    b, p = report["base"], report["pruned"]
-    batches = list(b["latency_ms"])
+    from autoprune.report.html import finetune_text, model_name
+
+    b, p = result.base, result.pruned
+    batches = list(b.latency)
+    change = result.accuracy_change_points
     lines = [
-        f"# autoprune: {report['method']} on {report.get('model')} / {report.get('dataset')}",
+        f"# autoprune: {result.method} on {model_name(result)}",
         "",
-        f"Target: {report['target']}; method source: {report.get('source', '')}; seed {report['seed']}.",
+        f"Target: {result.target.describe()}. Method: {result.method} ({result.source}); seed {result.seed}.",
         "",
-        "| | accuracy (test) | params | MACs | size | " + " | ".join(f"latency b={x} (ms)" for x in batches) + " |",
+        f"| | {result.metric} | params | MACs | size | "
+        + " | ".join(f"latency b={x} (ms)" for x in batches) + " |",
         "|---|---|---|---|---|" + "---|" * len(batches),
     ]
     for name, side in (("base", b), ("pruned", p)):
-        lat = " | ".join(f"{side['latency_ms'][x]:.3f}" for x in batches)
-        lines.append(f"| {name} | {100 * side['accuracy']:.2f}% | {_mb(side['params'])} | {_mb(side['macs'])} | "
-                     f"{side['size_bytes'] / 1024:.1f} KiB | {lat} |")
-    red = report["reduction"]
-    speed = ", ".join(f"{report['speedup'][x]:.2f}x at batch {x}" for x in batches)
+        lat = " | ".join(f"{side.latency_ms(x):.3f}" for x in batches)
+        lines.append(f"| {name} | {_pct(side.accuracy)} | {_mb(side.params)} | {_mb(side.macs)} | "
+                     f"{(side.size_bytes or 0) / 1024:.1f} KiB | {lat} |")
+    red = result.reduction
+    speed = ", ".join(f"{result.speedup[x]['ratio']:.2f}x at batch {x}" for x in batches)
+    search = result.search
     lines += [
         "",
-        f"- Accuracy change: {report['accuracy_change_points']:+.2f} points "
-        f"(before fine-tuning: {100 * p['accuracy_before_finetune']:.2f}%).",
+        f"- {result.metric.capitalize()} change: "
+        + (f"{change:+.2f} points" if change is not None else "n/a")
+        + f" (before fine-tuning: {_pct(result.finetune.accuracy_before)}).",
         f"- MACs reduction {100 * red['macs']:.1f}%, params reduction {100 * red['params']:.1f}%, "
         f"file size reduction {100 * red.get('size', 0):.1f}%.",
-        f"- Measured speed-up: {speed} ({report['latency']['device']}, median of {report['latency']['repeats']} "
+        f"- Measured speed-up: {speed} ({result.latency_device}, median of {result.config.latency_repeats} "
         "interleaved runs).",
-        f"- Search: {report['search']['strategy']}, {report['search']['evaluations']} evaluations "
-        f"({report['search']['unique_evaluations']} unique) in {report['search']['seconds']:.1f} s; "
-        f"fine-tuning {report['finetune']['epochs']} epochs in {report['finetune']['seconds']:.1f} s.",
-        "",
-        "| layer | channels before | after |",
-        "|---|---|---|",
+        f"- Search: {search.strategy}, {search.evaluations} evaluations ({search.unique_evaluations} unique, "
+        f"{search.distinct_structures} distinct structures) in {search.seconds:.1f} s; fine-tuning: "
+        f"{finetune_text(result.finetune)}.",
     ]
-    lines += [f"| {row['name']} | {row['before']} | {row['after']} |" for row in report["layers"]]
+    lines += [f"- **Warning:** {w}" for w in result.warnings]
+    lines += ["", "| layer | channels before | after |", "|---|---|---|"]
+    lines += [f"| {w.name} | {w.before} | {w.after} |" for w in result.widths]
     return "\n".join(lines) + "\n"
 
 
-def write_reports(out: Path, report: dict[str, Any]) -> None:
+def write_reports(out: Path, result: PruneResult) -> None:
     """Write ``report.md``, the figures, ``report.html`` and last ``report.json`` into ``out`` atomically.
 
     ``report.json`` comes last, so its presence means the run's outputs are complete (``compare --resume``).
     """
     from autoprune.report.html import write_run_report  # matplotlib is imported only here
 
-    write_text(out / "report.md", markdown(report))
-    write_run_report(out, report)
-    write_json(out / "report.json", report)
+    write_text(out / "report.md", markdown(result))
+    write_run_report(out, result)
+    write_json(out / "report.json", result.to_json())
+
+
+def read_report(path: Path) -> PruneResult | None:
+    """A finished run's result from its ``report.json`` (None when absent or unreadable)."""
+    from autoprune.runs.job import read_history
+
+    file = path / "report.json"
+    if not file.exists():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        return PruneResult.from_json(data, read_history(path / "history.jsonl"))
+    except (OSError, ValueError):
+        return None

@@ -15,12 +15,14 @@ import datetime as _dt
 import html
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from autoprune.io.artifact import write_text
+from autoprune.engine.config import Target
+from autoprune.engine.result import FinetuneStats, PruneResult
+from autoprune.io.files import write_text
 from autoprune.report import plots
 
 log = logging.getLogger(__name__)
@@ -113,34 +115,19 @@ def facts_html(facts: Sequence[tuple[str, str]]) -> str:
                                            for v, k in facts) + "</div>"
 
 
-def history_scores(path: Path) -> list[float]:
-    """The ``score`` of every evaluation in a run's ``history.jsonl`` (stops at a line cut short)."""
-    scores: list[float] = []
-    if not path.exists():
-        return scores
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        value = row.get("score") if isinstance(row, dict) else None
-        scores.append(float(value) if isinstance(value, int | float) else -math.inf)
-    return scores
-
-
-def score_label(target: Mapping[str, Any]) -> str:
+def score_label(target: Target) -> str:
     """What the search score means for a run's target."""
-    if "max_drop_points" in target:
+    if target.max_drop is not None:
         return "best score so far (1 - relative MACs)"
-    return "best score so far (validation accuracy)"
+    return "best score so far (validation score)"
 
 
-def search_caption(target: Mapping[str, Any]) -> str:
+def search_caption(target: Target) -> str:
     """The caption of the search-progress figure."""
     meaning = ("1 minus the candidate's relative MACs, among candidates within the accuracy-drop limit"
-               if "max_drop_points" in target else
-               "the candidate's validation accuracy (minus a method's own penalty, e.g. sa's contrast loss), "
-               "among candidates within the MACs target")
+               if target.max_drop is not None else
+               "the candidate's validation score (minus a method's own penalty, e.g. sa's contrast loss), "
+               "among candidates within the target")
     return (f"Running maximum of the search score: {meaning}. A curve starts at the first candidate that "
             "meets the target; a method that evaluated a single candidate shows as one point.")
 
@@ -155,83 +142,97 @@ def _fmt_m(n: float) -> str:
 
 # ---- one pruning run ---------------------------------------------------------------------------
 
-def run_figures(report: Mapping[str, Any], scores: Sequence[float]) -> dict[str, bytes]:
+def run_figures(result: PruneResult) -> dict[str, bytes]:
     """The three figures of one pruning run, as PNG bytes by file name."""
-    method = report["method"]
-    base, pruned = report["base"], report["pruned"]
-    target = report.get("target", {})
-    target_macs = base["macs"] * (1 - target["macs_reduction"]) if "macs_reduction" in target else None
-    point = plots.AccuracyPoint(method, pruned["macs"], pruned["accuracy"], pruned.get("accuracy_before_finetune"))
+    base, pruned, target = result.base, result.pruned, result.target
+    target_macs = base.macs * (1 - target.macs_reduction) if target.macs_reduction is not None else None
+    point = plots.AccuracyPoint(result.method, pruned.macs, pruned.accuracy, result.finetune.accuracy_before)
     return {
         "accuracy_macs.png": plots.accuracy_vs_macs(
-            [point], plots.AccuracyPoint("unpruned", base["macs"], base["accuracy"]), target_macs=target_macs),
-        "channels.png": plots.channels_per_layer({method: report["layers"]}),
-        "search.png": plots.search_progress({method: scores}, ylabel=score_label(target)),
+            [point], plots.AccuracyPoint("unpruned", base.macs, base.accuracy), target_macs=target_macs),
+        "channels.png": plots.channels_per_layer({result.method: [asdict(w) for w in result.widths]}),
+        "search.png": plots.search_progress({result.method: [row.score for row in result.history]},
+                                            ylabel=score_label(target)),
     }
 
 
-def run_html(report: Mapping[str, Any], figures: Mapping[str, bytes]) -> str:
+def run_html(result: PruneResult, figures: Mapping[str, bytes]) -> str:
     """The self-contained HTML page of one pruning run."""
-    b, p = report["base"], report["pruned"]
-    batches = list(b["latency_ms"])
-    title = f"autoprune: {report['method']} on {report.get('model')} / {report.get('dataset')}"
-    red, search, ft = report["reduction"], report["search"], report["finetune"]
-    versions = ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items())
+    b, p = result.base, result.pruned
+    batches = list(b.latency)
+    title = f"autoprune: {result.method} on {model_name(result)}"
+    red, search, ft = result.reduction, result.search, result.finetune
+    versions = ", ".join(f"{k} {v}" for k, v in result.info.get("versions", {}).items())
+    change = result.accuracy_change_points
     parts = [
         f"<h1>{esc(title)}</h1>",
-        f"<p class=\"meta\">Method <b>{esc(report['method'])}</b>, after {esc(report.get('source', ''))}. "
-        f"Target: {esc(_target_text(report.get('target', {})))}; seed {esc(report.get('seed'))}.</p>",
-        f"<p class=\"meta\">Latency on {esc(report['latency']['device'])}, median of "
-        f"{esc(report['latency']['repeats'])} interleaved runs. {esc(versions)}</p>",
+        f"<p class=\"meta\">Method <b>{esc(result.method)}</b>, after {esc(result.source)}. "
+        f"Target: {esc(result.target.describe())}; seed {esc(result.seed)}.</p>",
+        f"<p class=\"meta\">Latency on {esc(result.latency_device)}, median of "
+        f"{esc(result.config.latency_repeats)} interleaved runs. {esc(versions)}</p>",
         facts_html([
-            (f"{report['accuracy_change_points']:+.2f} pts", "test accuracy change"),
+            (f"{change:+.2f} pts" if change is not None else "n/a", f"{result.metric} change"),
             (f"-{100 * red['macs']:.1f}%", "MACs"),
             (f"-{100 * red['params']:.1f}%", "parameters"),
             (f"-{100 * red.get('size', 0):.1f}%", "file size"),
-        ] + [(f"{report['speedup'][x]:.2f}x", f"speed-up at batch {x}") for x in batches]),
+        ] + [(f"{result.speedup[x]['ratio']:.2f}x", f"speed-up at batch {x}") for x in batches]),
         "<h2>Before and after</h2>",
     ]
-    headers = ["", "test accuracy", "params", "MACs", "size (KiB)"] + [f"latency b={x} (ms)" for x in batches]
+    headers = ["", result.metric, "params", "MACs", "size (KiB)"] + [f"latency b={x} (ms)" for x in batches]
     rows = []
     for name, side in (("unpruned", b), ("pruned", p)):
-        rows.append([(name, ""), (f"{100 * side['accuracy']:.2f}%", ""), (f"{side['params']:,}", ""),
-                     (f"{side['macs']:,}", ""), (f"{side['size_bytes'] / 1024:.1f}", "")]
-                    + [(f"{side['latency_ms'][x]:.3f}", "") for x in batches])
-    rows.append([("change", ""), (f"{report['accuracy_change_points']:+.2f} pts", ""),
+        rows.append([(name, ""), (_pct(side.accuracy), ""), (f"{side.params:,}", ""),
+                     (f"{side.macs:,}", ""), (f"{(side.size_bytes or 0) / 1024:.1f}", "")]
+                    + [(f"{side.latency_ms(x):.3f}", "") for x in batches])
+    rows.append([("change", ""), (f"{change:+.2f} pts" if change is not None else "n/a", ""),
                  (f"-{100 * red['params']:.1f}%", ""), (f"-{100 * red['macs']:.1f}%", ""),
                  (f"-{100 * red.get('size', 0):.1f}%", "")]
-                + [(f"{report['speedup'][x]:.2f}x faster", "") for x in batches])
+                + [(f"{result.speedup[x]['ratio']:.2f}x faster", "") for x in batches])
     parts.append(table(headers, rows))
-    parts.append(f"<p class=\"note\">Before fine-tuning the pruned model scored "
-                 f"{100 * p.get('accuracy_before_finetune', math.nan):.2f}% on the test split. Search: "
-                 f"{esc(search['strategy'])}, {search['evaluations']} evaluations ({search['unique_evaluations']} "
-                 f"unique, budget {search['budget']}) in {search['seconds']:.1f} s; fine-tuning "
-                 f"{_plural(ft['epochs'], 'epoch')} in {ft['seconds']:.1f} s.</p>")
+    parts.append(f"<p class=\"note\">Before fine-tuning the pruned model scored {_pct(ft.accuracy_before)}. "
+                 f"Search: {esc(search.strategy)}, {search.evaluations} evaluations ({search.unique_evaluations} "
+                 f"unique, {search.distinct_structures} distinct structures, budget {search.budget}) in "
+                 f"{search.seconds:.1f} s; fine-tuning: {esc(finetune_text(ft))}.</p>")
+    for warning in result.warnings:
+        parts.append(f'<p class="note"><b>Warning:</b> {esc(warning)}</p>')
     parts.append("<h2>Figures</h2>")
     captions = {
-        "accuracy_macs.png": "Test accuracy against MACs per image: the star is the unpruned model, the filled "
+        "accuracy_macs.png": "Accuracy against MACs per sample: the star is the unpruned model, the filled "
                              "dot the pruned and fine-tuned one, the hollow dot the pruned one before fine-tuning.",
         "channels.png": "Share of each prunable layer's channels that the search kept; labels give kept/unpruned.",
-        "search.png": search_caption(report.get("target", {})),
+        "search.png": search_caption(result.target),
     }
     for name, alt in FIGURES.items():
         if name in figures:
             parts.append(figure_html(figures[name], alt, captions[name]))
     parts.append("<h2>Channels per layer</h2>")
     parts.append(table(["layer", "channels before", "after", "kept"],
-                       [[(r["name"], ""), (str(r["before"]), ""), (str(r["after"]), ""),
-                         (f"{100 * r['after'] / max(r['before'], 1):.0f}%", "")] for r in report["layers"]]))
+                       [[(w.name, ""), (str(w.before), ""), (str(w.after), ""),
+                         (f"{100 * w.after / max(w.before, 1):.0f}%", "")] for w in result.widths]))
     parts.append("<details><summary>Configuration</summary><pre>"
-                 + esc(json.dumps(report.get("config", {}), indent=2)) + "</pre></details>")
+                 + esc(json.dumps(result.config.to_json(), indent=2)) + "</pre></details>")
     return page(title, "\n".join(parts))
 
 
-def _target_text(target: Mapping[str, Any]) -> str:
-    if "macs_reduction" in target:
-        return f"remove at least {100 * target['macs_reduction']:.0f}% of the MACs"
-    if "max_drop_points" in target:
-        return f"lose at most {target['max_drop_points']} accuracy points"
-    return str(dict(target))
+def model_name(result: PruneResult) -> str:
+    """``architecture / dataset`` of a result, as far as known."""
+    arch = result.info.get("architecture") or {}
+    name = arch.get("name") or arch.get("path") or arch.get("class") or "model"
+    dataset = (result.info.get("dataset") or {}).get("name")
+    return f"{name} / {dataset}" if dataset else str(name)
+
+
+def finetune_text(ft: FinetuneStats) -> str:
+    """How the model was fine-tuned, in words."""
+    if ft.custom:
+        return f"the caller's own loop ({ft.seconds:.1f} s)"
+    if ft.epochs == 0:
+        return "none"
+    return f"{_plural(ft.epochs, 'epoch')} in {ft.seconds:.1f} s"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
 def write_figures(out: Path, figures: Mapping[str, bytes]) -> None:
@@ -240,18 +241,18 @@ def write_figures(out: Path, figures: Mapping[str, bytes]) -> None:
         plots.write_png(out / name, png)
 
 
-def write_run_report(out: Path, report: Mapping[str, Any]) -> None:
+def write_run_report(out: Path, result: PruneResult) -> None:
     """Draw one run's figures and write them, with its ``report.html``, into ``out`` (all atomic).
 
     A figure that cannot be drawn is logged and left out; the rest of the report is still written.
     """
     figures: dict[str, bytes] = {}
     try:
-        figures = run_figures(report, history_scores(out / "history.jsonl"))
+        figures = run_figures(result)
     except Exception as exc:  # a broken figure must not cost a finished pruning run its report
         log.warning("could not draw the figures of %s: %s", out, exc, exc_info=log.isEnabledFor(logging.DEBUG))
     write_figures(out, figures)
-    write_text(out / "report.html", run_html(report, figures))
+    write_text(out / "report.html", run_html(result, figures))
 
 
 # ---- a comparison ------------------------------------------------------------------------------
@@ -277,7 +278,7 @@ def comparison_html(summary: Mapping[str, Any], headers: Sequence[str], rows: Se
     parts = [
         f"<h1>{esc(title)}</h1>",
         f"<p class=\"meta\">Model <b>{esc(summary.get('model'))}</b> on <b>{esc(summary.get('dataset'))}</b>; "
-        f"target: {esc(_target_text(summary.get('target', {})))}; budget: {esc(summary.get('budget_text', ''))}; "
+        f"target: {esc(summary.get('target_text', ''))}; budget: {esc(summary.get('budget_text', ''))}; "
         f"fine-tuning: {esc(_plural(summary.get('finetune_epochs'), 'epoch'))}; seed {esc(summary.get('seed'))}.</p>",
         f"<p class=\"meta\">Methods: {esc(', '.join(e['method'] for e in entries))}. Latency on "
         f"{esc(summary.get('latency_device', 'n/a'))}. {esc(versions)}</p>",
@@ -306,7 +307,7 @@ def comparison_html(summary: Mapping[str, Any], headers: Sequence[str], rows: Se
                              "(hollow); the star is the unpruned model, the dashed line the MACs target.",
         "channels.png": "Share of each prunable layer's channels kept by each method (x labels give the "
                         "unpruned channel count).",
-        "search.png": search_caption(summary.get("target", {})),
+        "search.png": search_caption(Target.from_json(summary["target"])),
     }
     for name, alt in FIGURES.items():
         if name in figures:

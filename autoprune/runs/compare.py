@@ -1,54 +1,45 @@
 """Side-by-side comparison of pruning methods on the same model, data, budget and fine-tuning schedule.
 
 :func:`run_comparison` prunes one trained model with several methods, one after another, each by
-:func:`autoprune.runs.pipeline.prune_model` with the same :class:`~autoprune.runs.pipeline.PruneConfig` except
-``method`` (same seed, same evaluation budget or each method's default, same fine-tuning), each into
-its own sub-directory ``OUT/<method>/`` with its complete artifacts. A method that fails is recorded
-with its one-line error and the others go on. A ``--method-option`` goes to the methods that read it.
-The comparison directory holds:
+:func:`autoprune.api.execute` with the same :class:`~autoprune.engine.config.PruneConfig` except the method
+(same seed, same evaluation budget or each method's default, same fine-tuning), each into its own run
+directory ``OUT/<method>/`` with its complete artifacts. A method that fails is recorded with its one-line
+error and the others go on. A method option goes to the methods whose constructor takes it. The
+comparison directory (locked while the comparison runs) holds:
 
 * ``compare_run.json``: methods, configuration and data, written before any long work (``--resume``);
 * ``compare.json`` and ``compare.md``: the table, rewritten after every method;
 * ``accuracy_macs.png``, ``channels.png``, ``search.png`` and the self-contained ``report.html``.
 
-Resuming skips the methods that finished (their ``report.json`` exists), resumes an interrupted one
-from its own ``run.json`` / ``history.jsonl`` (``prune_model(resume=True)``) and retries failed ones.
-
-The table: per method, test accuracy and its change, parameter / MACs reduction, file size, measured
-speed-up at batch 1 and at the large batch, search and fine-tuning time, evaluations. The best value
-of each column is marked (ties at the displayed precision share the mark; a column where every row
-ties has none).
+Resuming skips the methods that finished (their ``report.json`` exists), resumes an interrupted one from
+its own run directory and retries failed ones.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 import autoprune
-from autoprune.report import html as html_report
-from autoprune.report import plots
-from autoprune.io.artifact import write_json, write_text
-from autoprune.data import Splits
+from autoprune.engine.callbacks import Callback
+from autoprune.engine.config import PruneConfig
+from autoprune.engine.prune import Data
+from autoprune.engine.result import PruneResult
 from autoprune.errors import AutopruneError, Interrupted
-from autoprune.methods import create_method, method_names
-from autoprune.models import NormalizedModel
-from autoprune.runs.pipeline import (
-    PruneConfig,
-    SearchInterrupted,
-    check_reachable,
-    prepare_output,
-    prune_model,
-    pruning_space,
-)
+from autoprune.io.files import write_json, write_text
+from autoprune.methods import METHODS, create_method, method_names
+from autoprune.registry import coerce_options, option_defaults
+from autoprune.report import html as html_report
+from autoprune.report import plots, read_report
+from autoprune.runs.lock import clear_directory, lock_output
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +48,7 @@ RUN_FILE = "compare_run.json"
 DEFAULT_ORDER = ("otp", "pso", "sa", "ssa", "gdp", "l1", "global", "slim", "random")
 
 
-class ComparisonInterrupted(SearchInterrupted):
+class ComparisonInterrupted(Interrupted):
     """The comparison was stopped on request; ``--resume`` continues it."""
 
 
@@ -76,69 +67,63 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
         AutopruneError: an unknown or repeated name, or an empty list.
     """
     items = methods.split(",") if isinstance(methods, str) else list(methods)
-    names = [m.strip() for m in items if m.strip()]
+    names = [m.strip() for m in items if isinstance(m, str) and m.strip()]
     if not names:
         raise AutopruneError(f"--methods is empty; give comma-separated names from: {', '.join(all_methods())} "
                              "(or all)")
     if names == ["all"]:
         return all_methods()
-    valid = set(method_names())
     seen: set[str] = set()
     for name in names:
-        if name not in valid:
+        if name not in METHODS:
             raise AutopruneError(f"unknown method {name!r} in --methods; valid methods: "
-                                 f"{', '.join(sorted(valid))} (or all)")
+                                 f"{', '.join(method_names())} (or all)")
         if name in seen:
             raise AutopruneError(f"method {name!r} is listed twice in --methods")
         seen.add(name)
     return names
 
 
-def _option_types(method: str) -> dict[str, type] | None:
-    return getattr(create_method(method), "option_types", None)
-
-
 def options_for(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``--method-option`` entries that ``method`` reads (all of them if it does not declare its options)."""
-    known = _option_types(method)
-    return dict(options) if known is None else {k: v for k, v in options.items() if k in known}
+    """The options that ``method``'s constructor takes."""
+    known = option_defaults(METHODS.get(method))
+    return {k: v for k, v in options.items() if k in known}
 
 
 def check_options(methods: Sequence[str], options: Mapping[str, Any]) -> None:
-    """Every option must be read by at least one compared method, with a value valid for each that reads it.
+    """Every option must be taken by at least one compared method, with a value valid for each that takes it.
 
     Raises:
-        AutopruneError: an option no compared method reads, or a value of the wrong type.
+        AutopruneError: an option no compared method takes, or a bad value.
     """
     for key, value in options.items():
         readers = [m for m in methods if key in options_for(m, {key: value})]
         if not readers:
-            raise AutopruneError(f"--method-option {key!r} is read by none of the compared methods "
-                                 f"({', '.join(methods)}); check its spelling (`autoprune methods` lists them)")
+            raise AutopruneError(f"method option {key!r} is taken by none of the compared methods "
+                                 f"({', '.join(methods)}); `autoprune methods` lists each method's options")
         for m in readers:
-            method = create_method(m)
-            if hasattr(method, "check_options"):
-                method.check_options({key: value})
-
-
-def check_target(model: NormalizedModel, splits: Splits, config: PruneConfig) -> None:
-    """Fail early (before any method runs) if the MACs target cannot be met at the minimum widths."""
-    check_reachable(pruning_space(model, splits, config), config)
+            create_method(m, coerce_options(METHODS.get(m), {key: value}, f"method {m!r}"))
 
 
 def prepare_comparison(out: Path, *, force: bool, resume: bool) -> None:
-    """Check (resume) or create (refusing to overwrite without ``force``) the comparison directory."""
+    """Check (resume) or clear (refusing to overwrite without ``force``) the locked comparison directory."""
     if resume:
         if not (out / RUN_FILE).exists():
             raise AutopruneError(f"nothing to resume in {str(out)!r}: it has no {RUN_FILE} (was it made by "
                                  "`autoprune compare --out`?)")
         return
-    prepare_output(out, force=force, resume=False)
+    if any(p.name != ".autoprune.lock" for p in out.iterdir()):
+        if not force:
+            raise AutopruneError(f"output directory {str(out)!r} already exists and is not empty; pass --force "
+                                 "to overwrite it, --resume to continue it, or choose another --out")
+        clear_directory(out, keep=(".autoprune.lock",))
 
 
 def load_comparison_run(out: Path) -> dict[str, Any]:
     """The saved inputs of a comparison (``compare_run.json``), for ``--resume``."""
-    prepare_comparison(out, force=False, resume=True)
+    if not (out / RUN_FILE).exists():
+        raise AutopruneError(f"nothing to resume in {str(out)!r}: it has no {RUN_FILE} (was it made by "
+                             "`autoprune compare --out`?)")
     try:
         saved = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
         saved["config"] = PruneConfig.from_json(saved["config"])
@@ -158,7 +143,7 @@ class MethodResult:
     Attributes:
         method: its name.
         status: ``ok``, ``failed``, ``interrupted`` or ``pending`` (not started).
-        report: its report (``ok`` only).
+        result: its result (``ok`` only).
         error: the one-line error (``failed`` / ``interrupted``).
         skipped: finished in an earlier run and skipped on resume.
         resumed: continued from an interrupted earlier attempt.
@@ -167,7 +152,7 @@ class MethodResult:
 
     method: str
     status: str
-    report: dict[str, Any] | None = None
+    result: PruneResult | None = None
     error: str | None = None
     skipped: bool = False
     resumed: bool = False
@@ -182,95 +167,100 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _finished_report(sub: Path) -> dict[str, Any] | None:
-    path = sub / "report.json"
-    if not path.exists():
-        return None
+@dataclass
+class Comparison:
+    """What a comparison runs on: the model, its example inputs and data, and what to write down."""
+
+    model: nn.Module
+    example_inputs: Any
+    data: Data
+    device: torch.device
+    info: dict[str, Any]
+    invocation: dict[str, Any]
+    title: str | None = None
+
+
+def _run_one(comparison: Comparison, config: PruneConfig, method: str, sub: Path, *, resume: bool,
+             callbacks: Sequence[Callback], progress: bool) -> MethodResult:
+    from autoprune.api import execute
+
+    again = resume and (sub / "run.json").exists()
+    started = time.perf_counter()
+    own = config.replace(method=method, method_options=options_for(method, config.method_options))
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
+        method_obj = create_method(method, coerce_options(METHODS.get(method), own.method_options,
+                                                          f"method {method!r}"))
+        own = own.replace(method_options=method_obj.options)
+        result = execute(comparison.model, comparison.example_inputs, own, method_obj, comparison.data,
+                         device=comparison.device, callbacks=callbacks, out=sub, resume=again, force=not again,
+                         progress=progress, info=comparison.info, invocation=comparison.invocation)
+    except Interrupted:
+        raise
+    except Exception as exc:  # one method's failure must not end the comparison
+        log.debug("method %s failed", method, exc_info=True)
+        return MethodResult(method, "failed", error=one_line(exc), resumed=again,
+                            seconds=time.perf_counter() - started)
+    return MethodResult(method, "ok", result=result, resumed=again, seconds=time.perf_counter() - started)
 
 
-def run_comparison(model: NormalizedModel, spec: dict[str, Any], splits: Splits, config: PruneConfig,
-                   methods: Sequence[str], out: Path, *, device: torch.device, progress: bool = True,
-                   resume: bool = False, stop_requested: Callable[[], bool] | None = None,
-                   invocation: dict[str, Any] | None = None, title: str | None = None,
-                   on_start: Callable[[str, int, int], None] | None = None,
+def run_comparison(comparison: Comparison, config: PruneConfig, methods: Sequence[str], out: Path, *,
+                   force: bool = False, resume: bool = False, callbacks: Sequence[Callback] = (),
+                   progress: bool = False, on_start: Callable[[str, int, int], None] | None = None,
                    on_done: Callable[[MethodResult], None] | None = None) -> dict[str, Any]:
-    """Prune ``model`` with every method in ``methods`` into ``out/<method>/`` and write the comparison.
-
-    ``out`` must have been prepared by :func:`prepare_comparison`. Every method gets a fresh copy of
-    ``model`` and ``config`` with only ``method`` changed (and the method options cut to those it reads).
-
-    Args:
-        on_start: called as ``on_start(method, index, total)`` before a method runs.
-        on_done: called with each method's :class:`MethodResult` (also for skipped ones).
+    """Prune with every method in ``methods`` into ``out/<method>/`` and write the comparison.
 
     Returns:
         The comparison summary (``compare.json``'s content).
 
     Raises:
-        ComparisonInterrupted: ``stop_requested()`` became true; ``out`` can be resumed.
+        ComparisonInterrupted: a callback asked to stop; ``out`` can be resumed.
     """
     methods = parse_methods(methods)
     check_options(methods, config.method_options)
+    with lock_output(out, kind="directory"):
+        prepare_comparison(out, force=force, resume=resume)
+        if not resume:
+            write_json(out / RUN_FILE, {"methods": methods, "config": config.to_json(), "title": comparison.title,
+                                        "invocation": comparison.invocation, "info": comparison.info})
+        return _run_methods(comparison, config, methods, out, resume=resume, callbacks=callbacks,
+                            progress=progress, on_start=on_start, on_done=on_done)
+
+
+def _run_methods(comparison: Comparison, config: PruneConfig, methods: list[str], out: Path, *, resume: bool,
+                 callbacks: Sequence[Callback], progress: bool, on_start: Callable[[str, int, int], None] | None,
+                 on_done: Callable[[MethodResult], None] | None) -> dict[str, Any]:
     started = time.perf_counter()
-    meta = {"title": title, "model": spec.get("model"), "dataset": splits.info.name,
-            "invocation": dict(invocation or {})}
-    if not resume:
-        write_json(out / RUN_FILE, {"methods": methods, "config": config.to_json(), "invocation": meta["invocation"],
-                                    "title": title, "spec": spec})
     results: dict[str, MethodResult] = {}
 
-    def current(complete: bool = False) -> dict[str, Any]:
-        return summarize(results, methods, config, meta=meta, seconds=time.perf_counter() - started,
+    def summary(complete: bool = False) -> dict[str, Any]:
+        return summarize(results, methods, config, comparison, seconds=time.perf_counter() - started,
                          complete=complete)
 
-    def finish(result: MethodResult) -> None:
-        results[result.method] = result
-        if on_done is not None:
-            on_done(result)
-        write_tables(out, current())
-
-    def interrupt(where: str) -> None:
-        write_comparison(out, current(), results)
-        raise ComparisonInterrupted(f"comparison {where}; continue with `autoprune compare --resume {out}`")
-
     for i, method in enumerate(methods):
-        sub = out / method
-        if resume:
-            report = _finished_report(sub)
-            if report is not None:
-                finish(MethodResult(method, "ok", report=report, skipped=True))
-                continue
-        if stop_requested is not None and stop_requested():
-            interrupt(f"stopped before {method}")
-        if on_start is not None:
-            on_start(method, i, len(methods))
-        again = resume and (sub / "run.json").exists()
-        t0 = time.perf_counter()
-        try:
-            if not again:
-                prepare_output(sub, force=True, resume=False)
-            own = replace(config, method=method, method_options=options_for(method, config.method_options))
-            report = prune_model(copy.deepcopy(model), spec, splits, own, sub,
-                                 device=device, progress=progress, resume=again, stop_requested=stop_requested,
-                                 invocation=meta["invocation"])
-        except Interrupted:  # Ctrl-C during the search or a training phase: resumable
-            results[method] = MethodResult(method, "interrupted", error="interrupted; resume to continue",
-                                           resumed=again, seconds=time.perf_counter() - t0)
-            interrupt(f"interrupted during {method}")
-        except Exception as exc:  # one method's failure must not end the comparison
-            log.debug("method %s failed", method, exc_info=True)
-            finish(MethodResult(method, "failed", error=one_line(exc), resumed=again,
-                                seconds=time.perf_counter() - t0))
-            continue
-        finish(MethodResult(method, "ok", report=report, resumed=again, seconds=time.perf_counter() - t0))
-
-    summary = current(complete=True)
-    write_comparison(out, summary, results)
-    return summary
+        finished = read_report(out / method) if resume else None
+        if finished is not None:
+            results[method] = MethodResult(method, "ok", result=finished, skipped=True)
+        else:
+            if any(c.should_stop() for c in callbacks):
+                write_comparison(out, summary(), results)
+                raise ComparisonInterrupted(f"comparison stopped before {method}; continue with "
+                                            f"`autoprune compare --resume {out}`")
+            if on_start is not None:
+                on_start(method, i, len(methods))
+            try:
+                results[method] = _run_one(comparison, config, method, out / method, resume=resume,
+                                           callbacks=callbacks, progress=progress)
+            except Interrupted as exc:
+                results[method] = MethodResult(method, "interrupted", error="interrupted; resume to continue")
+                write_comparison(out, summary(), results)
+                raise ComparisonInterrupted(f"comparison interrupted during {method}; continue with "
+                                            f"`autoprune compare --resume {out}`") from exc
+        if on_done is not None:
+            on_done(results[method])
+        write_tables(out, summary())
+    final = summary(complete=True)
+    write_comparison(out, final, results)
+    return final
 
 
 # ---- the summary -------------------------------------------------------------------------------
@@ -282,25 +272,25 @@ def entry(result: MethodResult) -> dict[str, Any]:
         row["skipped"] = True
     if result.resumed:
         row["resumed"] = True
-    if result.status != "ok" or result.report is None:
+    if result.status != "ok" or result.result is None:
         if result.error:
             row["error"] = result.error
         return row
-    r = result.report
-    search, plan_s = r["search"], r["search"].get("plan_seconds", 0.0)
+    r = result.result
+    search, red = r.search, r.reduction
     row.update({
-        "source": r.get("source", ""),
-        "accuracy": r["pruned"]["accuracy"],
-        "accuracy_before_finetune": r["pruned"].get("accuracy_before_finetune"),
-        "accuracy_change_points": r["accuracy_change_points"],
-        "params": r["pruned"]["params"], "macs": r["pruned"]["macs"], "size_bytes": r["pruned"]["size_bytes"],
-        "params_reduction": r["reduction"]["params"], "macs_reduction": r["reduction"]["macs"],
-        "size_reduction": r["reduction"].get("size"),
-        "speedup": dict(r["speedup"]),
-        "search_seconds": round(plan_s + search["seconds"], 3), "plan_seconds": plan_s,
-        "finetune_seconds": r["finetune"]["seconds"], "finetune_epochs": r["finetune"]["epochs"],
-        "evaluations": search["evaluations"], "unique_evaluations": search.get("unique_evaluations"),
-        "budget": search["budget"], "seconds": r.get("seconds"),
+        "source": r.source,
+        "accuracy": r.pruned.accuracy,
+        "accuracy_before_finetune": r.finetune.accuracy_before,
+        "accuracy_change_points": r.accuracy_change_points,
+        "params": r.pruned.params, "macs": r.pruned.macs, "size_bytes": r.pruned.size_bytes,
+        "params_reduction": red["params"], "macs_reduction": red["macs"], "size_reduction": red.get("size"),
+        "speedup": {b: s["ratio"] for b, s in r.speedup.items()},
+        "search_seconds": round(search.plan_seconds + search.seconds, 3), "plan_seconds": search.plan_seconds,
+        "finetune_seconds": r.finetune.seconds, "finetune_epochs": r.finetune.epochs,
+        "evaluations": search.evaluations, "unique_evaluations": search.unique_evaluations,
+        "distinct_structures": search.distinct_structures, "spread": search.spread,
+        "budget": search.budget, "seconds": r.seconds, "warnings": list(r.warnings),
     })
     return row
 
@@ -308,43 +298,43 @@ def entry(result: MethodResult) -> dict[str, Any]:
 def _budget_text(config: PruneConfig, methods: Sequence[str]) -> str:
     if config.budget is not None:
         return f"{config.budget} candidate evaluations for every method"
-    defaults = ", ".join(f"{m} {create_method(m).default_budget}" for m in methods)
+    defaults = ", ".join(f"{m} {METHODS.get(m).default_budget}" for m in methods)
     return f"each method's own default ({defaults})"
 
 
-def summarize(results: Mapping[str, MethodResult], methods: Sequence[str], config: PruneConfig, *,
-              meta: Mapping[str, Any] | None = None, seconds: float = 0.0, complete: bool = False) -> dict[str, Any]:
-    """The content of ``compare.json`` for the results so far (methods not yet run are ``pending``).
-
-    ``meta`` may give ``title``, ``model`` and ``dataset`` names and the ``invocation`` (model file, data).
-    """
-    meta = meta or {}
+def summarize(results: Mapping[str, MethodResult], methods: Sequence[str], config: PruneConfig,
+              comparison: Comparison | None = None, *, seconds: float = 0.0,
+              complete: bool = False) -> dict[str, Any]:
+    """The content of ``compare.json`` for the results so far (methods not yet run are ``pending``)."""
     entries = [entry(results.get(m) or MethodResult(m, "pending")) for m in methods]
-    reports = [results[m].report for m in methods if m in results and results[m].report is not None]
-    first = reports[0] if reports else None
-    batches = [str(b) for b in (first["latency"]["batch_sizes"] if first else (1, config.latency_batch))]
-    summary: dict[str, Any] = {
-        "title": meta.get("title"),
-        "model": first.get("model") if first else meta.get("model"),
-        "dataset": first.get("dataset") if first else meta.get("dataset"),
-        "target": ({"macs_reduction": config.macs_reduction} if config.macs_reduction is not None
-                   else {"max_drop_points": config.max_drop}),
+    done = [results[m].result for m in methods if m in results and results[m].result is not None]
+    first = done[0] if done else None
+    batches = list(first.base.latency) if first else [str(b) for b in sorted({1, config.latency_batch})]
+    info = comparison.info if comparison else (first.info if first else {})
+    architecture = (info.get("architecture") or {})
+    return {
+        "title": comparison.title if comparison else None,
+        "model": architecture.get("name") or architecture.get("path") or architecture.get("class"),
+        "dataset": (info.get("dataset") or {}).get("name"),
+        "target": config.target.to_json(),
+        "target_text": config.target.describe(),
         "budget": config.budget,
         "budget_text": _budget_text(config, methods),
-        "finetune_epochs": config.finetune.epochs,
+        "finetune_epochs": config.finetune.epochs if config.finetune else 0,
         "seed": config.seed,
-        "base": ({k: first["base"][k] for k in ("accuracy", "params", "macs", "size_bytes")} if first else None),
-        "latency_device": first["latency"]["device"] if first else None,
+        "metric": first.metric if first else "accuracy",
+        "base": ({"accuracy": first.base.accuracy, "params": first.base.params, "macs": first.base.macs,
+                  "size_bytes": first.base.size_bytes} if first else None),
+        "latency_device": first.latency_device if first else None,
         "latency_batch_sizes": batches,
         "methods": entries,
         "best": best_methods(entries, columns(batches)),
         "complete": complete,
         "seconds": round(seconds, 3),
-        "invocation": dict(meta.get("invocation") or {}),
+        "invocation": dict(comparison.invocation) if comparison else {},
         "config": config.to_json(),
         "versions": {"autoprune": autoprune.__version__, "torch": torch.__version__},
     }
-    return summary
 
 
 # ---- the table ---------------------------------------------------------------------------------
@@ -481,13 +471,6 @@ def _errors(summary: Mapping[str, Any]) -> list[str]:
             if e.get("status") != "ok"]
 
 
-def _target(summary: Mapping[str, Any]) -> str:
-    t = summary.get("target", {})
-    if t.get("macs_reduction") is not None:
-        return f"MACs reduction >= {t['macs_reduction']}"
-    return f"accuracy drop <= {t.get('max_drop_points')} points"
-
-
 def terminal_table(summary: Mapping[str, Any]) -> str:
     """The table as aligned plain text: best values carry a ``*``; errors listed below."""
     table = comparison_table(summary)
@@ -509,7 +492,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
     table = comparison_table(summary)
     title = summary.get("title") or f"autoprune comparison: {summary.get('model')} / {summary.get('dataset')}"
     lines = [f"# {title}", "",
-             f"Model {summary.get('model')} on {summary.get('dataset')}; target: {_target(summary)}; "
+             f"Model {summary.get('model')} on {summary.get('dataset')}; target: {summary.get('target_text', '')}; "
              f"fine-tuning epochs {summary.get('finetune_epochs')}; seed {summary.get('seed')}; latency on "
              f"{summary.get('latency_device') or 'n/a'}."
              + ("" if summary.get("complete") else " **Incomplete: resume with `autoprune compare --resume`.**"),
@@ -534,34 +517,32 @@ def write_tables(out: Path, summary: Mapping[str, Any]) -> None:
     write_text(out / "compare.md", markdown(summary))
 
 
-def comparison_figures(summary: Mapping[str, Any], reports: Mapping[str, Mapping[str, Any]],
-                       histories: Mapping[str, Sequence[float]]) -> dict[str, bytes]:
-    """The comparison's three figures (PNG bytes by file name) from the finished methods' reports."""
+def comparison_figures(summary: Mapping[str, Any], results: Mapping[str, PruneResult]) -> dict[str, bytes]:
+    """The comparison's three figures (PNG bytes by file name) from the finished methods' results."""
     base = summary.get("base")
-    target = summary.get("target", {})
-    points = [plots.AccuracyPoint(m, r["pruned"]["macs"], r["pruned"]["accuracy"],
-                                  r["pruned"].get("accuracy_before_finetune")) for m, r in reports.items()]
-    target_macs = (base["macs"] * (1 - target["macs_reduction"])
-                   if base and target.get("macs_reduction") is not None else None)
+    target = next(iter(results.values())).target
+    points = [plots.AccuracyPoint(m, r.pruned.macs, r.pruned.accuracy, r.finetune.accuracy_before)
+              for m, r in results.items()]
+    target_macs = base["macs"] * (1 - target.macs_reduction) if base and target.macs_reduction is not None else None
     return {
         "accuracy_macs.png": plots.accuracy_vs_macs(
             points, plots.AccuracyPoint("unpruned", base["macs"], base["accuracy"]) if base else None,
             target_macs=target_macs),
-        "channels.png": plots.channels_per_layer({m: r["layers"] for m, r in reports.items()}),
-        "search.png": plots.search_progress(histories, ylabel=html_report.score_label(target)),
+        "channels.png": plots.channels_per_layer({m: [asdict(w) for w in r.widths] for m, r in results.items()}),
+        "search.png": plots.search_progress({m: [row.score for row in r.history] for m, r in results.items()},
+                                            ylabel=html_report.score_label(target)),
     }
 
 
 def write_comparison(out: Path, summary: Mapping[str, Any], results: Mapping[str, MethodResult]) -> None:
     """Write the tables, the figures and ``report.html`` of a comparison (all atomic)."""
     write_tables(out, summary)
-    reports = {e["method"]: results[e["method"]].report for e in summary["methods"]
-               if e["status"] == "ok" and results[e["method"]].report is not None}
-    histories = {m: html_report.history_scores(out / m / "history.jsonl") for m in reports}
+    finished = {e["method"]: results[e["method"]].result for e in summary["methods"]
+                if e["status"] == "ok" and results[e["method"]].result is not None}
     figures: dict[str, bytes] = {}
-    if reports:
+    if finished:
         try:
-            figures = comparison_figures(summary, reports, histories)
+            figures = comparison_figures(summary, finished)  # type: ignore[arg-type]
         except Exception as exc:  # the tables are written; a broken figure must not hide them
             log.warning("could not draw the comparison figures: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
     html_report.write_figures(out, figures)

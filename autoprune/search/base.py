@@ -9,50 +9,23 @@ resumed by replaying its history into a fresh strategy (:func:`replay`), then ru
 from __future__ import annotations
 
 import inspect
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import numpy as np
 
-from autoprune.errors import AutopruneError, unknown_name
+from autoprune.checks import check_float, check_int
+from autoprune.errors import AutopruneError
+from autoprune.registry import Registry
 from autoprune.search.problem import Fitness, Problem
 
-STRATEGIES: dict[str, type[Strategy]] = {}
-
-_S = TypeVar("_S", bound="type[Strategy]")
+__all__ = ["STRATEGIES", "SearchResult", "Strategy", "check_float", "check_int", "create_strategy",
+           "register_strategy", "replay", "run_search", "strategy_names"]
 
 #: How far a told candidate may be from the asked one (a float32 or text round trip) before tell() refuses.
 _MATCH_ATOL = 1e-6
-
-
-def check_int(name: str, value: object, *, minimum: int) -> int:
-    """Return ``value`` if it is an integer ``>= minimum``, else raise an :class:`AutopruneError`."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise AutopruneError(f"option {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_float(
-    name: str,
-    value: object,
-    *,
-    low: float,
-    high: float = math.inf,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> float:
-    """Return ``value`` as a float if it is finite and in the stated interval, else raise an AutopruneError."""
-    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    number = float(value) if is_number else math.nan  # type: ignore[arg-type]
-    above = number > low if low_open else number >= low
-    below = number < high if high_open else number <= high
-    if not (math.isfinite(number) and above and below):
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise AutopruneError(f"option {name} must be a number in {interval}, got {value!r}")
-    return number
 
 
 class Strategy(ABC):
@@ -190,22 +163,18 @@ class Strategy(ABC):
         return self._evaluations
 
 
-def register_strategy(name: str) -> Callable[[_S], _S]:
+#: Every search strategy by name.
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
+
+
+def register_strategy(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
     """Class decorator: register a :class:`Strategy` subclass under ``name``."""
-
-    def decorate(cls: _S) -> _S:
-        if name in STRATEGIES:
-            raise ValueError(f"strategy {name!r} is already registered by {STRATEGIES[name].__name__}")
-        cls.name = name
-        STRATEGIES[name] = cls
-        return cls
-
-    return decorate
+    return STRATEGIES.register(name)
 
 
 def strategy_names() -> list[str]:
     """The registered strategy names, sorted."""
-    return sorted(STRATEGIES)
+    return STRATEGIES.names()
 
 
 def create_strategy(name: str | type[Strategy], problem: Problem, *, seed: int = 0, **options: Any) -> Strategy:
@@ -214,20 +183,7 @@ def create_strategy(name: str | type[Strategy], problem: Problem, *, seed: int =
     Raises:
         AutopruneError: for an unknown name, an unknown option, or a bad option value.
     """
-    if isinstance(name, type) and issubclass(name, Strategy):
-        cls = name
-    elif isinstance(name, str) and name in STRATEGIES:
-        cls = STRATEGIES[name]
-    else:
-        raise unknown_name("strategy", str(name), strategy_names())
-    valid = cls.defaults()
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise AutopruneError(
-            f"unknown option(s) {', '.join(unknown)} for strategy {cls.name!r}; "
-            f"valid options: {', '.join(sorted(valid)) or 'none'}"
-        )
-    return cls(problem, seed=seed, **options)
+    return STRATEGIES.create(name, problem, seed=seed, **options)
 
 
 def replay(strategy: Strategy, history: Sequence[Sequence[Any]]) -> int:
@@ -274,17 +230,22 @@ class SearchResult:
 
 def run_search(
     strategy: Strategy,
-    evaluate: Callable[[np.ndarray], Fitness],
+    evaluate: Callable[[np.ndarray], Fitness] | None = None,
     *,
     budget: int,
     on_result: Callable[[np.ndarray, Fitness, float], None] | None = None,
+    evaluate_batch: Callable[[list[np.ndarray]], list[Fitness]] | None = None,
 ) -> SearchResult:
     """The reference loop: ask, evaluate (at most ``budget`` candidates in all), tell, until done.
 
-    ``on_result(x, fitness, score)`` is called after every evaluation (progress bars, history). If
-    ``evaluate`` raises, what was evaluated of the batch is still told before the error propagates.
+    Candidates are evaluated one at a time by ``evaluate(x)``, or a whole ask at once by
+    ``evaluate_batch(xs)`` (results in the order asked: a parallel executor). ``on_result(x, fitness,
+    score)`` is called after every evaluation, in ask order (progress bars, history). If evaluation or
+    ``on_result`` raises, the results recorded so far are still told before the error propagates.
     """
     budget = check_int("budget", budget, minimum=0)
+    if (evaluate is None) == (evaluate_batch is None):
+        raise AutopruneError("run_search needs exactly one of evaluate= and evaluate_batch=")
     history: list[tuple[np.ndarray, Fitness, float]] = []
     while not strategy.done and len(history) < budget:
         xs = strategy.ask()
@@ -293,8 +254,9 @@ def run_search(
         xs = xs[: budget - len(history)]
         results: list[Fitness] = []
         try:
-            for x in xs:
-                fitness = evaluate(x.copy())
+            pending = evaluate_batch([x.copy() for x in xs]) if evaluate_batch is not None else None
+            for j, x in enumerate(xs):
+                fitness = pending[j] if pending is not None else evaluate(x.copy())  # type: ignore[misc]
                 if not isinstance(fitness, Fitness):
                     raise AutopruneError(f"evaluate must return a Fitness, got {type(fitness).__name__}")
                 score = strategy.problem.score(x, fitness)

@@ -1,0 +1,190 @@
+"""What the engine assumes about a model's inputs and a loader's batches, and nothing more.
+
+A model takes ``inputs``: one tensor, or a tuple/list of tensors passed as positional arguments
+(``model(*inputs)``). A loader is any iterable of ``(inputs, targets)`` batches, e.g. a PyTorch
+``DataLoader``; the first dimension of every tensor is the batch. No assumption is made on ranges or
+normalisation: the loaders give what the model eats.
+
+Loaders are iterated in "passes" identified by a key (a fine-tuning epoch, the calibration pass...):
+before each pass the global torch RNG is seeded from ``(seed, key)`` and, when the loader (or its
+sampler) has ``set_epoch``, as ``DistributedSampler`` and autoprune's own loaders do, that is called
+with the key. A shuffled ``DataLoader`` then yields the same batches for the same key in every run,
+so an interrupted run that resumes at epoch 3 sees what an uninterrupted one saw.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from autoprune.errors import AutopruneError
+
+Inputs = Any  # a tensor, or a tuple/list of tensors
+Batch = tuple[Inputs, Any]
+
+
+def as_inputs(example_inputs: Any, what: str = "example_inputs") -> Inputs:
+    """Check that ``example_inputs`` is a tensor or a non-empty tuple/list of tensors (tuples kept)."""
+    if isinstance(example_inputs, torch.Tensor):
+        if example_inputs.dim() == 0:
+            raise AutopruneError(f"{what} is a 0-d tensor; give a batch, e.g. torch.randn(1, 3, 32, 32)")
+        return example_inputs
+    if isinstance(example_inputs, list | tuple) and example_inputs and all(
+            isinstance(t, torch.Tensor) and t.dim() > 0 for t in example_inputs):
+        return tuple(example_inputs)
+    raise AutopruneError(f"{what} must be a tensor or a tuple of tensors with a batch dimension, got "
+                         f"{type(example_inputs).__name__}")
+
+
+def forward(model: nn.Module, inputs: Inputs) -> Any:
+    """Call ``model`` on ``inputs`` (positional arguments for a tuple/list)."""
+    if isinstance(inputs, tuple | list):
+        return model(*inputs)
+    return model(inputs)
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """Move the tensors in ``obj`` (nested tuples, lists, dicts) to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, tuple | list):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def first_sample(inputs: Inputs) -> Inputs:
+    """The first sample of a batch of inputs, keeping the batch dimension."""
+    if isinstance(inputs, tuple | list):
+        return tuple(t[:1] for t in inputs)
+    return inputs[:1]
+
+
+def batch_size_of(inputs: Inputs) -> int:
+    """Samples in a batch (the first dimension of its first tensor)."""
+    tensor = inputs[0] if isinstance(inputs, tuple | list) else inputs
+    return int(tensor.shape[0])
+
+
+def describe_shape(inputs: Inputs) -> str:
+    """The input shapes, for messages: ``(1, 3, 32, 32)`` or ``(1, 3, 32, 32), (1, 10)``."""
+    if isinstance(inputs, tuple | list):
+        return ", ".join(str(tuple(t.shape)) for t in inputs)
+    return str(tuple(inputs.shape))
+
+
+def random_batch(example_inputs: Inputs, batch_size: int, device: torch.device | str,
+                 generator: torch.Generator | None = None) -> Inputs:
+    """A batch of ``batch_size`` made like ``example_inputs``: floats uniform in [0, 1), other dtypes repeated."""
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        shape = (batch_size, *t.shape[1:])
+        if t.is_floating_point():
+            return torch.rand(shape, generator=generator, dtype=t.dtype).to(device)
+        reps = (batch_size + t.shape[0] - 1) // t.shape[0]
+        return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch_size].to(device)
+
+    if isinstance(example_inputs, tuple | list):
+        return tuple(one(t) for t in example_inputs)
+    return one(example_inputs)
+
+
+def split_batch(batch: Any, where: str = "a batch") -> Batch:
+    """``(inputs, targets)`` of one loader item, checked."""
+    if not isinstance(batch, Sequence) or isinstance(batch, str | bytes) or len(batch) != 2:
+        kind = f"{type(batch).__name__} of length {len(batch)}" if isinstance(batch, Sequence) else \
+            type(batch).__name__
+        raise AutopruneError(f"{where} must be an (inputs, targets) pair, got a {kind}; make the loader yield "
+                             "(inputs, targets)")
+    inputs, targets = batch
+    if not isinstance(inputs, torch.Tensor) and not (
+            isinstance(inputs, tuple | list) and inputs and all(isinstance(t, torch.Tensor) for t in inputs)):
+        raise AutopruneError(f"the inputs of {where} must be a tensor or a tuple of tensors, got "
+                             f"{type(inputs).__name__}")
+    return inputs, targets
+
+
+def seed_for(seed: int, key: int) -> int:
+    """A well-mixed 63-bit seed for pass ``key`` of a run seeded with ``seed``."""
+    state = np.random.SeedSequence([int(seed) % 2**64, int(key) % 2**64]).generate_state(1, np.uint64)[0]
+    return int(state) % (2**63 - 1)
+
+
+def set_epoch(loader: Any, key: int) -> None:
+    """Call ``set_epoch(key)`` on the loader or its sampler / batch sampler where they have one."""
+    for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None),
+                getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        if obj is not None and callable(getattr(obj, "set_epoch", None)):
+            obj.set_epoch(key)
+            return
+
+
+def iterate(loader: Iterable[Any], *, seed: int, key: int, device: torch.device | str | None = None,
+            what: str = "the loader") -> Iterator[Batch]:
+    """One seeded pass over ``loader``: ``(inputs, targets)`` batches, moved to ``device`` when given."""
+    set_epoch(loader, key)
+    torch.manual_seed(seed_for(seed, key))
+    try:
+        iterator = iter(loader)
+    except TypeError as exc:
+        raise AutopruneError(f"{what} is not iterable ({type(loader).__name__}); pass a DataLoader or any "
+                             "iterable of (inputs, targets) batches") from exc
+    for i, batch in enumerate(iterator):
+        inputs, targets = split_batch(batch, f"batch {i} of {what}")
+        if device is not None:
+            inputs, targets = to_device(inputs, device), to_device(targets, device)
+        yield inputs, targets
+
+
+def take(loader: Iterable[Any], samples: int | None, *, seed: int, key: int, device: torch.device | str,
+         what: str = "the loader") -> list[Batch]:
+    """The first ``samples`` samples of one seeded pass (all of it for None), as a list of batches on ``device``.
+
+    Used to hold the validation and calibration data in memory once, rather than re-reading the loader
+    for every candidate.
+    """
+    out: list[Batch] = []
+    seen = 0
+    for inputs, targets in iterate(loader, seed=seed, key=key, device=device, what=what):
+        n = batch_size_of(inputs)
+        if samples is not None and seen + n > samples:
+            keep = samples - seen
+            inputs = tuple(t[:keep] for t in inputs) if isinstance(inputs, tuple | list) else inputs[:keep]
+            targets = targets[:keep] if isinstance(targets, torch.Tensor) else targets
+            n = keep
+        if n > 0:
+            out.append((inputs, targets))
+        seen += n
+        if samples is not None and seen >= samples:
+            break
+    return out
+
+
+def count_batches(loader: Iterable[Any]) -> int | None:
+    """``len(loader)`` when it has one."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def limited(batches: Iterable[Batch], max_batches: int | None) -> Iterable[Batch]:
+    """At most ``max_batches`` batches of ``batches``."""
+    return batches if max_batches is None else itertools.islice(batches, max_batches)
+
+
+Metric = Callable[[Any, Any], tuple[float, int]]
+
+
+def correct_predictions(outputs: Any, targets: Any) -> tuple[float, int]:
+    """Top-1 hits and samples of a classification batch (outputs: logits ``(B, K)``, targets: ``(B,)``)."""
+    if not isinstance(outputs, torch.Tensor) or outputs.dim() < 2 or not isinstance(targets, torch.Tensor):
+        raise AutopruneError("accuracy needs logits (B, classes) and integer class targets (B,); for other tasks "
+                             "pass score_fn=callable(model) -> float")
+    return float((outputs.argmax(1) == targets).sum()), int(targets.shape[0])

@@ -1,0 +1,73 @@
+"""Callbacks: how a caller (the CLI, a run directory, a notebook) follows and steers a pruning run.
+
+The engine calls every callback at each stage; a callback that wants the run to stop at the next safe
+point (after the current evaluation, or the current fine-tuning epoch) returns True from
+:meth:`Callback.should_stop`. History files, progress display and Ctrl-C handling are callbacks: the
+engine itself writes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from autoprune.engine.result import Evaluation, PruneResult
+
+
+class Callback:
+    """Base class: every hook does nothing. Override what you need."""
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        """The run is set up: ``info`` has ``groups``, ``base_score``, ``budget``, ``strategy``."""
+
+    def on_evaluation(self, evaluation: Evaluation) -> None:
+        """A candidate was evaluated (also called for evaluations replayed from a resumed run's history)."""
+
+    def on_search_end(self, best: Evaluation | None) -> None:
+        """The search is over; ``best`` is the chosen candidate."""
+
+    def on_finetune_epoch(self, epoch: int, epochs: int) -> None:
+        """A fine-tuning epoch finished (1-based ``epoch``)."""
+
+    def on_end(self, result: PruneResult) -> None:
+        """The run finished."""
+
+    def should_stop(self) -> bool:
+        """Return True to stop the run at the next safe point."""
+        return False
+
+
+class CallbackList(Callback):
+    """Several callbacks called in order."""
+
+    def __init__(self, callbacks: Sequence[Callback] = ()) -> None:
+        bad = [c for c in callbacks if not isinstance(c, Callback)]
+        if bad:
+            from autoprune.errors import AutopruneError
+
+            raise AutopruneError(f"callbacks must be autoprune.Callback instances, got {type(bad[0]).__name__}")
+        self.callbacks = list(callbacks)
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        for c in self.callbacks:
+            c.on_start(info)
+
+    def on_evaluation(self, evaluation: Evaluation) -> None:
+        for c in self.callbacks:
+            c.on_evaluation(evaluation)
+
+    def on_search_end(self, best: Evaluation | None) -> None:
+        for c in self.callbacks:
+            c.on_search_end(best)
+
+    def on_finetune_epoch(self, epoch: int, epochs: int) -> None:
+        for c in self.callbacks:
+            c.on_finetune_epoch(epoch, epochs)
+
+    def on_end(self, result: PruneResult) -> None:
+        for c in self.callbacks:
+            c.on_end(result)
+
+    def should_stop(self) -> bool:
+        return any(c.should_stop() for c in self.callbacks)

@@ -1,0 +1,392 @@
+"""The pruning engine: one run from a trained model to a measured, fine-tuned, pruned model.
+
+The stages, each a function below: :func:`prepare` (a working copy on the device, the pruning space traced
+once, the target checked, validation and calibration data held in memory, the base score), the method's
+plan, :func:`search` (strategy + evaluator, every candidate reported to the callbacks), :func:`select`
+(the chosen structure; never one at chance while a uniform one does better), surgery, :func:`finetune`
+and :func:`measure`. The engine writes no files and prints nothing: history, resume, reports and
+progress belong to callbacks and to :mod:`autoprune.runs`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+from tqdm.auto import tqdm
+
+import autoprune
+from autoprune.engine.batches import Batch, Inputs, as_inputs, describe_shape, first_sample, forward, take, to_device
+from autoprune.engine.callbacks import CallbackList
+from autoprune.engine.config import PruneConfig
+from autoprune.engine.evaluate import Evaluator, ScoreFn, choose_physical, measure_score, recalibrate_bn
+from autoprune.engine.measure import compare_latency, cost_of, device_name, serialized_size
+from autoprune.engine.result import Evaluation, FinetuneStats, LayerWidth, ModelStats, PruneResult, SearchStats
+from autoprune.engine.space import PruningSpace
+from autoprune.engine.train import TrainingInterrupted, evaluate, fit, subnormals_flushed
+from autoprune.errors import AutopruneError, Interrupted
+from autoprune.methods import Method, MethodContext, Plan
+from autoprune.search import Fitness, Problem, create_strategy, run_search
+from autoprune.search.uniform import Uniform
+
+log = logging.getLogger(__name__)
+
+#: Pass keys of the seeded loader iterations (see :func:`autoprune.engine.batches.iterate`).
+VAL_KEY, CALIBRATION_KEY, TEST_KEY = 3_000_001, 3_000_002, 3_000_003
+
+FinetuneFn = Callable[[nn.Module], Any]
+
+
+class SearchInterrupted(Interrupted):
+    """The run was stopped on request at a safe point; its output directory can be resumed."""
+
+
+@dataclass
+class Data:
+    """The caller's loaders and score function."""
+
+    train: Iterable[Any] | None
+    val: Iterable[Any] | None
+    test: Iterable[Any] | None = None
+    score_fn: ScoreFn | None = None
+
+
+@dataclass
+class Setup:
+    """What every stage after :func:`prepare` works from."""
+
+    base: nn.Module
+    example: Inputs
+    space: PruningSpace
+    device: torch.device
+    val: list[Batch]
+    calibration: list[Inputs]
+    base_score: float
+    chance: float | None
+
+
+def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """The run's device: as given, else where the model's parameters are, else the CPU."""
+    if device is None:
+        return next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise AutopruneError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise AutopruneError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
+    return resolved
+
+
+def check_forward(model: nn.Module, example: Inputs) -> Any:
+    """Run the model once on its example inputs; a failure is one line naming the model and the shapes."""
+    try:
+        with torch.no_grad():
+            return forward(model, example)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise AutopruneError(f"model {type(model).__name__} fails on example inputs of shape "
+                             f"{describe_shape(example)} ({type(exc).__name__}: {first}); pass example_inputs its "
+                             "forward accepts") from exc
+
+
+def _chance_level(val: Sequence[Batch]) -> float | None:
+    """The majority-class rate of the validation targets (what a constant classifier scores)."""
+    targets = [t for _, t in val if isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point()]
+    if not targets or len(targets) != len(val):
+        return None
+    counts = torch.bincount(torch.cat(targets).cpu().clamp_min(0))
+    return float(counts.max()) / float(counts.sum())
+
+
+def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Data,
+            device: torch.device) -> Setup:
+    """Copy the model to the device, trace its pruning space, check the target, hold the data, score the base."""
+    try:
+        base = copy.deepcopy(model).to(device).eval()
+    except Exception as exc:
+        raise AutopruneError(f"cannot copy model {type(model).__name__} ({type(exc).__name__}: {exc}); autoprune "
+                             "never changes the caller's model, so it must support copy.deepcopy") from exc
+    example = to_device(first_sample(as_inputs(example_inputs)), device)
+    check_forward(base, example)
+    space = PruningSpace(base, example, round_to=config.round_to, min_ratio=config.min_ratio,
+                         ignored=config.ignored_layers)
+    check_reachable(space, config)
+    if data.val is None and data.score_fn is None:
+        raise AutopruneError("candidates are scored on validation data: pass val_loader= (or score_fn=)")
+    val = take(data.val, config.val_samples, seed=config.seed, key=VAL_KEY, device=device,
+               what="the validation loader") if data.val is not None else []
+    if data.val is not None and not val:
+        raise AutopruneError("the validation loader yielded no samples; pass a non-empty val_loader")
+    calibration = [] if data.train is None else [
+        x for x, _ in take(data.train, config.calibration_samples, seed=config.seed, key=CALIBRATION_KEY,
+                           device=device, what="the training loader")]
+    base_score = measure_score(base, val, data.score_fn)
+    chance = None if data.score_fn is not None else _chance_level(val)
+    return Setup(base, example, space, device, val, calibration, base_score, chance)
+
+
+def check_reachable(space: PruningSpace, config: PruneConfig) -> None:
+    """Fail before any work if the MACs target cannot be met at the minimum widths."""
+    target = config.target.macs_reduction
+    if target is None:
+        return
+    floor = space.relative_macs(space.lower)
+    if floor > 1 - target + 1e-9:
+        raise AutopruneError(f"macs_reduction={target} is unreachable: at the minimum widths the model keeps "
+                             f"{floor:.1%} of its MACs (largest reduction {1 - floor:.3f}); lower the target or "
+                             "min_ratio")
+
+
+def make_plan(method: Method, setup: Setup, config: PruneConfig, train: Iterable[Any] | None,
+              progress: bool) -> tuple[Plan, float]:
+    """The method's plan and how long it took."""
+    started = time.perf_counter()
+    extra = config.finetune or autoprune.TrainConfig(epochs=1, lr=0.01)
+    ctx = MethodContext(model=setup.base, space=setup.space, example_inputs=setup.example, train_loader=train,
+                        device=setup.device, seed=config.seed,
+                        train=replace(extra, lr=max(extra.lr, 0.01), seed=config.seed), progress=progress)
+    plan = method.plan(ctx)
+    return plan, time.perf_counter() - started
+
+
+def make_problem(setup: Setup, plan: Plan, config: PruneConfig) -> Problem:
+    """The search problem: the space's box and cost model, the target, the method's choices and penalty."""
+    target, space = config.target, setup.space
+    return Problem(lower=space.lower, upper=space.upper, cost=space.relative_macs, snap=space.snap,
+                   base_accuracy=setup.base_score,
+                   max_cost=None if target.macs_reduction is None else 1 - target.macs_reduction,
+                   max_drop=None if target.max_drop is None else target.max_drop / 100,
+                   choices=plan.choices, penalty=plan.penalty)
+
+
+@dataclass
+class SearchOutcome:
+    """The search's chosen keep vector (None: nothing feasible), its statistics inputs and the evaluator."""
+
+    keep: np.ndarray | None
+    history: list[Evaluation]
+    evaluator: Evaluator
+    problem: Problem
+    seconds: float
+    budget: int
+
+
+def search(setup: Setup, plan: Plan, config: PruneConfig, method: Method, data: Data, callbacks: CallbackList,
+           recorded: Sequence[Evaluation] = (), progress: bool = False) -> SearchOutcome:
+    """Run the plan's strategy on the evaluator; new evaluations go to the callbacks, ``recorded`` ones are replayed."""
+    space = setup.space
+    evaluator = Evaluator(plan.model, space, plan.scores, setup.val, setup.calibration, score_fn=data.score_fn)
+    evaluator.physical = choose_physical(evaluator)
+    for row in recorded:
+        evaluator.prefill(row.counts, Fitness(row.accuracy, row.macs, row.params))
+    problem = make_problem(setup, plan, config)
+    strategy = create_strategy(plan.strategy, problem, seed=config.seed, **plan.strategy_options)
+    budget = config.budget or method.default_budget
+    history: list[Evaluation] = []
+    started = time.perf_counter()
+    bar = tqdm(total=budget, desc=f"search {method.name}", leave=False, disable=not progress or None)
+
+    def record(x: np.ndarray, fitness: Fitness, score: float) -> None:
+        row = Evaluation(len(history), tuple(float(v) for v in x), tuple(int(c) for c in space.counts(x)),
+                         float(fitness.accuracy), int(fitness.macs), int(fitness.params), float(score),
+                         time.perf_counter() - started)
+        history.append(row)
+        bar.update(1)
+        callbacks.on_evaluation(row)
+        if row.index >= len(recorded) and callbacks.should_stop():
+            raise SearchInterrupted(f"interrupted after {row.index + 1} evaluations")
+
+    try:
+        result = run_search(strategy, evaluator, budget=budget, on_result=record)
+    finally:
+        bar.close()
+    keep = result.best_x
+    return SearchOutcome(keep, history, evaluator, problem, time.perf_counter() - started, budget)
+
+
+def uniform_candidate(problem: Problem) -> np.ndarray | None:
+    """The uniform-ratio candidate at the cost target (None in drop mode)."""
+    if problem.max_cost is None:
+        return None
+    return Uniform(problem).ask()[0]
+
+
+def select(setup: Setup, outcome: SearchOutcome, method: str) -> tuple[np.ndarray, bool, list[str]]:
+    """The structure to prune to: the search's best; repaired onto the target when a path strategy stopped
+    short; replaced by the uniform structure when the search's best is at chance and uniform is not.
+
+    Returns:
+        ``(keep, repaired, warnings)``.
+    """
+    problem, warnings, repaired = outcome.problem, [], False
+    keep = outcome.keep
+    if keep is None and problem.max_cost is not None and outcome.history:
+        best_row = max(outcome.history, key=lambda row: row.score)
+        keep, repaired = problem.repair(np.asarray(best_row.keep)), True
+        warnings.append(f"the budget ended before {method} reached the MACs target; its best candidate was shrunk "
+                        "onto the target (raise the budget to let the search finish)")
+    if keep is None:
+        raise AutopruneError("no candidate met the target within the budget (every candidate exceeded max_drop); "
+                             "raise max_drop or the budget")
+    keep = setup.space.snap(keep)
+    chosen = outcome.evaluator(keep).accuracy
+    fallback = uniform_candidate(problem)
+    if setup.chance is not None and chosen <= setup.chance + 0.02 and fallback is not None:
+        uniform = outcome.evaluator(fallback).accuracy
+        if uniform > chosen + 0.02:
+            warnings.append(f"the search's best candidate scored {chosen:.2%}, at chance level ({setup.chance:.2%}); "
+                            f"the uniform structure scored {uniform:.2%} and was used instead")
+            keep = setup.space.snap(fallback)
+    for w in warnings:
+        log.warning("%s", w)
+    return keep, repaired, warnings
+
+
+def finetune(pruned: nn.Module, setup: Setup, config: PruneConfig, data: Data, finetune_fn: FinetuneFn | None,
+             callbacks: CallbackList, checkpoint: Path | None, progress: bool) -> FinetuneStats:
+    """Fine-tune the pruned model in place: the caller's loop, or autoprune's by ``config.finetune``."""
+    started = time.perf_counter()
+    if finetune_fn is not None:
+        pruned.train()
+        finetune_fn(pruned)
+        pruned.eval()
+        return FinetuneStats(epochs=0, seconds=time.perf_counter() - started, custom=True)
+    settings = config.finetune
+    if settings is None or settings.epochs == 0:
+        return FinetuneStats(epochs=0, seconds=0.0)
+    if data.train is None:
+        raise AutopruneError("fine-tuning needs training data: pass train_loader=, or finetune=None to get the "
+                             "pruned model without fine-tuning (or finetune=your_function(model))")
+    settings = replace(settings, seed=config.seed)
+    try:
+        fit(pruned, data.train, settings, teacher=setup.base if settings.distill > 0 else None,
+            checkpoint=checkpoint, progress=progress, desc="fine-tune", stop_requested=callbacks.should_stop,
+            on_epoch=callbacks.on_finetune_epoch)
+    except TrainingInterrupted as exc:
+        raise SearchInterrupted("interrupted during fine-tuning (finished epochs are checkpointed)") from exc
+    return FinetuneStats(epochs=settings.epochs, seconds=time.perf_counter() - started, lr=settings.lr,
+                         distill=settings.distill)
+
+
+def _final_score(model: nn.Module, setup: Setup, data: Data, seed: int) -> float:
+    if data.score_fn is not None:
+        return measure_score(model, setup.val, data.score_fn)
+    if data.test is not None:
+        return evaluate(model, data.test, seed=seed).accuracy
+    return evaluate(model, setup.val).accuracy
+
+
+def _latency_entry(ms: float, samples: Sequence[float]) -> dict[str, Any]:
+    q1, q3 = np.percentile(samples, [25, 75]) if samples else (ms, ms)
+    return {"median_ms": round(ms, 5), "q1_ms": round(float(q1), 5), "q3_ms": round(float(q3), 5),
+            "n": len(samples)}
+
+
+def measure(setup: Setup, pruned: nn.Module, keep: np.ndarray, config: PruneConfig,
+            data: Data) -> tuple[ModelStats, ModelStats, dict[str, Any], str, bool]:
+    """Measure base and pruned: score, counted cost, size, latency (interleaved, on the run's device)."""
+    base, example = setup.base, setup.example
+    counted = [cost_of(m, example) for m in (base, pruned)]
+    scores = [_final_score(m, setup, data, config.seed) for m in (base, pruned)]
+    batches = sorted({1, config.latency_batch})
+    timings = compare_latency([base, pruned], example, batch_sizes=batches, repeats=config.latency_repeats,
+                              threads=config.threads)
+    stats = [ModelStats(accuracy=s, params=c.params, macs=c.macs, size_bytes=serialized_size(m),
+                        latency={str(b): _latency_entry(t.ms[b], t.samples.get(b, [])) for b in batches})
+             for s, c, m, t in zip(scores, counted, (base, pruned), timings, strict=True)]
+    speedup = {str(b): {"ratio": round(timings[0].ms[b] / timings[1].ms[b], 4)} for b in batches}
+    analytic = setup.space.cost(keep)
+    matches = (analytic.macs, analytic.params) == (counted[1].macs, counted[1].params)
+    if not matches:
+        log.warning("analytic cost %s differs from the counted %s", analytic, counted[1])
+    return stats[0], stats[1], speedup, device_name(setup.device), matches
+
+
+def _spread(history: Sequence[Evaluation]) -> tuple[int, float]:
+    if not history:
+        return 0, 0.0
+    keeps = np.array([row.keep for row in history])
+    return len({row.counts for row in history}), float(keeps.std(axis=0).mean())
+
+
+@subnormals_flushed()
+def run(model: nn.Module, example_inputs: Any, config: PruneConfig, method: Method, data: Data, *,
+        device: torch.device, finetune_fn: FinetuneFn | None = None, callbacks: CallbackList | None = None,
+        recorded: Sequence[Evaluation] = (), checkpoint: Path | None = None, progress: bool = False,
+        info: dict[str, Any] | None = None) -> PruneResult:
+    """Prune ``model`` by ``config`` and return the result; the caller's model is not modified.
+
+    Raises:
+        SearchInterrupted: a callback asked to stop (the history so far was reported to the callbacks).
+        AutopruneError: bad inputs, an unreachable target, or a method that cannot handle the model.
+    """
+    started = time.perf_counter()
+    callbacks = callbacks or CallbackList()
+    setup = prepare(model, example_inputs, config, data, device)
+    plan, plan_seconds = make_plan(method, setup, config, data.train, progress)
+    callbacks.on_start({"groups": [g.name for g in setup.space.groups], "base_score": setup.base_score,
+                        "budget": config.budget or method.default_budget, "strategy": plan.strategy})
+    outcome = search(setup, plan, config, method, data, callbacks, recorded, progress)
+    keep, repaired, warnings = select(setup, outcome, method.name)
+    best = next((row for row in outcome.history if row.counts == tuple(setup.space.counts(keep))), None)
+    callbacks.on_search_end(best)
+    pruned = setup.space.apply(plan.model, keep, plan.scores)
+    recalibrate_bn(pruned, setup.calibration)
+    before = _final_score(pruned, setup, data, config.seed)
+    ft = finetune(pruned, setup, config, data, finetune_fn, callbacks, checkpoint, progress)
+    base_stats, pruned_stats, speedup, latency_device, matches = measure(setup, pruned.eval(), keep, config, data)
+    _refuse_dead(base_stats.accuracy, pruned_stats.accuracy, setup.chance, method.name)
+    search_stats = _search_stats(setup, plan, config, outcome, plan_seconds, keep, best, len(recorded), repaired)
+    result = PruneResult(
+        model=pruned, method=method.name, source=method.source,
+        metric="score" if data.score_fn is not None else "accuracy", target=config.target, seed=config.seed,
+        base=base_stats, pruned=pruned_stats,
+        widths=tuple(LayerWidth(**row) for row in setup.space.describe(keep)), keep=tuple(map(float, keep)),
+        speedup=speedup, latency_device=latency_device, search=search_stats,
+        finetune=replace(ft, accuracy_before=before), config=config, history=outcome.history,
+        analytic_cost_matches=matches, seconds=time.perf_counter() - started,
+        info={**(info or {}), "versions": _versions()}, warnings=tuple(warnings))
+    callbacks.on_end(result)
+    return result
+
+
+def _search_stats(setup: Setup, plan: Plan, config: PruneConfig, outcome: SearchOutcome, plan_seconds: float,
+                  keep: np.ndarray, best: Evaluation | None, resumed: int, repaired: bool) -> SearchStats:
+    if best is None:  # the uniform fallback, or a repaired candidate: not one of the history's rows
+        fitness = outcome.evaluator(keep)
+        best = Evaluation(-1, tuple(map(float, keep)), tuple(int(c) for c in setup.space.counts(keep)),
+                          fitness.accuracy, int(fitness.macs), int(fitness.params),
+                          outcome.problem.score(keep, fitness))
+    distinct, spread = _spread(outcome.history)
+    return SearchStats(
+        strategy=plan.strategy, score=config.score, budget=outcome.budget, evaluations=len(outcome.history),
+        unique_evaluations=outcome.evaluator.evaluations, distinct_structures=distinct, spread=spread,
+        seconds=outcome.seconds, plan_seconds=plan_seconds, base_score=setup.base_score, best=best,
+        resumed_evaluations=resumed, repaired_to_target=repaired, executor=config.executor_kind,
+        workers=config.workers, notes={**plan.notes, "extra_training_epochs": plan.extra_training_epochs})
+
+
+def _refuse_dead(base: float | None, accuracy: float | None, chance: float | None, method: str) -> None:
+    """Never return a model at chance level as a success (the majority-class rate of the validation data)."""
+    if accuracy is None or chance is None or accuracy > chance + 0.01:
+        return
+    if base is not None and base <= chance + 0.01:
+        raise AutopruneError(f"the unpruned model itself scores {base:.2%}, at chance level ({chance:.2%}) on this "
+                             "data: train it first (or check that the data is what it was trained on)")
+    raise AutopruneError(f"the pruned model ({method}) scores {accuracy:.2%}, at chance level ({chance:.2%}); "
+                         "nothing was saved: lower the target, raise the budget or fine-tune longer")
+
+
+def _versions() -> dict[str, str]:
+    return {"autoprune": autoprune.__version__, "torch": torch.__version__,
+            "torch_pruning": getattr(tp, "__version__", "unknown")}

@@ -1,0 +1,169 @@
+"""A run directory: one pruning run's files, locked while it runs, resumable after an interruption.
+
+``OUT/`` holds
+
+* ``.autoprune.lock``: the lock (pid, host, start time) while a run writes here; a second run is refused;
+* ``run.json``: the configuration, how the run was invoked and where its model and data came from, written
+  before any long work, so ``--resume`` can continue it;
+* ``history.jsonl``: every candidate evaluation, appended and flushed as it happens;
+* ``work/``: the fine-tuning checkpoint (removed when the run completes);
+* ``model.pt``, then ``report.md``, ``report.html`` and the figures, and last ``report.json``: its presence
+  means the run is complete.
+
+Resuming replays the recorded evaluations (the strategies are deterministic given their seed and the values
+told, so they ask the same candidates again and the evaluator answers from the record), then goes on; the
+fine-tuning resumes from its last epoch checkpoint. A history row that is cut short, malformed or not what
+the strategy asks ends the replay there: the rest is evaluated again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import autoprune
+from autoprune.engine.callbacks import Callback
+from autoprune.engine.config import PruneConfig
+from autoprune.engine.result import Evaluation, PruneResult
+from autoprune.errors import AutopruneError
+from autoprune.io.files import write_json, write_text
+from autoprune.runs.lock import clear_directory, lock_output
+
+log = logging.getLogger(__name__)
+
+RUN_FILE, HISTORY_FILE, WORK_DIR, LOCK_FILE = "run.json", "history.jsonl", "work", ".autoprune.lock"
+
+
+def read_history(path: Path) -> list[Evaluation]:
+    """The intact leading rows of a history file (a torn, malformed or inconsistent row ends it)."""
+    rows: list[Evaluation] = []
+    if not path.exists():
+        return rows
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            data = json.loads(line)
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+            row = Evaluation.from_json(data, len(rows[0].counts) if rows else len(data.get("counts") or []))
+        except (ValueError, KeyError, TypeError):
+            break  # a line cut short by a hard kill, or not a row this code wrote: everything before it is intact
+        if row.index != len(rows):
+            break
+        rows.append(row)
+    return rows
+
+
+def read_run_file(path: Path) -> dict[str, Any]:
+    """``run.json`` of a run directory, checked."""
+    file = path / RUN_FILE
+    if not file.exists():
+        raise AutopruneError(f"nothing to resume in {str(path)!r}: it has no {RUN_FILE} (was it made by "
+                             "`autoprune prune --out` or autoprune.prune(out=...)?)")
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+            raise ValueError("no configuration")
+    except (OSError, ValueError) as exc:
+        raise AutopruneError(f"{str(file)!r} is damaged ({type(exc).__name__}), so the run cannot be resumed; start "
+                             "it again with --force") from exc
+    return saved
+
+
+class RunDirectory(Callback):
+    """The files of one run in ``path``; a context manager holding the directory's lock.
+
+    Args:
+        path: the run directory.
+        config: the run's configuration (with ``resume``, it must equal the saved one).
+        resume: continue the interrupted run in ``path``.
+        force: replace whatever ``path`` holds (never a live run's files: the lock is taken first).
+        invocation: how the run was started (the CLI's model file and data), saved for ``--resume``.
+        info: where the model and data came from (architecture, dataset).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], config: PruneConfig, *, resume: bool = False,
+                 force: bool = False, invocation: dict[str, Any] | None = None,
+                 info: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.config, self.resume, self.force = config, resume, force
+        self.invocation, self.info = dict(invocation or {}), dict(info or {})
+        self.recorded: list[Evaluation] = []
+        self._lock: Any = None
+        self._history: IO[str] | None = None
+        self._written = 0
+
+    def __enter__(self) -> RunDirectory:
+        if self.path.exists() and not self.path.is_dir():
+            raise AutopruneError(f"output {str(self.path)!r} is a file; give a directory")
+        self._lock = lock_output(self.path, kind="directory")
+        self._lock.__enter__()
+        try:
+            self._prepare()
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+        return self
+
+    def _prepare(self) -> None:
+        if self.resume:
+            saved = read_run_file(self.path)
+            if saved["config"] != self.config.to_json():
+                raise AutopruneError(f"the run in {str(self.path)!r} was started with other settings; resume it with "
+                                     "the same ones, or start a new run (force=True / --force)")
+        elif any(p.name != LOCK_FILE for p in self.path.iterdir()):
+            if not self.force:
+                raise AutopruneError(f"output directory {str(self.path)!r} already holds a run; pass --force "
+                                     "(force=True) to replace it, --resume to continue it, or choose another --out")
+            clear_directory(self.path, keep=(LOCK_FILE,))
+        history = self.path / HISTORY_FILE
+        self.recorded = read_history(history) if self.resume else []
+        write_text(history, "".join(json.dumps(r.to_json()) + "\n" for r in self.recorded))
+        write_json(self.path / RUN_FILE, {"config": self.config.to_json(), "invocation": self.invocation,
+                                          "info": self.info, "autoprune": autoprune.__version__})
+        self._history = open(history, "a", encoding="utf-8")  # noqa: SIM115 (closed in __exit__)
+        self._written = len(self.recorded)
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._history is not None:
+            self._history.close()
+            self._history = None
+        if self._lock is not None:
+            self._lock.__exit__(kind, exc, tb)
+            self._lock = None
+
+    @property
+    def finetune_checkpoint(self) -> Path:
+        """Where fine-tuning keeps its epoch checkpoint."""
+        (self.path / WORK_DIR).mkdir(exist_ok=True)
+        return self.path / WORK_DIR / "finetune.ckpt"
+
+    def on_evaluation(self, evaluation: Evaluation) -> None:
+        """Append the row (rows replayed from the record are already there)."""
+        assert self._history is not None, "RunDirectory used outside its with-block"
+        if evaluation.index < self._written:
+            if evaluation.counts == self.recorded[evaluation.index].counts:
+                return
+            log.warning("history.jsonl diverges from this run at evaluation %d; re-evaluating from there",
+                        evaluation.index)
+            self._history.close()
+            self.recorded = self.recorded[: evaluation.index]
+            write_text(self.path / HISTORY_FILE, "".join(json.dumps(r.to_json()) + "\n" for r in self.recorded))
+            self._history = open(self.path / HISTORY_FILE, "a", encoding="utf-8")  # noqa: SIM115
+            self._written = evaluation.index
+        self._history.write(json.dumps(evaluation.to_json()) + "\n")
+        self._history.flush()
+        self._written += 1
+
+    def finish(self, result: PruneResult) -> None:
+        """Write the model and the reports (``report.json`` last), and drop the work files."""
+        from autoprune.report import write_reports  # the report layer sits above the runs
+
+        result.save(self.path / "model.pt")
+        write_reports(self.path, result)
+        shutil.rmtree(self.path / WORK_DIR, ignore_errors=True)
