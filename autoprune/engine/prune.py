@@ -345,7 +345,8 @@ def run(model: nn.Module, example_inputs: Any, config: PruneConfig, method: Meth
     before = _final_score(pruned, setup, data, config.seed)
     ft = finetune(pruned, setup, config, data, finetune_fn, callbacks, checkpoint, progress)
     base_stats, pruned_stats, speedup, latency_device, matches = measure(setup, pruned.eval(), keep, config, data)
-    _refuse_dead(base_stats.accuracy, pruned_stats.accuracy, setup.chance, method.name)
+    warnings += _check_alive(base_stats.accuracy, pruned_stats.accuracy, setup.chance, method.name,
+                             fine_tuned=ft.custom or ft.epochs > 0)
     search_stats = _search_stats(setup, plan, config, outcome, plan_seconds, keep, best, len(recorded), repaired)
     result = PruneResult(
         model=pruned, method=method.name, source=method.source,
@@ -376,15 +377,20 @@ def _search_stats(setup: Setup, plan: Plan, config: PruneConfig, outcome: Search
         workers=config.workers, notes={**plan.notes, "extra_training_epochs": plan.extra_training_epochs})
 
 
-def _refuse_dead(base: float | None, accuracy: float | None, chance: float | None, method: str) -> None:
-    """Never return a model at chance level as a success (the majority-class rate of the validation data)."""
+def _check_alive(base: float | None, accuracy: float | None, chance: float | None, method: str, *,
+                 fine_tuned: bool) -> list[str]:
+    """Never return a fine-tuned model at chance level as a success (the majority-class rate of the validation
+    data); a structure returned without fine-tuning (``finetune=None``) may score low, and gets a warning."""
     if accuracy is None or chance is None or accuracy > chance + 0.01:
-        return
+        return []
+    if not fine_tuned:
+        return [f"the pruned structure scores {accuracy:.2%} before any fine-tuning (chance level {chance:.2%}); "
+                "fine-tune it before use"]
     if base is not None and base <= chance + 0.01:
         raise AutopruneError(f"the unpruned model itself scores {base:.2%}, at chance level ({chance:.2%}) on this "
                              "data: train it first (or check that the data is what it was trained on)")
-    raise AutopruneError(f"the pruned model ({method}) scores {accuracy:.2%}, at chance level ({chance:.2%}); "
-                         "nothing was saved: lower the target, raise the budget or fine-tune longer")
+    raise AutopruneError(f"the pruned model ({method}) scores {accuracy:.2%} after fine-tuning, at chance level "
+                         f"({chance:.2%}); nothing was saved: lower the target, raise the budget or fine-tune longer")
 
 
 def _versions() -> dict[str, str]:
