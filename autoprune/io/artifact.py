@@ -7,18 +7,14 @@ normalisation layer (``layers``: name -> channel counts). Loading uses ``torch.l
 which refuses any pickle that would construct arbitrary objects, then rebuilds the architecture from
 the registry, resizes each recorded layer, and loads the weights strictly.
 
-All writes here are atomic: the bytes go to a temporary file in the destination directory, which is
-then renamed over the target, so an interrupted run never leaves a half-written file.
+The atomic write helpers (``atomic_path``, ``write_text``, ``write_json``, ``write_with``) now live in
+:mod:`autoprune.io.files` and are re-exported here so that existing imports keep working.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import pickle
-import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +22,7 @@ import torch
 from torch import nn
 
 from autoprune.errors import AutopruneError
+from autoprune.io.files import atomic_path, write_json, write_text, write_with  # noqa: F401  (re-exported)
 from autoprune.models import NormalizedModel, create_model
 
 FORMAT = "autoprune-model"
@@ -34,55 +31,7 @@ VERSION = 1
 _RESIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-# ---- atomic writes -----------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``, else delete it."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write a text file atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_json(path: str | os.PathLike[str], data: Any) -> None:
-    """Write JSON atomically (indented, keys in insertion order)."""
-    write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def write_with(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> None:
-    """Atomically create ``path`` with ``writer(tmp_path)`` (e.g. a figure's ``savefig``)."""
-    with atomic_path(path) as tmp:
-        writer(tmp)
-
+# ---- atomic writes: moved to autoprune.io.files, re-exported here for existing imports -------------
 
 # ---- spec ------------------------------------------------------------------------------------
 
