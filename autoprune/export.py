@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from autoprune.errors import AutopruneError
-from autoprune.io.artifact import atomic_path
+from autoprune.io.files import atomic_path
 
 __all__ = ["DEFAULT_OPSET", "ExportReport", "export_onnx"]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import autoprune
-from autoprune.io.artifact import write_text, write_with
+from autoprune.io.files import write_text, write_with
 
 COPIED = ("compare.json", "compare.md", "report.html", "accuracy_macs.png", "channels.png", "search.png")
 

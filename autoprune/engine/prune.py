@@ -14,7 +14,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,12 @@ import autoprune
 from autoprune.engine.batches import Batch, Inputs, as_inputs, describe_shape, first_sample, forward, take, to_device
 from autoprune.engine.callbacks import CallbackList
 from autoprune.engine.config import PruneConfig
+from autoprune.engine.distributed import broadcast, world
 from autoprune.engine.evaluate import Evaluator, ScoreFn, choose_physical, measure_score, recalibrate_bn
+from autoprune.engine.executor import BatchEvaluation, create_executor, threads_per_worker
 from autoprune.engine.measure import compare_latency, cost_of, device_name, serialized_size
 from autoprune.engine.result import Evaluation, FinetuneStats, LayerWidth, ModelStats, PruneResult, SearchStats
+from autoprune.engine.scoring import SELECT_ETA, Selection, create_score, selection_score, successive_halving
 from autoprune.engine.space import PruningSpace
 from autoprune.engine.train import TrainingInterrupted, evaluate, fit, subnormals_flushed
 from autoprune.errors import AutopruneError, Interrupted
@@ -41,7 +44,7 @@ from autoprune.search.uniform import Uniform
 log = logging.getLogger(__name__)
 
 #: Pass keys of the seeded loader iterations (see :func:`autoprune.engine.batches.iterate`).
-VAL_KEY, CALIBRATION_KEY, TEST_KEY = 3_000_001, 3_000_002, 3_000_003
+VAL_KEY, CALIBRATION_KEY, TEST_KEY, SCORE_TRAIN_KEY = 3_000_001, 3_000_002, 3_000_003, 3_000_004
 
 FinetuneFn = Callable[[nn.Module], Any]
 
@@ -72,6 +75,7 @@ class Setup:
     calibration: list[Inputs]
     base_score: float
     chance: float | None
+    train: list[Batch] = field(default_factory=list)
 
 
 def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
@@ -130,9 +134,27 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
     calibration = [] if data.train is None else [
         x for x, _ in take(data.train, config.calibration_samples, seed=config.seed, key=CALIBRATION_KEY,
                            device=device, what="the training loader")]
+    train = _score_training_batches(config, data, device)
     base_score = measure_score(base, val, data.score_fn)
     chance = None if data.score_fn is not None else _chance_level(val)
-    return Setup(base, example, space, device, val, calibration, base_score, chance)
+    return Setup(base, example, space, device, val, calibration, base_score, chance, train)
+
+
+def _score_training_batches(config: PruneConfig, data: Data, device: torch.device) -> list[Batch]:
+    """The training batches the candidate score and the selection fine-tune on (none for the other scores)."""
+    score = create_score(config.score, config.score_options)
+    score.check(data.score_fn)
+    selecting = config.select_top > 1 and config.target.macs_reduction is not None and data.score_fn is None
+    samples = max(score.train_samples, selection_score(score, 1).train_samples if selecting else 0)
+    if samples == 0:
+        return []
+    if data.train is None:
+        if score.adapts:
+            raise AutopruneError(f"score {config.score!r} fine-tunes every candidate on training data: pass "
+                                 "train_loader= (or use score='bn')")
+        return []
+    return take(data.train, samples, seed=config.seed, key=SCORE_TRAIN_KEY, device=device,
+                what="the training loader")
 
 
 def check_reachable(space: PruningSpace, config: PruneConfig) -> None:
@@ -179,16 +201,18 @@ class SearchOutcome:
     problem: Problem
     seconds: float
     budget: int
+    selection: Selection | None = None
 
 
 def search(setup: Setup, plan: Plan, config: PruneConfig, method: Method, data: Data, callbacks: CallbackList,
            recorded: Sequence[Evaluation] = (), progress: bool = False) -> SearchOutcome:
     """Run the plan's strategy on the evaluator; new evaluations go to the callbacks, ``recorded`` ones are replayed."""
     space = setup.space
-    evaluator = Evaluator(plan.model, space, plan.scores, setup.val, setup.calibration, score_fn=data.score_fn)
+    evaluator = Evaluator(plan.model, space, plan.scores, setup.val, setup.calibration, score_fn=data.score_fn,
+                          score=create_score(config.score, config.score_options), train=setup.train, seed=config.seed)
     evaluator.physical = choose_physical(evaluator)
     for row in recorded:
-        evaluator.prefill(row.counts, Fitness(row.accuracy, row.macs, row.params))
+        evaluator.prefill(row.counts, Fitness(row.accuracy, row.macs, row.params, row.value))
     problem = make_problem(setup, plan, config)
     strategy = create_strategy(plan.strategy, problem, seed=config.seed, **plan.strategy_options)
     budget = config.budget or method.default_budget
@@ -199,7 +223,7 @@ def search(setup: Setup, plan: Plan, config: PruneConfig, method: Method, data: 
     def record(x: np.ndarray, fitness: Fitness, score: float) -> None:
         row = Evaluation(len(history), tuple(float(v) for v in x), tuple(int(c) for c in space.counts(x)),
                          float(fitness.accuracy), int(fitness.macs), int(fitness.params), float(score),
-                         time.perf_counter() - started)
+                         time.perf_counter() - started, value=fitness.value)
         history.append(row)
         bar.update(1)
         callbacks.on_evaluation(row)
@@ -207,7 +231,14 @@ def search(setup: Setup, plan: Plan, config: PruneConfig, method: Method, data: 
             raise SearchInterrupted(f"interrupted after {row.index + 1} evaluations")
 
     try:
-        result = run_search(strategy, evaluator, budget=budget, on_result=record)
+        # serial: one candidate at a time (progress and interruption per candidate); else a whole ask at once,
+        # deduplicated against the evaluator's cache and told in ask order (see autoprune.engine.executor)
+        with create_executor(config, evaluator) as executor:
+            if executor.parallel:
+                result = run_search(strategy, budget=budget, on_result=record,
+                                    evaluate_batch=BatchEvaluation(executor, plan.strategy))
+            else:
+                result = run_search(strategy, evaluator, budget=budget, on_result=record)
     finally:
         bar.close()
     keep = result.best_x
@@ -219,6 +250,37 @@ def uniform_candidate(problem: Problem) -> np.ndarray | None:
     if problem.max_cost is None:
         return None
     return Uniform(problem).ask()[0]
+
+
+def refine(setup: Setup, outcome: SearchOutcome, config: PruneConfig) -> SearchOutcome:
+    """Multi-fidelity selection: the ``select_top`` best distinct feasible structures of the search (by its score)
+    and the uniform one, chosen among by successive halving of short fine-tunes (see
+    :func:`autoprune.engine.scoring.successive_halving`). Runs only with a cost target, training data and
+    ``select_top >= 2``; otherwise, or with fewer than two structures, the outcome is returned as it is.
+    """
+    problem, evaluator = outcome.problem, outcome.evaluator
+    if config.select_top < 2 or problem.max_cost is None or outcome.keep is None or not setup.train:
+        return outcome
+    space = setup.space
+    candidates, seen = [], set()
+    rows = sorted((row for row in outcome.history if problem.cost_ok(np.asarray(row.keep))), key=lambda r: -r.score)
+    for keep in [outcome.keep, *(np.asarray(row.keep) for row in rows)]:
+        key = evaluator.key(keep)
+        if key not in seen and len(candidates) < config.select_top:
+            seen.add(key)
+            candidates.append(space.snap(keep))
+    uniform = uniform_candidate(problem)
+    if uniform is not None and evaluator.key(uniform) not in seen:
+        candidates.append(space.snap(uniform))
+    if len(candidates) < 2:
+        return outcome
+    cheap = evaluator.candidate_score
+    selection = successive_halving(
+        candidates, lambda keep, steps: evaluator.measure(keep, selection_score(cheap, steps)), evaluator.key,
+        steps=config.select_steps, eta=SELECT_ETA, metric=selection_score(cheap, 1).metric)
+    log.info("selection: structure %d of %d chosen after %s fine-tuning steps (%.1f s)", selection.index + 1,
+             len(candidates), "/".join(str(r.steps) for r in selection.rungs), selection.seconds)
+    return replace(outcome, keep=selection.keep, selection=selection)
 
 
 def select(setup: Setup, outcome: SearchOutcome, method: str) -> tuple[np.ndarray, bool, list[str]]:
@@ -239,6 +301,11 @@ def select(setup: Setup, outcome: SearchOutcome, method: str) -> tuple[np.ndarra
         raise AutopruneError("no candidate met the target within the budget (every candidate exceeded max_drop); "
                              "raise max_drop or the budget")
     keep = setup.space.snap(keep)
+    if outcome.selection is not None:  # the uniform structure was among those fine-tuned and compared
+        warnings += _selection_at_chance(setup, outcome.selection)
+        for w in warnings:
+            log.warning("%s", w)
+        return keep, repaired, warnings
     chosen = outcome.evaluator(keep).accuracy
     fallback = uniform_candidate(problem)
     if setup.chance is not None and chosen <= setup.chance + 0.02 and fallback is not None:
@@ -247,9 +314,21 @@ def select(setup: Setup, outcome: SearchOutcome, method: str) -> tuple[np.ndarra
             warnings.append(f"the search's best candidate scored {chosen:.2%}, at chance level ({setup.chance:.2%}); "
                             f"the uniform structure scored {uniform:.2%} and was used instead")
             keep = setup.space.snap(fallback)
+        else:
+            warnings.append(f"the search's best candidate scored {chosen:.2%}, at chance level ({setup.chance:.2%}), "
+                            f"and the uniform structure no better ({uniform:.2%}): the score cannot tell candidates "
+                            "apart; use score='finetune' or select_top=8, or a smaller reduction")
     for w in warnings:
         log.warning("%s", w)
     return keep, repaired, warnings
+
+
+def _selection_at_chance(setup: Setup, selection: Selection) -> list[str]:
+    if setup.chance is None or selection.accuracy > setup.chance + 0.02:
+        return []
+    return [f"the selected structure scores {selection.accuracy:.2%} after {selection.rungs[-1].steps} fine-tuning "
+            f"steps, at chance level ({setup.chance:.2%}); it was the best of the {len(selection.order)} structures "
+            "compared (the uniform one among them): lower the reduction, or fine-tune longer"]
 
 
 def finetune(pruned: nn.Module, setup: Setup, config: PruneConfig, data: Data, finetune_fn: FinetuneFn | None,
@@ -293,11 +372,11 @@ def _latency_entry(ms: float, samples: Sequence[float]) -> dict[str, Any]:
 
 
 def measure(setup: Setup, pruned: nn.Module, keep: np.ndarray, config: PruneConfig,
-            data: Data) -> tuple[ModelStats, ModelStats, dict[str, Any], str, bool]:
-    """Measure base and pruned: score, counted cost, size, latency (interleaved, on the run's device)."""
+            scores: tuple[float, float]) -> tuple[ModelStats, ModelStats, dict[str, Any], str, bool]:
+    """Measure base and pruned: counted cost, size, latency (interleaved, on the run's device); ``scores`` are
+    their final accuracies (or scores), measured by every rank together (see :func:`final_scores`)."""
     base, example = setup.base, setup.example
     counted = [cost_of(m, example) for m in (base, pruned)]
-    scores = [_final_score(m, setup, data, config.seed) for m in (base, pruned)]
     batches = sorted({1, config.latency_batch})
     timings = compare_latency([base, pruned], example, batch_sizes=batches, repeats=config.latency_repeats,
                               threads=config.threads)
@@ -312,11 +391,48 @@ def measure(setup: Setup, pruned: nn.Module, keep: np.ndarray, config: PruneConf
     return stats[0], stats[1], speedup, device_name(setup.device), matches
 
 
+def final_scores(setup: Setup, pruned: nn.Module, data: Data, seed: int) -> tuple[float, float]:
+    """Test accuracy (or score) of the base and the pruned model (under torchrun every rank takes part)."""
+    return _final_score(setup.base, setup, data, seed), _final_score(pruned, setup, data, seed)
+
+
 def _spread(history: Sequence[Evaluation]) -> tuple[int, float]:
     if not history:
         return 0, 0.0
     keeps = np.array([row.keep for row in history])
     return len({row.counts for row in history}), float(keeps.std(axis=0).mean())
+
+
+@dataclass
+class Decision:
+    """What rank 0 decided: the pruned model (BatchNorm re-estimated, not fine-tuned) and how it was found."""
+
+    pruned: nn.Module
+    keep: np.ndarray
+    before: float
+    plan: Plan
+    plan_seconds: float
+    outcome: SearchOutcome
+    best: Evaluation | None
+    repaired: bool
+    warnings: list[str]
+    resumed: int
+
+
+def decide(setup: Setup, method: Method, config: PruneConfig, data: Data, callbacks: CallbackList,
+           recorded: Sequence[Evaluation], progress: bool) -> Decision:
+    """Plan, search and select a structure, then prune the model to it."""
+    plan, plan_seconds = make_plan(method, setup, config, data.train, progress)
+    callbacks.on_start({"groups": [g.name for g in setup.space.groups], "base_score": setup.base_score,
+                        "budget": config.budget or method.default_budget, "strategy": plan.strategy})
+    outcome = refine(setup, search(setup, plan, config, method, data, callbacks, recorded, progress), config)
+    keep, repaired, warnings = select(setup, outcome, method.name)
+    best = next((row for row in outcome.history if row.counts == tuple(setup.space.counts(keep))), None)
+    callbacks.on_search_end(best)
+    pruned = setup.space.apply(plan.model, keep, plan.scores)
+    recalibrate_bn(pruned, setup.calibration)
+    before = _final_score(pruned, setup, data, config.seed) if not world().distributed else float("nan")
+    return Decision(pruned, keep, before, plan, plan_seconds, outcome, best, repaired, warnings, len(recorded))
 
 
 @subnormals_flushed()
@@ -326,39 +442,46 @@ def run(model: nn.Module, example_inputs: Any, config: PruneConfig, method: Meth
         info: dict[str, Any] | None = None) -> PruneResult:
     """Prune ``model`` by ``config`` and return the result; the caller's model is not modified.
 
+    Under ``torchrun`` rank 0 decides the structure and broadcasts the pruned model, every rank fine-tunes it
+    (:mod:`autoprune.engine.distributed`), and every rank returns rank 0's result.
+
     Raises:
         SearchInterrupted: a callback asked to stop (the history so far was reported to the callbacks).
         AutopruneError: bad inputs, an unreachable target, or a method that cannot handle the model.
     """
     started = time.perf_counter()
     callbacks = callbacks or CallbackList()
+    here = world()
     setup = prepare(model, example_inputs, config, data, device)
-    plan, plan_seconds = make_plan(method, setup, config, data.train, progress)
-    callbacks.on_start({"groups": [g.name for g in setup.space.groups], "base_score": setup.base_score,
-                        "budget": config.budget or method.default_budget, "strategy": plan.strategy})
-    outcome = search(setup, plan, config, method, data, callbacks, recorded, progress)
-    keep, repaired, warnings = select(setup, outcome, method.name)
-    best = next((row for row in outcome.history if row.counts == tuple(setup.space.counts(keep))), None)
-    callbacks.on_search_end(best)
-    pruned = setup.space.apply(plan.model, keep, plan.scores)
-    recalibrate_bn(pruned, setup.calibration)
-    before = _final_score(pruned, setup, data, config.seed)
+    decision = decide(setup, method, config, data, callbacks, recorded, progress) if here.main else None
+    pruned = broadcast(decision.pruned if decision else None).to(setup.device)
     ft = finetune(pruned, setup, config, data, finetune_fn, callbacks, checkpoint, progress)
-    base_stats, pruned_stats, speedup, latency_device, matches = measure(setup, pruned.eval(), keep, config, data)
-    warnings += _check_alive(base_stats.accuracy, pruned_stats.accuracy, setup.chance, method.name,
-                             fine_tuned=ft.custom or ft.epochs > 0)
-    search_stats = _search_stats(setup, plan, config, outcome, plan_seconds, keep, best, len(recorded), repaired)
-    result = PruneResult(
+    scores = final_scores(setup, pruned.eval(), data, config.seed)
+    result = None
+    if decision is not None:
+        result = _result(setup, decision, pruned, ft, scores, method, config, data, started, info)
+        callbacks.on_end(result)
+    return broadcast(result)
+
+
+def _result(setup: Setup, decision: Decision, pruned: nn.Module, ft: FinetuneStats, scores: tuple[float, float],
+            method: Method, config: PruneConfig, data: Data, started: float,
+            info: dict[str, Any] | None) -> PruneResult:
+    keep = decision.keep
+    base_stats, pruned_stats, speedup, latency_device, matches = measure(setup, pruned, keep, config, scores)
+    warnings = decision.warnings + _check_alive(base_stats.accuracy, pruned_stats.accuracy, setup.chance,
+                                                method.name, fine_tuned=ft.custom or ft.epochs > 0)
+    search_stats = _search_stats(setup, decision.plan, config, decision.outcome, decision.plan_seconds, keep,
+                                 decision.best, decision.resumed, decision.repaired)
+    return PruneResult(
         model=pruned, method=method.name, source=method.source,
         metric="score" if data.score_fn is not None else "accuracy", target=config.target, seed=config.seed,
         base=base_stats, pruned=pruned_stats,
         widths=tuple(LayerWidth(**row) for row in setup.space.describe(keep)), keep=tuple(map(float, keep)),
         speedup=speedup, latency_device=latency_device, search=search_stats,
-        finetune=replace(ft, accuracy_before=before), config=config, history=outcome.history,
-        analytic_cost_matches=matches, seconds=time.perf_counter() - started,
+        finetune=replace(ft, accuracy_before=decision.before, world_size=world().size), config=config,
+        history=decision.outcome.history, analytic_cost_matches=matches, seconds=time.perf_counter() - started,
         info={**(info or {}), "versions": _versions()}, warnings=tuple(warnings))
-    callbacks.on_end(result)
-    return result
 
 
 def _search_stats(setup: Setup, plan: Plan, config: PruneConfig, outcome: SearchOutcome, plan_seconds: float,
@@ -374,7 +497,9 @@ def _search_stats(setup: Setup, plan: Plan, config: PruneConfig, outcome: Search
         unique_evaluations=outcome.evaluator.evaluations, distinct_structures=distinct, spread=spread,
         seconds=outcome.seconds, plan_seconds=plan_seconds, base_score=setup.base_score, best=best,
         resumed_evaluations=resumed, repaired_to_target=repaired, executor=config.executor_kind,
-        workers=config.workers, notes={**plan.notes, "extra_training_epochs": plan.extra_training_epochs})
+        workers=config.workers, threads_per_worker=threads_per_worker(config),
+        selection=None if outcome.selection is None else outcome.selection.describe(),
+        notes={**plan.notes, "extra_training_epochs": plan.extra_training_epochs})
 
 
 def _check_alive(base: float | None, accuracy: float | None, chance: float | None, method: str, *,

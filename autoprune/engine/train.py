@@ -27,8 +27,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from autoprune.engine.batches import correct_predictions, count_batches, forward, iterate, to_device
+from autoprune.engine.distributed import RankSlice, all_reduce_sum, unwrap, world, wrap_for_training
 from autoprune.errors import AutopruneError, Interrupted
-from autoprune.io.artifact import atomic_path
+from autoprune.io.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,9 @@ def evaluate(model: nn.Module, data: Iterable[Any], *, seed: int = 0, progress: 
     model.eval()
     device = model_device(model)
     correct, loss_sum, n = 0.0, 0.0, 0
+    here = world()
+    if here.distributed and not isinstance(data, list):  # each rank its slice; the counts are summed below
+        data = RankSlice(data, here, even=False)
     batches = data if isinstance(data, list) else iterate(data, seed=seed, key=EVAL_KEY, device=device)
     try:
         for inputs, targets in tqdm(batches, desc=desc, leave=False, disable=not progress or None):
@@ -154,6 +158,9 @@ def evaluate(model: nn.Module, data: Iterable[Any], *, seed: int = 0, progress: 
             n += samples
     finally:
         model.train(was_training)
+    if here.distributed and isinstance(data, RankSlice):
+        correct, loss_sum, n = all_reduce_sum([correct, loss_sum, float(n)], device)
+        n = int(n)
     if n == 0:
         raise AutopruneError("cannot evaluate on empty data (the loader yielded no samples)")
     return EvalResult(correct / n, loss_sum / n, n)
@@ -187,9 +194,9 @@ def _steps_per_epoch(loader: Iterable[Any], seed: int) -> int:
     return steps
 
 
-def _training_loss(model: nn.Module, inputs: Any, targets: Any, config: TrainConfig, teacher: nn.Module | None,
-                   regularizer: Regularizer | None, loss_fn: LossFn | None) -> torch.Tensor:
-    outputs = forward(model, inputs)
+def _training_loss(trained: nn.Module, model: nn.Module, inputs: Any, targets: Any, config: TrainConfig,
+                   teacher: nn.Module | None, regularizer: Regularizer | None, loss_fn: LossFn | None) -> torch.Tensor:
+    outputs = forward(trained, inputs)
     loss = loss_fn(outputs, targets) if loss_fn is not None else F.cross_entropy(outputs, targets)
     if teacher is not None:
         with torch.no_grad():
@@ -229,14 +236,36 @@ def fit(model: nn.Module, loader: Iterable[Any], config: TrainConfig, *, teacher
     """
     if config.epochs == 0:
         return TrainLog(0, 0.0, float("nan"), 0)
-    device = model_device(model)
+    here = world()
+    if here.distributed:  # torchrun: every rank its slice of each epoch's pass, gradients averaged by DDP
+        loader = RankSlice(loader, here)
     steps_per_epoch = _steps_per_epoch(loader, config.seed)
-    total, warmup = steps_per_epoch * config.epochs, int(config.warmup_epochs * steps_per_epoch)
     optimizer = _optimizer(model, config)
     start_epoch = _resume(checkpoint, model, optimizer, config) if checkpoint else 0
     teacher = teacher.eval() if teacher is not None and config.distill > 0 else None
-    started, last_loss = time.perf_counter(), float("nan")
-    model.train()
+    started = time.perf_counter()
+    trained = wrap_for_training(model, here)
+    try:
+        last_loss = _epochs(model, trained, loader, config, optimizer, start_epoch, steps_per_epoch, teacher=teacher,
+                            regularizer=regularizer, loss_fn=loss_fn, checkpoint=checkpoint if here.main else None,
+                            progress=progress and here.main, desc=desc, stop_requested=stop_requested,
+                            on_epoch=on_epoch)
+    finally:
+        unwrap(trained, model)
+    model.eval()
+    return TrainLog(config.epochs - start_epoch, time.perf_counter() - started, last_loss, start_epoch)
+
+
+def _epochs(model: nn.Module, trained: nn.Module, loader: Iterable[Any], config: TrainConfig,
+            optimizer: torch.optim.Optimizer, start_epoch: int, steps_per_epoch: int, *, teacher: nn.Module | None,
+            regularizer: Regularizer | None, loss_fn: LossFn | None, checkpoint: str | os.PathLike[str] | None,
+            progress: bool, desc: str, stop_requested: Callable[[], bool] | None,
+            on_epoch: Callable[[int, int], None] | None) -> float:
+    """The epoch loop of :func:`fit` (``trained`` is ``model``, or ``model`` under DistributedDataParallel)."""
+    device = model_device(model)
+    total, warmup = steps_per_epoch * config.epochs, int(config.warmup_epochs * steps_per_epoch)
+    last_loss = float("nan")
+    trained.train()
     for epoch in range(start_epoch, config.epochs):
         batches = iterate(loader, seed=config.seed, key=epoch, device=device, what="the training loader")
         bar = tqdm(batches, total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False,
@@ -246,7 +275,7 @@ def fit(model: nn.Module, loader: Iterable[Any], config: TrainConfig, *, teacher
             lr = lr_at(min(epoch * steps_per_epoch + i, total - 1), total, config.lr, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = _training_loss(model, inputs, targets, config, teacher, regularizer, loss_fn)
+            loss = _training_loss(trained, model, inputs, targets, config, teacher, regularizer, loss_fn)
             if not torch.isfinite(loss):
                 raise AutopruneError(f"training diverged: loss is {float(loss.detach())} at epoch {epoch + 1}, "
                                      f"step {i + 1} (learning rate {lr:.4g}); lower the learning rate or check "
@@ -264,11 +293,17 @@ def fit(model: nn.Module, loader: Iterable[Any], config: TrainConfig, *, teacher
             _save_checkpoint(checkpoint, model, optimizer, config, epoch + 1)
         if on_epoch is not None:
             on_epoch(epoch + 1, config.epochs)
-        if stop_requested is not None and stop_requested() and epoch + 1 < config.epochs:
+        if stop_requested is not None and _agreed(stop_requested(), device) and epoch + 1 < config.epochs:
             where = f"; its checkpoint {str(checkpoint)!r} resumes it when run again" if checkpoint else ""
             raise TrainingInterrupted(f"{desc} interrupted after epoch {epoch + 1} of {config.epochs}{where}")
-    model.eval()
-    return TrainLog(config.epochs - start_epoch, time.perf_counter() - started, last_loss, start_epoch)
+    return last_loss
+
+
+def _agreed(stop: bool, device: torch.device) -> bool:
+    """Whether any rank asked to stop (under torchrun every rank must stop at the same epoch)."""
+    if not world().distributed:
+        return stop
+    return all_reduce_sum([1.0 if stop else 0.0], device)[0] > 0
 
 
 def _check_finite_weights(model: nn.Module, epoch: int, config: TrainConfig) -> None:

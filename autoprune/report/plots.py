@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from autoprune.io.artifact import write_with
+from autoprune.io.files import write_with
 
 #: Fixed colours for the registered methods, so a method looks the same in every figure and report.
 _COLORS = {
