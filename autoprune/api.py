@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,7 +69,8 @@ def prune(model: nn.Module, example_inputs: Any, *, method: str | Method = "pso"
         resume: continue the interrupted run in ``out`` (same settings).
         force: replace an earlier run in ``out``.
         progress: show progress bars.
-        **settings: further :class:`PruneConfig` fields (``val_samples``, ``calibration_samples``, ``score``,
+        **settings: further :class:`PruneConfig` fields (``val_samples``, ``calibration_samples``, ``score`` and
+            ``score_options`` (see :mod:`autoprune.engine.scoring`), ``select_top``, ``select_steps``,
             ``latency_batch``, ``latency_repeats``, ``threads``, ``workers``, ``executor``, ``ray_address``...).
 
     Raises:
@@ -106,8 +108,16 @@ def execute(model: nn.Module, example_inputs: Any, config: PruneConfig, method: 
         with _own_random_state(device):
             return run(model, example_inputs, config, method, data, device=device, finetune_fn=finetune_fn,
                        callbacks=CallbackList(list(callbacks)), progress=progress, info=info)
-    from autoprune.runs.job import RunDirectory
+    from autoprune.engine.distributed import world
+    from autoprune.runs.job import WORK_DIR, RunDirectory
 
+    if not world().main:  # under torchrun only rank 0 writes; the others read its fine-tuning checkpoint
+        with _own_random_state(device):
+            return run(model, example_inputs, config, method, data, device=device, finetune_fn=finetune_fn,
+                       callbacks=CallbackList(list(callbacks)), checkpoint=Path(out) / WORK_DIR / "finetune.ckpt",
+                       progress=False, info=info)
+    if force and not resume and os.path.isdir(out) and any(os.scandir(out)):
+        _check_reachable_first(model, example_inputs, config, device)  # --force is about to delete the old run
     with RunDirectory(out, config, resume=resume, force=force, invocation=invocation, info=info) as run_dir, \
             _own_random_state(device):
         result = run(model, example_inputs, config, method, data, device=device, finetune_fn=finetune_fn,
@@ -117,6 +127,24 @@ def execute(model: nn.Module, example_inputs: Any, config: PruneConfig, method: 
     return result
 
 
+def _check_reachable_first(model: nn.Module, example_inputs: Any, config: PruneConfig, device: torch.device) -> None:
+    """An impossible target must fail before ``force`` clears the run directory, so that it deletes nothing."""
+    import copy
+
+    from autoprune.engine.batches import as_inputs, first_sample, to_device
+    from autoprune.engine.prune import check_forward, check_reachable
+    from autoprune.engine.space import PruningSpace
+
+    try:
+        base = copy.deepcopy(model).to(device).eval()
+    except Exception:
+        return  # the run itself reports an uncopyable model
+    example = to_device(first_sample(as_inputs(example_inputs)), device)
+    check_forward(base, example)
+    check_reachable(PruningSpace(base, example, round_to=config.round_to, min_ratio=config.min_ratio,
+                                 ignored=config.ignored_layers), config)
+
+
 def _own_random_state(device: torch.device) -> Any:
     """The run seeds torch's generators itself; the caller's random state is restored afterwards."""
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -124,8 +152,9 @@ def _own_random_state(device: torch.device) -> Any:
 
 
 def _settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    allowed = {"val_samples", "calibration_samples", "score", "latency_batch", "latency_repeats", "threads",
-               "workers", "executor", "ray_address", "threads_per_worker"}
+    allowed = {"val_samples", "calibration_samples", "score", "score_options", "select_top", "select_steps",
+               "latency_batch", "latency_repeats", "threads", "workers", "executor", "ray_address",
+               "threads_per_worker"}
     unknown = sorted(set(settings) - allowed)
     if unknown:
         raise AutopruneError(f"unknown argument {', '.join(map(repr, unknown))} for autoprune.prune; further settings "
