@@ -217,6 +217,12 @@ class PruningSpace:
             for module, dim, ratio in members:
                 target = delta_out if dim == "out" else delta_in
                 target[module] = target.get(module, 0) + int(r) * ratio
+        # Torch-Pruning prunes a depthwise conv with one out-channel handler that removes its inputs too,
+        # so the group records only its "out" side: its input channels are its output channels
+        for module, removed_out in delta_out.items():
+            shape = self._shapes.get(module)
+            if shape is not None and shape.depthwise:
+                delta_in[module] = removed_out
         return delta_in, delta_out
 
     def layer_channels(self, keep: Sequence[float] | np.ndarray) -> dict[str, tuple[int, int]]:
