@@ -108,7 +108,9 @@ def _add_pruning(p: argparse.ArgumentParser) -> None:
     s.add_argument("--budget", type=_pos_int, help="candidate evaluations allowed (default: the method's)")
     s.add_argument("--method-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. particles=20 (repeatable; `autoprune methods` lists them)")
-    s.add_argument("--score", default="bn", help="how candidates are scored during the search (default bn)")
+    s.add_argument("--score", help="how candidates are scored during the search: none, bn (adaptive BatchNorm, "
+                                   "accuracy), loss, kl (divergence from the unpruned model), finetune (a short "
+                                   "distilled fine-tune of each); default: autoprune.engine.scoring.DEFAULT_SCORE")
     s.add_argument("--val-samples", type=_pos_int, help="validation images used to score candidates (default all)")
     s.add_argument("--calibration-samples", type=_nonneg_int, default=512,
                    help="training images for BatchNorm re-estimation of each candidate (default 512)")
@@ -268,13 +270,28 @@ def _read_config(path: str) -> dict[str, Any]:
 # ---- helpers -----------------------------------------------------------------------------------
 
 def _device(name: str):
+    """The device named by ``--device``; under torchrun, this rank's device, with the process group joined."""
     import torch
 
+    from autoprune.engine.distributed import device_for_rank, init_from_env
     from autoprune.engine.prune import resolve_device
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return resolve_device(torch.nn.Module(), name)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = resolve_device(torch.nn.Module(), name)
+    device = device_for_rank(device)
+    init_from_env(device)
+    return device
+
+
+def _say(*lines: str) -> None:
+    """Print, on rank 0 only under torchrun."""
+    from autoprune.engine.distributed import world
+
+    if world().main:
+        for line in lines:
+            print(line, flush=True)
 
 
 class StopFlag:
@@ -376,8 +393,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     stop.install()
     summary = train_base(args.model, splits, config, out, device=device, progress=not args.quiet,
                          model_kwargs={"width": args.width} if args.width is not None else {}, stop_requested=stop)
-    print(f"trained {summary['model']} on {summary['dataset']} for {summary['epochs']} epochs in "
-          f"{summary['seconds']:.1f} s: test accuracy {100 * summary['test_accuracy']:.2f}% -> {summary['out']}")
+    _say(f"trained {summary['model']} on {summary['dataset']} for {summary['epochs']} epochs in "
+         f"{summary['seconds']:.1f} s: test accuracy {100 * summary['test_accuracy']:.2f}% -> {summary['out']}")
     return 0
 
 
@@ -396,10 +413,11 @@ def prune_config(args: argparse.Namespace, method: str):
         method=method, method_options=dict(args.method_option),
         target=Target(macs_reduction=args.macs_reduction, latency_reduction=args.latency_reduction,
                       max_drop=args.max_drop),
-        budget=args.budget, score=args.score, finetune=finetune, round_to=args.round_to, min_ratio=args.min_ratio,
+        budget=args.budget, finetune=finetune, round_to=args.round_to, min_ratio=args.min_ratio,
         val_samples=args.val_samples, calibration_samples=args.calibration_samples, seed=args.seed,
         latency_batch=args.latency_batch, latency_repeats=args.latency_repeats, threads=args.threads,
-        workers=args.workers, ray_address=args.ray_address, threads_per_worker=args.threads_per_worker)
+        workers=args.workers, ray_address=args.ray_address, threads_per_worker=args.threads_per_worker,
+        **({} if args.score is None else {"score": args.score}))
 
 
 def _resumed(args: argparse.Namespace, run_file: dict[str, Any]) -> None:
@@ -465,10 +483,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     result = execute(inputs.model, inputs.example_inputs, config, method, inputs.data, device=_device(args.device),
                      callbacks=[stop.callback], out=out, resume=bool(args.resume), force=args.force,
                      progress=not args.quiet, info=inputs.info, invocation=inputs.invocation)
-    print(before_after_table(result))
-    for warning in result.warnings:
-        print(f"warning: {warning}")
-    print(f"\nsaved {out / 'model.pt'}, {out / 'report.json'}, {out / 'report.md'}, {out / 'report.html'}")
+    _say(before_after_table(result), *(f"warning: {w}" for w in result.warnings),
+         f"\nsaved {out / 'model.pt'}, {out / 'report.json'}, {out / 'report.md'}, {out / 'report.html'}")
     return 0
 
 
@@ -490,27 +506,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     stop.install()
 
     def started(method: str, i: int, n: int) -> None:
-        print(f"[{i + 1}/{n}] {method} ...", flush=True)
+        _say(f"[{i + 1}/{n}] {method} ...")
 
     def done(result: Any) -> None:
         if result.skipped:
-            print(f"      {result.method}: already finished, skipped", flush=True)
+            _say(f"      {result.method}: already finished, skipped")
         elif result.status == "ok":
             r = result.result
-            print(f"      {result.method}: {r.metric} {100 * r.pruned.accuracy:.2f}% "
-                  f"({r.accuracy_change_points:+.2f} pts), MACs -{100 * r.reduction['macs']:.1f}% "
-                  f"in {result.seconds:.1f} s", flush=True)
+            _say(f"      {result.method}: {r.metric} {100 * r.pruned.accuracy:.2f}% "
+                 f"({r.accuracy_change_points:+.2f} pts), MACs -{100 * r.reduction['macs']:.1f}% "
+                 f"in {result.seconds:.1f} s")
         else:
-            print(f"      {result.method}: {result.status}: {result.error}", flush=True)
+            _say(f"      {result.method}: {result.status}: {result.error}")
 
     comparison = Comparison(inputs.model, inputs.example_inputs, inputs.data, _device(args.device), inputs.info,
                             inputs.invocation, title)
     summary = run_comparison(comparison, config, methods, out, force=args.force, resume=bool(args.resume),
                              callbacks=[stop.callback], progress=not args.quiet, on_start=started, on_done=done)
-    print()
-    print(terminal_table(summary))
-    print(f"\nsaved {out / 'compare.md'}, {out / 'compare.json'}, {out / 'report.html'} (one sub-directory per "
-          "method)")
+    _say("", terminal_table(summary), f"\nsaved {out / 'compare.md'}, {out / 'compare.json'}, "
+         f"{out / 'report.html'} (one sub-directory per method)")
     if not any(e["status"] == "ok" for e in summary["methods"]):
         raise AutopruneError(f"every method failed; see {out / 'compare.md'}")
     return 0

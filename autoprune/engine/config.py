@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from autoprune.engine.scoring import DEFAULT_SCORE, DEFAULT_SELECT_STEPS, DEFAULT_SELECT_TOP, create_score, score_names
 from autoprune.engine.train import TrainConfig
 from autoprune.errors import AutopruneError, ConfigError
 
@@ -107,7 +108,14 @@ class PruneConfig:
         method_options: the method's keyword options (see ``autoprune methods``).
         target: what the pruned network must achieve.
         budget: candidate evaluations allowed (default: the method's).
-        score: how a candidate is scored during the search (see :mod:`autoprune.engine.scoring`).
+        score: how a candidate is scored during the search: a name in
+            :data:`autoprune.engine.scoring.SCORES` (``none``, ``bn``, ``loss``, ``kl``, ``finetune``).
+        score_options: the score's keyword options (e.g. ``{"steps": 100}`` for ``finetune``).
+        select_top: multi-fidelity selection after the search: the ``select_top`` best distinct structures
+            (by the score) and the uniform one are briefly fine-tuned and halved until one is left
+            (:func:`autoprune.engine.scoring.successive_halving`); 0 or 1: keep the search's best. Only with a
+            cost target and training data.
+        select_steps: fine-tuning steps of the selection's first rung (each later rung multiplies them).
         finetune: fine-tuning of the pruned network (None: none; epochs 0 is the same).
         round_to: kept channel counts are multiples of this.
         min_ratio: each group keeps at least this fraction of its channels.
@@ -128,7 +136,10 @@ class PruneConfig:
     target: Target
     method_options: Mapping[str, Any] = field(default_factory=dict)
     budget: int | None = None
-    score: str = "bn"
+    score: str = DEFAULT_SCORE
+    score_options: Mapping[str, Any] = field(default_factory=dict)
+    select_top: int = DEFAULT_SELECT_TOP
+    select_steps: int = DEFAULT_SELECT_STEPS
     finetune: TrainConfig | None = field(default_factory=lambda: TrainConfig(epochs=2, lr=0.01))
     round_to: int = 1
     min_ratio: float = 0.05
@@ -152,6 +163,14 @@ class PruneConfig:
         if not isinstance(self.method_options, Mapping):
             raise ConfigError("method_options", self.method_options, "must be a mapping of option names to values")
         object.__setattr__(self, "method_options", dict(self.method_options))
+        if not isinstance(self.score_options, Mapping):
+            raise ConfigError("score_options", self.score_options, "must be a mapping of option names to values")
+        object.__setattr__(self, "score_options", dict(self.score_options))
+        if not isinstance(self.score, str):
+            raise ConfigError("score", self.score, f"must be a score name: {', '.join(score_names())}")
+        create_score(self.score, self.score_options)  # an unknown name or option: the registry's one line
+        _int("select_top", self.select_top, 0, 1024)
+        _int("select_steps", self.select_steps, 1, 1_000_000)
         object.__setattr__(self, "ignored_layers", tuple(self.ignored_layers))
         _int("budget", self.budget, 1, optional=True)
         _int("round_to", self.round_to, 1, 4096)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +95,32 @@ def broadcast(obj: Any, *, src: int = 0) -> Any:
     box = [obj if here.rank == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run by rank 0 only, its value (or its error) shared with every rank.
+
+    A failure on rank 0 is re-raised on every rank as the same one-line :class:`AutopruneError`, so the other
+    ranks end with the same message instead of a broken connection.
+    """
+    here = world()
+    if not here.distributed:
+        return fn()
+    outcome: tuple[str, Any] = ("ok", None)
+    error: BaseException | None = None
+    if here.main:
+        try:
+            outcome = ("ok", fn())
+        except Exception as exc:
+            error = exc
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            outcome = ("error", text if isinstance(exc, AutopruneError) else f"{type(exc).__name__}: {text}")
+    status, value = broadcast(outcome)
+    if error is not None:
+        raise error
+    if status == "error":
+        raise AutopruneError(f"rank 0 failed: {value}")
+    return value
 
 
 def barrier() -> None:

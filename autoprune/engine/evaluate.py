@@ -4,12 +4,17 @@ A candidate is scored on a working copy of the model with its removed channels m
 re-tracing) or, where that is not exact or slower, physically pruned: BatchNorm statistics are
 re-estimated on training samples first (reset, then a cumulative average in train mode, without
 gradients), then the validation score is measured: top-1 accuracy on the validation batches, or the
-caller's ``score_fn(model)``. The test data is never seen here. MACs and parameters come from the space's
+caller's ``score_fn(model)``. That is the ``bn`` score; the configured score (:mod:`autoprune.engine.scoring`:
+loss, KL divergence from the unpruned model, a short distilled fine-tune) decides the adaptation and
+what the search ranks by. The test data is never seen here. MACs and parameters come from the space's
 analytic cost model.
 
 Whether candidates are masked or pruned physically is decided once, by :func:`choose_physical`, and
 passed in, so that every process evaluating candidates of one run makes the same choice. Results are
-cached by channel counts, so a strategy that proposes the same structure twice pays once.
+cached by channel counts, so a strategy that proposes the same structure twice pays once. With several
+workers (:mod:`autoprune.engine.executor`) each worker process builds its own :class:`Evaluator` from
+one payload; the driver's instance keeps the cache (:meth:`Evaluator.key`, :meth:`Evaluator.cached`,
+:meth:`Evaluator.record`) and sends only candidates it has not seen.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from autoprune.engine.batches import Batch, Inputs, forward, to_device
+from autoprune.engine.scoring import CandidateScore, Measurement, ScoreData, candidate_seed, create_score
 from autoprune.engine.space import PruningSpace
 from autoprune.engine.train import evaluate, model_device
 from autoprune.search import Fitness
@@ -88,10 +95,15 @@ class Evaluator:
         calibration: training input batches for BatchNorm re-estimation.
         score_fn: replaces validation accuracy: ``score_fn(model) -> float``, higher is better.
         physical: prune each candidate physically (True) or mask it (False); see :func:`choose_physical`.
+            A score that trains the candidate (``finetune``) always gets a physically pruned copy.
+        score: the candidate score (a name in :data:`autoprune.engine.scoring.SCORES` or a built score).
+        train: training batches ``(inputs, targets)`` held for the scores that fine-tune candidates.
+        seed: the run's seed (each candidate's adaptation is seeded from it and its channel counts).
     """
 
     def __init__(self, model: nn.Module, space: PruningSpace, scores: Sequence[torch.Tensor], val: Sequence[Batch],
-                 calibration: Sequence[Inputs], *, score_fn: ScoreFn | None = None, physical: bool = False):
+                 calibration: Sequence[Inputs], *, score_fn: ScoreFn | None = None, physical: bool = False,
+                 score: str | CandidateScore = "bn", train: Sequence[Batch] = (), seed: int = 0):
         self.space = space
         self.scores = [torch.as_tensor(s).detach().cpu() for s in scores]
         self.val = list(val)
@@ -102,32 +114,74 @@ class Evaluator:
         self._model = copy.deepcopy(model).eval()
         for p in self._model.parameters():
             p.requires_grad_(False)
+        self.candidate_score = create_score(score)
+        self.candidate_score.check(score_fn)
+        self.seed = seed
+        self.data = ScoreData(self._model, self.val, self.calibration, list(train), score_fn, seed)
+        self._bn_state = {k: v.clone() for k, v in self._model.state_dict().items() if _is_bn_buffer(k, self._model)}
         self._cache: dict[tuple[int, ...], Fitness] = {}
         self.evaluations = 0
 
     def __call__(self, keep: Sequence[float] | np.ndarray) -> Fitness:
-        counts = tuple(int(c) for c in self.space.counts(keep))
+        counts = self.key(keep)
         cached = self._cache.get(counts)
         if cached is not None:
             return cached
         keep = np.asarray(counts) / self.space.channels
         cost = self.space.cost(keep)
-        fitness = Fitness(accuracy=self.score(keep), macs=float(cost.macs), params=float(cost.params))
-        self._cache[counts] = fitness
-        self.evaluations += 1
+        measured = self.measure(keep)
+        value = None if self.candidate_score.metric == "accuracy" else self.candidate_score.value(measured)
+        fitness = Fitness(accuracy=measured.accuracy, macs=float(cost.macs), params=float(cost.params), value=value)
+        self.record(counts, fitness)
         return fitness
 
+    def key(self, keep: Sequence[float] | np.ndarray) -> tuple[int, ...]:
+        """The cache key of a candidate: its channel counts (equal counts are the same network)."""
+        return tuple(int(c) for c in self.space.counts(keep))
+
+    def cached(self, key: tuple[int, ...]) -> Fitness | None:
+        """The known result for a cache key, if any (used by the executors to send only new candidates)."""
+        return self._cache.get(key)
+
+    def record(self, key: tuple[int, ...], fitness: Fitness) -> None:
+        """Cache a result computed now, here or in a worker process (counted in :attr:`evaluations`)."""
+        self._cache[key] = fitness
+        self.evaluations += 1
+
     def score(self, keep: np.ndarray) -> float:
-        """Validation score of the candidate after BatchNorm re-estimation."""
-        if self.physical:
-            pruned = self.space.apply(self._model, keep, self.scores)
-            if self.recalibrate:
-                recalibrate_bn(pruned, self.calibration)
-            return measure_score(pruned, self.val, self.score_fn)
-        with self.space.masked(self._model, keep, self.scores) as masked:
-            if self.recalibrate:
-                recalibrate_bn(masked, self.calibration)
-            return measure_score(masked, self.val, self.score_fn)
+        """The value the search ranks the candidate by (its validation accuracy under the ``bn`` score)."""
+        return self.candidate_score.value(self.measure(keep))
+
+    def measure(self, keep: np.ndarray, score: CandidateScore | None = None) -> Measurement:
+        """The candidate adapted and measured by ``score`` (default: the configured one); not cached."""
+        score = score or self.candidate_score
+        seed = candidate_seed(self.seed, self.key(keep))
+        if self.physical or score.adapts:
+            return score(self.space.apply(self._model, keep, self.scores), self.data, seed)
+        try:
+            with self.space.masked(self._model, keep, self.scores) as masked:
+                return score(masked, self.data, seed)
+        finally:  # adaptive BatchNorm ran on the working copy: it stays the unpruned network (the teacher)
+            if self._bn_state:
+                self._model.load_state_dict(self._bn_state, strict=False)
+
+    def state(self) -> dict[str, Any]:
+        """What a worker process needs to build an equal evaluator (:meth:`from_state`), without the cache.
+
+        The working copy of the model, the space, channel scores, validation and calibration batches,
+        ``score_fn`` and the ``physical`` decision: shipped once per worker, so that every process scores a
+        candidate exactly as this one would.
+        """
+        return {"model": self._model, "space": self.space, "scores": self.scores, "val": self.val,
+                "calibration": self.calibration, "score_fn": self.score_fn, "physical": self.physical,
+                "score": self.candidate_score, "train": self.data.train, "seed": self.seed}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Evaluator:
+        """An evaluator rebuilt from :meth:`state` in a worker process (``physical`` as decided by the driver)."""
+        return cls(state["model"], state["space"], state["scores"], state["val"], state["calibration"],
+                   score_fn=state["score_fn"], physical=bool(state["physical"]), score=state.get("score", "bn"),
+                   train=state.get("train", ()), seed=int(state.get("seed", 0)))
 
     def prefill(self, counts: Sequence[int], fitness: Fitness) -> None:
         """Record a known result (from a resumed run's history) so it is not evaluated again."""
@@ -144,6 +198,8 @@ def choose_physical(evaluator: Evaluator) -> bool:
     the probe is timed both ways.
     """
     space = evaluator.space
+    if evaluator.candidate_score.adapts:
+        return True  # a score that trains the candidate needs a copy of its own anyway
     probe = space.snap(np.clip(np.full(len(space), 0.5), space.lower, space.upper))
     if not space.masking_is_exact(evaluator._model, probe, evaluator.scores):
         log.warning("masking does not match physical pruning on this model (an activation with f(0) != 0?); "
@@ -157,3 +213,12 @@ def choose_physical(evaluator: Evaluator) -> bool:
         seconds[physical] = time.perf_counter() - started
     log.info("candidate evaluation: masking %.3f s, surgery %.3f s", seconds[False], seconds[True])
     return seconds[True] < seconds[False]
+
+
+def _is_bn_buffer(name: str, model: nn.Module) -> bool:
+    """Whether ``name`` in the state dict is a BatchNorm running statistic (restored after masked scoring)."""
+    module_name, _, leaf = name.rpartition(".")
+    if leaf not in ("running_mean", "running_var", "num_batches_tracked"):
+        return False
+    module = model.get_submodule(module_name) if module_name else model
+    return isinstance(module, _BN_TYPES)

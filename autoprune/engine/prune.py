@@ -28,7 +28,7 @@ import autoprune
 from autoprune.engine.batches import Batch, Inputs, as_inputs, describe_shape, first_sample, forward, take, to_device
 from autoprune.engine.callbacks import CallbackList
 from autoprune.engine.config import PruneConfig
-from autoprune.engine.distributed import broadcast, world
+from autoprune.engine.distributed import on_main, world
 from autoprune.engine.evaluate import Evaluator, ScoreFn, choose_physical, measure_score, recalibrate_bn
 from autoprune.engine.executor import BatchEvaluation, create_executor, threads_per_worker
 from autoprune.engine.measure import compare_latency, cost_of, device_name, serialized_size
@@ -357,11 +357,11 @@ def finetune(pruned: nn.Module, setup: Setup, config: PruneConfig, data: Data, f
                          distill=settings.distill)
 
 
-def _final_score(model: nn.Module, setup: Setup, data: Data, seed: int) -> float:
+def _final_score(model: nn.Module, setup: Setup, data: Data, seed: int, *, shared: bool = True) -> float:
     if data.score_fn is not None:
         return measure_score(model, setup.val, data.score_fn)
     if data.test is not None:
-        return evaluate(model, data.test, seed=seed).accuracy
+        return evaluate(model, data.test, seed=seed, shared=shared).accuracy
     return evaluate(model, setup.val).accuracy
 
 
@@ -431,7 +431,7 @@ def decide(setup: Setup, method: Method, config: PruneConfig, data: Data, callba
     callbacks.on_search_end(best)
     pruned = setup.space.apply(plan.model, keep, plan.scores)
     recalibrate_bn(pruned, setup.calibration)
-    before = _final_score(pruned, setup, data, config.seed) if not world().distributed else float("nan")
+    before = _final_score(pruned, setup, data, config.seed, shared=False)  # rank 0 alone under torchrun
     return Decision(pruned, keep, before, plan, plan_seconds, outcome, best, repaired, warnings, len(recorded))
 
 
@@ -453,15 +453,20 @@ def run(model: nn.Module, example_inputs: Any, config: PruneConfig, method: Meth
     callbacks = callbacks or CallbackList()
     here = world()
     setup = prepare(model, example_inputs, config, data, device)
-    decision = decide(setup, method, config, data, callbacks, recorded, progress) if here.main else None
-    pruned = broadcast(decision.pruned if decision else None).to(setup.device)
+    decided: list[Decision] = []  # rank 0's decision; its pruned model (or its error) reaches every rank
+
+    def decide_on_main() -> nn.Module:
+        decided.append(decide(setup, method, config, data, callbacks, recorded, progress))
+        return decided[0].pruned
+
+    pruned = on_main(decide_on_main).to(setup.device)
+    decision = decided[0] if decided else None
     ft = finetune(pruned, setup, config, data, finetune_fn, callbacks, checkpoint, progress)
     scores = final_scores(setup, pruned.eval(), data, config.seed)
-    result = None
-    if decision is not None:
-        result = _result(setup, decision, pruned, ft, scores, method, config, data, started, info)
+    result = on_main(lambda: _result(setup, decision, pruned, ft, scores, method, config, data, started, info))
+    if here.main:
         callbacks.on_end(result)
-    return broadcast(result)
+    return result
 
 
 def _result(setup: Setup, decision: Decision, pruned: nn.Module, ft: FinetuneStats, scores: tuple[float, float],

@@ -43,6 +43,8 @@ class Evaluation:
         score: the value the strategy maximised (score minus penalties, or an infeasibility mark).
         seconds: time since the search started (informational; excluded from comparisons).
         latency_ms: predicted latency, when a latency target is searched.
+        value: what the search ranked by when it is not the accuracy (``exp(-KL)``, ``exp(-loss)``: see
+            :mod:`autoprune.engine.scoring`); None under accuracy scores.
     """
 
     index: int
@@ -54,6 +56,7 @@ class Evaluation:
     score: float
     seconds: float = 0.0
     latency_ms: float | None = None
+    value: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The history row."""
@@ -62,6 +65,8 @@ class Evaluation:
                "seconds": round(self.seconds, 3)}
         if self.latency_ms is not None:
             row["latency_ms"] = round(self.latency_ms, 5)
+        if self.value is not None:
+            row["value"] = self.value
         return row
 
     @classmethod
@@ -78,12 +83,15 @@ class Evaluation:
         latency = row.get("latency_ms")
         if latency is not None and (isinstance(latency, bool) or not isinstance(latency, int | float)):
             raise ValueError("latency_ms is not a number")
+        value = row.get("value")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError("value is not a number")
         index = row.get("i", 0)
         if isinstance(index, bool) or not isinstance(index, int):
             raise ValueError("i is not an integer")
         return cls(index, tuple(float(k) for k in keep), tuple(counts), float(row["accuracy"]), int(row["macs"]),
                    int(row["params"]), float(row["score"]), float(row.get("seconds", 0.0) or 0.0),
-                   None if latency is None else float(latency))
+                   None if latency is None else float(latency), None if value is None else float(value))
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,9 @@ class SearchStats:
         repaired_to_target: the chosen candidate was shrunk onto the target after the search.
         executor: ``serial``, ``pool`` or ``ray``.
         workers: processes that evaluated candidates.
+        threads_per_worker: torch threads each worker process was pinned to (None: serial, the run's own).
+        selection: the multi-fidelity selection after the search (its rungs and choice; None: not run), see
+            :func:`autoprune.engine.scoring.successive_halving`.
         notes: method-specific facts (JSON data).
     """
 
@@ -148,6 +159,8 @@ class SearchStats:
     repaired_to_target: bool = False
     executor: str = "serial"
     workers: int = 1
+    threads_per_worker: int | None = None
+    selection: Mapping[str, Any] | None = None
     notes: Mapping[str, Any] = field(default_factory=dict)
 
 

@@ -134,17 +134,19 @@ def subnormals_flushed() -> Iterator[None]:
 @subnormals_flushed()
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Iterable[Any], *, seed: int = 0, progress: bool = False,
-             desc: str = "evaluate") -> EvalResult:
+             desc: str = "evaluate", shared: bool = True) -> EvalResult:
     """Top-1 accuracy and mean cross-entropy of ``model`` on ``data`` in eval mode (the model's mode is restored).
 
-    ``data`` is a loader or a list of ``(inputs, targets)`` batches (held in memory by the caller).
+    ``data`` is a loader or a list of ``(inputs, targets)`` batches (held in memory by the caller). Under
+    torchrun a loader's batches are shared out between the ranks and the counts summed (every rank must call);
+    ``shared=False`` evaluates all of it in this process alone.
     """
     was_training = model.training
     model.eval()
     device = model_device(model)
     correct, loss_sum, n = 0.0, 0.0, 0
     here = world()
-    if here.distributed and not isinstance(data, list):  # each rank its slice; the counts are summed below
+    if shared and here.distributed and not isinstance(data, list):  # each rank its slice; counts summed below
         data = RankSlice(data, here, even=False)
     batches = data if isinstance(data, list) else iterate(data, seed=seed, key=EVAL_KEY, device=device)
     try:
@@ -189,6 +191,9 @@ def _steps_per_epoch(loader: Iterable[Any], seed: int) -> int:
     if steps is None:  # an iterable without len(): count one pass
         steps = sum(1 for _ in iterate(loader, seed=seed, key=EVAL_KEY + 1))
     if steps == 0:
+        if isinstance(loader, RankSlice):
+            raise AutopruneError(f"the training loader has fewer batches than the {loader.here.size} torchrun "
+                                 "processes; use a smaller batch size or fewer processes")
         raise AutopruneError("the training loader yielded no batches; check the data (or its drop_last with fewer "
                              "samples than one batch)")
     return steps

@@ -7,6 +7,7 @@ refuse data the model was not trained for.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from autoprune.data import BatchLoader, DatasetInfo, Splits
+from autoprune.engine.distributed import world
 from autoprune.engine.prune import check_forward
 from autoprune.engine.train import TrainConfig, evaluate, fit
 from autoprune.errors import AutopruneError
@@ -70,7 +72,8 @@ def train_base(model_name: str, splits: Splits, config: TrainConfig, out: Path, 
     started again with the same settings resumes from it.
     """
     check_trainable(splits)
-    with lock_output(out, kind="file"):
+    here = world()
+    with lock_output(out, kind="file") if here.main else contextlib.nullcontext():
         torch.manual_seed(config.seed)  # the initial weights follow the seed, not what ran before in the process
         model, architecture = build_model(model_name, splits.info, **(model_kwargs or {}))
         model.to(device)
@@ -82,10 +85,11 @@ def train_base(model_name: str, splits: Splits, config: TrainConfig, out: Path, 
         seconds = time.perf_counter() - started
         val = evaluate(model, BatchLoader(splits.val, 500, device=device)) if len(splits.val) else None
         test = evaluate(model, BatchLoader(splits.test, 500, device=device))
-        save_model(out, model.cpu(), architecture=architecture, dataset=dataset_identity(splits.info),
-                   info={"trained": {"epochs": config.epochs, "lr": config.lr, "seed": config.seed,
-                                     "test_accuracy": test.accuracy}})
-        checkpoint.unlink(missing_ok=True)
+        if here.main:  # under torchrun every rank trains its slice; rank 0 writes
+            save_model(out, model.cpu(), architecture=architecture, dataset=dataset_identity(splits.info),
+                       info={"trained": {"epochs": config.epochs, "lr": config.lr, "seed": config.seed,
+                                         "test_accuracy": test.accuracy}})
+            checkpoint.unlink(missing_ok=True)
     return {"model": model_name, "dataset": splits.info.name, "epochs": config.epochs, "seconds": seconds,
             "val_accuracy": val.accuracy if val else None, "test_accuracy": test.accuracy,
             "params": sum(p.numel() for p in model.parameters()), "out": str(out)}
