@@ -9,6 +9,7 @@ resumed by replaying its history into a fresh strategy (:func:`replay`), then ru
 from __future__ import annotations
 
 import inspect
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,11 +22,23 @@ from autoprune.errors import AutopruneError
 from autoprune.registry import Registry
 from autoprune.search.problem import Fitness, Problem
 
-__all__ = ["STRATEGIES", "SearchResult", "Strategy", "check_float", "check_int", "create_strategy",
-           "register_strategy", "replay", "run_search", "strategy_names"]
+__all__ = ["STRATEGIES", "SearchResult", "Strategy", "check_bool", "check_float", "check_int", "create_strategy",
+           "register_strategy", "replay", "run_search", "stream_key", "strategy_names"]
 
 #: How far a told candidate may be from the asked one (a float32 or text round trip) before tell() refuses.
 _MATCH_ATOL = 1e-6
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` if it is a bool (an option that is on or off)."""
+    if not isinstance(value, bool | np.bool_):
+        raise AutopruneError(f"option {name} must be true or false, got {value!r}")
+    return bool(value)
+
+
+def stream_key(name: str) -> int:
+    """A stable integer per strategy name (CRC-32), the second word of every strategy's seed."""
+    return zlib.crc32(name.encode("utf-8"))
 
 
 class Strategy(ABC):
@@ -44,7 +57,9 @@ class Strategy(ABC):
             path strategy such as ``greedy`` that walks in from the unpruned network).
         problem: The problem searched.
         seed: The seed of ``rng``.
-        rng: The strategy's own random generator.
+        rng: The strategy's own random generator, seeded with ``(seed, stream_key(name))``: one stream
+            per strategy, so that two strategies run with the same seed (a search and the random
+            baseline it is compared with) draw independent numbers.
     """
 
     name: ClassVar[str] = ""
@@ -62,13 +77,14 @@ class Strategy(ABC):
             raise AutopruneError(f"a strategy needs a search Problem, got {type(problem).__name__}")
         self.problem = problem
         self.seed = check_int("seed", seed, minimum=0)
-        self.rng = np.random.default_rng(self.seed)
+        self.rng = np.random.default_rng([self.seed, stream_key(self.name or type(self).__name__)])
         self._finished = False
         self._asked: list[np.ndarray] = []
         self._told: list[Fitness] = []
         self._told_scores: list[float] = []
         self._best_seen: tuple[np.ndarray, float] | None = None
         self._evaluations = 0
+        self._proposed: set[bytes] = set()
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -100,6 +116,7 @@ class Strategy(ABC):
             self._asked = [np.array(x, dtype=float) for x in batch]
             for x in self._asked:
                 x.setflags(write=False)
+                self._proposed.add(x.tobytes())
         return [x.copy() for x in self._asked[len(self._told) :]]
 
     def tell(self, xs: Sequence[np.ndarray], results: Sequence[Fitness]) -> None:
@@ -144,6 +161,33 @@ class Strategy(ABC):
             batch, told_results, scores = self._asked, self._told, self._told_scores
             self._asked, self._told, self._told_scores = [], [], []
             self._tell(batch, told_results, scores)
+
+    def proposed(self, x: np.ndarray) -> bool:
+        """Whether candidate ``x`` was in an earlier ask."""
+        return np.asarray(x, dtype=float).tobytes() in self._proposed
+
+    def fresh(self, candidate: np.ndarray, place: Callable[[np.ndarray], np.ndarray], taken: set[bytes] | None = None,
+              *, tries: int = 8, scale: float = 0.05) -> np.ndarray:
+        """``candidate``, or a nearby candidate not proposed before when it was (a structure evaluated twice
+        spends the evaluation budget for nothing).
+
+        A candidate that was in an earlier ask, or whose bytes are in ``taken`` (the batch being built), is
+        replaced by ``place(candidate + noise)`` for the first draw that is new, the noise normal with a
+        standard deviation of ``scale * (upper - lower)``, doubled after every failed draw; after ``tries``
+        draws the candidate is kept as it is. The draws come from :attr:`rng`, so the search stays
+        reproducible. ``place`` must return an allowed candidate (the strategy's own projection).
+        """
+        key = np.asarray(candidate, dtype=float).tobytes()
+        taken = taken if taken is not None else set()
+        if key not in self._proposed and key not in taken:
+            return candidate
+        span = self.problem.upper - self.problem.lower
+        for attempt in range(tries):
+            noise = self.rng.normal(0.0, scale * 2.0**attempt, self.problem.dim) * span
+            moved = np.asarray(place(candidate + noise), dtype=float)
+            if moved.tobytes() not in self._proposed and moved.tobytes() not in taken:
+                return moved
+        return candidate
 
     @property
     def done(self) -> bool:

@@ -39,11 +39,20 @@ class Fitness:
         macs: Cost of the candidate as measured (informational; feasibility uses ``Problem.cost``, the
             analytic model, which agrees with the measured count).
         params: Parameter count of the candidate (informational).
+        value: What macs mode ranks candidates by when it is not the accuracy: a higher-is-better score in
+            ``[0, 1]`` such as ``exp(-KL)`` from the unpruned network (see ``autoprune.engine.scoring``);
+            None: the accuracy. Drop mode always reads the accuracy (its target is in accuracy points).
     """
 
     accuracy: float
     macs: float
     params: float
+    value: float | None = None
+
+    @property
+    def ranking(self) -> float:
+        """The number macs mode maximises: :attr:`value` when set, else :attr:`accuracy`."""
+        return float(self.accuracy if self.value is None else self.value)
 
 
 def _vector(name: str, value: object) -> np.ndarray:
@@ -190,17 +199,18 @@ class Problem:
     def score(self, x: np.ndarray, fitness: Fitness) -> float:
         """The value strategies maximise; every feasible score is above every infeasible one.
 
-        macs mode: ``accuracy - penalty`` when feasible, minus ``1 + (cost - max_cost)`` when not.
+        macs mode: ``accuracy - penalty`` (or ``value - penalty``, see :attr:`Fitness.value`) when feasible,
+        minus ``1 + (cost - max_cost)`` when not.
         drop mode: ``1 - cost - penalty`` when feasible, ``-1 - (drop - max_drop)`` when not.
-        A NaN accuracy scores ``-inf``.
+        A NaN accuracy (or value) scores ``-inf``.
         """
         accuracy = float(fitness.accuracy)
-        if math.isnan(accuracy):
+        if math.isnan(accuracy) or (self.max_cost is not None and math.isnan(fitness.ranking)):
             return -math.inf
         penalty = 0.0 if self.penalty is None else float(self.penalty(x))
         if self.max_cost is not None:
             cost = float(self.cost(x))
-            value = accuracy - penalty
+            value = fitness.ranking - penalty
             if cost <= self.max_cost + TOLERANCE:
                 return value
             return value - 1.0 - (cost - self.max_cost)
@@ -271,6 +281,95 @@ class Problem:
             return candidate
         return self._furthest(lambda t: self.clip(self.lower + t * direction), 1.0, top, point)
 
+    def uniform(self) -> np.ndarray:
+        """The one-ratio candidate: the same keep ratio ``r`` in every dimension (clipped, snapped).
+
+        macs mode: the largest ``r`` whose candidate meets the cost ceiling (bisection on the cost model, no
+        evaluation); drop mode: ``upper``. This is the PFEC / ``l1`` structure, the hand-set baseline that
+        population strategies seed their first ask with.
+        """
+        top = float(np.max(self.upper))
+        if self.max_cost is None:
+            return self.clip(self.upper)
+        if self.cost_ok(self.clip(np.full(self.dim, top))):
+            return self.clip(np.full(self.dim, top))
+        low, high = 0.0, top
+        for _ in range(_BISECTION_STEPS):
+            mid = 0.5 * (low + high)
+            if self.cost_ok(self.clip(np.full(self.dim, mid))):
+                low = mid
+            else:
+                high = mid
+        return self.clip(np.full(self.dim, low))
+
+    def _pruning_scaled(self, x: np.ndarray, factor: float) -> np.ndarray:
+        """``x`` with its pruned fraction ``upper - x`` multiplied by ``factor``, clipped and snapped."""
+        return self.clip(self.upper - factor * (self.upper - x))
+
+    def scale_pruning(self, x: np.ndarray) -> np.ndarray:
+        """The point that meets the cost ceiling by scaling the pruned fraction ``upper - x`` of every dimension.
+
+        macs mode: ``upper - s * (upper - x)`` for the ``s`` that brings the cost to the ceiling: ``s < 1``
+        (less pruning everywhere, in the same proportions) when ``x`` is below it, ``s > 1`` when above.
+        The layers ``x`` prunes most stay the most pruned, and a layer ``x`` leaves whole stays whole. If
+        the dimensions ``x`` prunes cannot alone meet the ceiling (all at ``lower``), :meth:`repair` pulls
+        every dimension toward ``lower``. drop mode: just :meth:`clip`.
+        """
+        point = self.clip(x)
+        if self.max_cost is None:
+            return point
+        pruned = self.upper - point
+        moving = pruned > 0
+        if self.cost_ok(point):
+            if not np.any(moving):
+                return point
+            return self._furthest(lambda t: self._pruning_scaled(point, 1.0 - t), 0.0, 1.0, point)
+        if not np.any(moving):
+            return self.repair(point)
+        top = float(np.max((self.upper - self.lower)[moving] / pruned[moving]))
+        floor = self._pruning_scaled(point, top)
+        if not self.cost_ok(floor):
+            return self.repair(point)
+        return self._furthest(lambda t: self._pruning_scaled(point, top + t * (1.0 - top)), 0.0, 1.0, floor)
+
+    def project(self, x: np.ndarray, *, band: float = 0.0, grid: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """The candidate a population strategy proposes for position ``x``: the budget as a constraint.
+
+        The nearest allowed value per dimension (when ``grid`` is given), then :meth:`clip`. drop mode:
+        that point. macs mode, with ``low = (1 - band) * max_cost``:
+
+        * a point with ``low <= cost <= max_cost`` is the candidate as it is, so the strategy chooses the
+          structure, not only a direction (``band = 0`` moves every point onto the ceiling, ``band = 1``
+          accepts every feasible point);
+        * a point above the ceiling, or below ``low``, has its pruned fraction ``upper - x`` scaled until
+          it meets the ceiling (:meth:`scale_pruning`): the layers it prunes most stay the most pruned.
+
+        With a grid the result is then rounded down onto it, as :meth:`place` does. The result is always
+        within bounds, snapped and (macs) feasible.
+        """
+        point = self._as_vector(x)
+        if grid is not None:
+            point = nearest_on_grid(np.clip(point, self.lower, self.upper), grid)
+        point = self.clip(point)
+        if self.max_cost is None:
+            return point
+        low = (1.0 - band) * self.max_cost
+        if not self.cost_ok(point) or float(self.cost(point)) < low - TOLERANCE:
+            point = self.scale_pruning(point)
+        return self._on_grid(point, grid)
+
+    def _on_grid(self, moved: np.ndarray, grid: Sequence[np.ndarray] | None) -> np.ndarray:
+        """A feasible point rounded down onto ``grid`` (pulled toward its smallest values if still too costly)."""
+        if grid is None:
+            return moved
+        floored = self.clip(floor_on_grid(moved, grid))
+        if self.cost_ok(floored):
+            return floored
+        anchor = self.clip(np.array([values[0] for values in grid]))
+        if not self.cost_ok(anchor):
+            return moved
+        return self._furthest(lambda t: self.clip(floor_on_grid(anchor + t * (moved - anchor), grid)), 0.0, 1.0, anchor)
+
     def place(self, x: np.ndarray, grid: Sequence[np.ndarray] | None = None, *, fill: bool = False) -> np.ndarray:
         """The candidate a population strategy proposes for position ``x``.
 
@@ -293,15 +392,7 @@ class Problem:
             moved = self.fill(point)
         else:
             moved = self.repair(point)
-        if grid is None:
-            return moved
-        floored = self.clip(floor_on_grid(moved, grid))
-        if self.cost_ok(floored):
-            return floored
-        anchor = self.clip(np.array([values[0] for values in grid]))
-        if not self.cost_ok(anchor):
-            return moved
-        return self._furthest(lambda t: self.clip(floor_on_grid(anchor + t * (moved - anchor), grid)), 0.0, 1.0, anchor)
+        return self._on_grid(moved, grid)
 
     def grid(self, size: int = 17) -> tuple[np.ndarray, ...]:
         """The allowed values per dimension: ``choices`` if set, else ``size`` evenly spaced snapped ones."""

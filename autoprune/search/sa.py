@@ -29,14 +29,19 @@ class SimulatedAnnealing(Strategy):
     subtracts, so annealing maximises accuracy minus contrast loss (macs mode) or cost saving minus
     contrast loss (drop mode).
 
-    Our choices where the abstract is silent: the state is one choice index per dimension, starting at
-    the largest choice everywhere (repaired in macs mode), which is the first ask. Each later ask is one
+    Our choices where the abstract is silent: the state is one choice index per dimension. The walk
+    starts at the uniform structure (one keep ratio everywhere at the cost ceiling, rounded down onto
+    the choices: the hand-set baseline; in drop mode the largest choice everywhere), which is the first
+    ask. Each later ask is one
     neighbour: with probability ``swap``, one random dimension moves +1 index and another -1 (a swap,
     which trades width between layers at about the same cost), otherwise one random dimension moves
-    +1 or -1; draws that fall off the grid or give the current point again are redrawn. In macs mode an
-    infeasible neighbour is repaired and rounded down onto the grid, and that point is the candidate.
+    +1 or -1; draws that fall off the grid or give the current point again are redrawn, and so, for the
+    first half of the draws, are neighbours already evaluated (a revisit spends an evaluation for
+    nothing). In macs mode a neighbour above the ceiling has its pruned fraction scaled onto it and is
+    rounded down onto the grid (:meth:`Problem.project`), and that point is the candidate; a feasible
+    one is taken as it is.
     (With single moves only, ``swap=0``, a walk on the cost ceiling can only trade width through the
-    repair, and on the toy problems of the tests it stalls below random search; half swaps fix that.)
+    projection, and on the toy problems of the tests it stalls below random search; half swaps fix that.)
     Metropolis acceptance: a better or equal score is always accepted, a worse one with probability
     ``exp(delta / T)``; ``T`` starts at ``t0`` (in score units: ``t0 = 0.05`` accepts a loss of 0.05
     accuracy with probability 1/e at first) and is multiplied by ``alpha`` after every step; ``t0 = 0``
@@ -73,8 +78,7 @@ class SimulatedAnnealing(Strategy):
         self.grid = check_int("grid", grid, minimum=2)
         self.swap = check_float("swap", swap, low=0.0, high=1.0)
         self._values = problem.grid(self.grid)
-        top = np.array([values[-1] for values in self._values])
-        self._x = problem.place(top, self._values)
+        self._x = problem.project(problem.uniform(), band=1.0, grid=self._values)
         self._index = self._indices(self._x)
         self._score: float | None = None
         self._candidate: tuple[np.ndarray, np.ndarray] | None = None
@@ -99,15 +103,23 @@ class SimulatedAnnealing(Strategy):
     def _ask(self) -> list[np.ndarray]:
         if self._score is None:
             return [self._x]
-        for _ in range(_MAX_DRAWS):
+        fallback = None
+        for draw in range(_MAX_DRAWS):
             index = self._neighbour()
             if index is None:
                 continue
             point = np.array([values[j] for values, j in zip(self._values, index, strict=True)])
-            candidate = self.problem.place(point, self._values)
-            if not np.array_equal(candidate, self._x):
-                self._candidate = (candidate, self._indices(candidate))
-                return [candidate]
+            candidate = self.problem.project(point, band=1.0, grid=self._values)
+            if np.array_equal(candidate, self._x):
+                continue
+            if self.proposed(candidate) and draw < _MAX_DRAWS // 2:
+                fallback = candidate if fallback is None else fallback
+                continue
+            self._candidate = (candidate, self._indices(candidate))
+            return [candidate]
+        if fallback is not None:
+            self._candidate = (fallback, self._indices(fallback))
+            return [fallback]
         return []
 
     def _neighbour(self) -> np.ndarray | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from autoprune.search.base import Strategy, check_float, check_int, register_strategy
+from autoprune.search.base import Strategy, check_bool, check_float, check_int, register_strategy
 from autoprune.search.problem import Fitness, Problem
 
 #: Keeps the vigilant sparrows' step finite when a sparrow's score equals the worst.
@@ -40,17 +40,25 @@ class SparrowSearch(Strategy):
     * *maximisation*: ranks are by descending score; "worst" is the lowest score.
     * *the box*: the equations act on pruned-fraction coordinates ``z = (upper - x) / (upper - lower)``
       in ``[0, 1]``, and every new position is clipped to the box. The origin, toward which the
-      producers contract, is thus the unpruned network: a contraction prunes every layer less, and
-      the repair then redistributes the pruning under the cost ceiling. (With the origin at the
-      minimum widths, a contraction only prunes more, which under a cost ceiling is never better.)
+      producers contract, is thus the unpruned network: a contraction prunes every layer less in the
+      same proportions, which the projection onto the budget (below) undoes, so in the safe phase a
+      producer re-proposes its structure and the nudge to a new structure (:meth:`Strategy.fresh`) makes
+      that a small random step around it: a local search around the best sparrows. (Kept-fraction
+      coordinates, where contraction and projection do not cancel, were measured on the toy problems of
+      the tests: better on two, worse on two, 0.874 against 0.895 on the smooth 6-layer one.)
     * *the random steps*: ``Q ~ N(0,1)`` is drawn per dimension in ``x + Q * L`` and in the starving
       scroungers' step; the scalar ``Q`` of the original moves every layer by the same amount, which in
       a unit box lands on the diagonal (all layers equal) or a corner.
-    * *the constraint set*: each position goes to the nearest value of ``problem.choices`` per
-      dimension (when given) and is snapped by ``problem.snap``; in macs mode it is repaired if above
-      the ceiling and pushed out to the ceiling if below it (:meth:`Problem.fill`: accuracy grows with
-      width, so the inside of the budget is dominated), then rounded down onto the constraint set
-      (:meth:`Problem.place`).
+    * *the constraint set and the budget*: each position goes to the nearest value of
+      ``problem.choices`` per dimension (when given) and is snapped by ``problem.snap``; in macs mode a
+      position within ``band`` of the cost ceiling is kept as it is, one above it or further inside has
+      its pruned fraction scaled onto the ceiling, and the result is rounded down onto the constraint
+      set (:meth:`Problem.project`).
+    * *the initial flock*: with ``start_uniform`` (default) the first sparrow is the uniform structure
+      (one keep ratio everywhere at the ceiling, rounded down onto the constraint set: the hand-set
+      baseline), the others are uniform in the box.
+    * *repeats*: a candidate that repeats a structure already proposed is nudged to a nearby new one
+      (:meth:`Strategy.fresh`).
 
     A sparrow keeps the best of its evaluated positions. The initial population is uniform in the box
     (one ask); each iteration is two asks (producers + vigilant, then scroungers):
@@ -67,6 +75,8 @@ class SparrowSearch(Strategy):
         vigilant: float = 0.1,
         safety: float = 0.8,
         iterations: int = 50,
+        band: float = 0.05,
+        start_uniform: bool = True,
     ) -> None:
         """Set up the flock.
 
@@ -78,6 +88,9 @@ class SparrowSearch(Strategy):
             vigilant: Fraction of vigilant sparrows per iteration, in [0, 1].
             safety: Safety threshold ST, in [0.5, 1].
             iterations: Number of update rounds after the initial population (>= 1).
+            band: Relative width of the band below the cost ceiling within which positions are
+                evaluated as they are, in [0, 1) (0: every position is moved onto the ceiling).
+            start_uniform: Whether the first sparrow starts at the uniform structure.
         """
         super().__init__(problem, seed=seed)
         self.population = check_int("population", population, minimum=2)
@@ -85,22 +98,39 @@ class SparrowSearch(Strategy):
         self.vigilant = check_float("vigilant", vigilant, low=0.0, high=1.0)
         self.safety = check_float("safety", safety, low=0.5, high=1.0)
         self.iterations = check_int("iterations", iterations, minimum=1)
+        self.band = check_float("band", band, low=0.0, high=1.0, high_open=True)
+        self.start_uniform = check_bool("start_uniform", start_uniform)
         self._n_producers = max(1, round(self.producers * self.population))
         self._n_vigilant = round(self.vigilant * self.population)
         self._span = problem.upper - problem.lower
         self._memory = np.zeros((self.population, problem.dim))
         self._memory_scores = np.full(self.population, -np.inf)
         start = self.rng.random((self.population, problem.dim))
-        self._batch = [self._place(z) for z in start]
+        if self.start_uniform:
+            start[0] = self._normalised(problem.uniform())
+        self._batch = self._candidates(start)
         self._owners = list(range(self.population))
         self._phase = "initial"
         self._order = np.arange(self.population)
         self._iteration = 0
 
+    def _project(self, x: np.ndarray) -> np.ndarray:
+        return self.problem.project(x, band=self.band, grid=self.problem.choices)
+
+    def _candidates(self, positions: list[np.ndarray] | np.ndarray) -> list[np.ndarray]:
+        """The candidates for a batch of positions, nudged where they repeat a structure already proposed."""
+        taken: set[bytes] = set()
+        out = []
+        for z in positions:
+            candidate = self.fresh(self._place(z), self._project, taken)
+            taken.add(candidate.tobytes())
+            out.append(candidate)
+        return out
+
     def _place(self, z: np.ndarray) -> np.ndarray:
         """The candidate for a position in pruned-fraction coordinates."""
         x = self.problem.upper - np.clip(z, 0.0, 1.0) * self._span
-        return self.problem.place(x, self.problem.choices, fill=True)
+        return self.problem.project(x, band=self.band, grid=self.problem.choices)
 
     def _normalised(self, x: np.ndarray) -> np.ndarray:
         """Pruned-fraction coordinates of a keep vector: 0 at ``upper``, 1 at ``lower``."""
@@ -151,7 +181,7 @@ class SparrowSearch(Strategy):
                 moved = z[k] + rng.uniform(-1.0, 1.0) * step
             batch.append(moved)
             owners.append(int(k))
-        self._batch = [self._place(moved) for moved in batch]
+        self._batch = self._candidates(batch)
         self._owners = owners
         self._phase = "producers"
 
@@ -167,6 +197,6 @@ class SparrowSearch(Strategy):
                 moved = leader + np.sum(np.abs(z[k] - leader) * signs) / dim
             batch.append(moved)
             owners.append(int(k))
-        self._batch = [self._place(moved) for moved in batch]
+        self._batch = self._candidates(batch)
         self._owners = owners
         self._phase = "scroungers"
