@@ -188,7 +188,12 @@ def wrap_for_training(model: nn.Module, here: World) -> nn.Module:
 
 
 def unwrap(trained: nn.Module, model: nn.Module) -> None:
-    """After training: put the BatchNorm layers SyncBatchNorm replaced back into ``model`` (same statistics)."""
+    """After training: every rank takes rank 0's buffers (BatchNorm statistics follow each rank's own batches),
+    so the replicas are identical; on CUDA the BatchNorm layers SyncBatchNorm replaced are put back."""
+    if trained is model:
+        return
+    for buffer in trained.module.buffers():
+        dist.broadcast(buffer.data, src=0)
     kinds = getattr(trained, "_autoprune_bn_kinds", None)
     if not kinds:
         return

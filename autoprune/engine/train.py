@@ -50,12 +50,14 @@ class TrainConfig:
     """Hyper-parameters of one training or fine-tuning run.
 
     ``batch_size`` is used where autoprune builds the loader itself (the CLI's datasets); a loader you
-    pass keeps its own batch size.
+    pass keeps its own batch size. The default learning rate suits fine-tuning a trained network (what
+    ``autoprune.prune(finetune=TrainConfig(...))`` does); training from scratch wants more (``autoprune train``
+    uses 0.05).
     """
 
     epochs: int = 10
     batch_size: int = 128
-    lr: float = 0.05
+    lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.0
