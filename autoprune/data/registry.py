@@ -116,6 +116,13 @@ def load_dataset(
     check_labels(raw.train.labels, raw.info.num_classes, f"the training data of {name!r}")
     check_labels(raw.test.labels, raw.info.num_classes, f"the test data of {name!r}")
     splits = make_splits(raw, val_fraction=val_fraction, seed=seed, limit=limit)
+    classes = int(splits.train.labels.unique().numel())
+    if len(splits.train) and classes < 2:
+        logger.warning("every training label of dataset %r is %d: nothing can be learnt from a single class; check "
+                       "the label file", name, int(splits.train.labels[0]))
+    elif len(splits.train) and classes < raw.info.num_classes:
+        logger.warning("the training data of dataset %r has %d of its %d classes", name, classes,
+                       raw.info.num_classes)
     logger.info(
         "dataset %s: %d train / %d val / %d test images, %dx%dx%d",
         name,
