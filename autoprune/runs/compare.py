@@ -394,9 +394,10 @@ def columns(batch_sizes: Sequence[str | int]) -> list[Column]:
     ]
     cols += [Column(f"speedup_{b}", f"speed-up b={b}", ("speedup", str(b)), 1, 2, "x") for b in batch_sizes]
     cols += [
-        Column("search_seconds", "search (s)", ("search_seconds",), 1, 1, "", better="low"),
-        Column("finetune_seconds", "fine-tune (s)", ("finetune_seconds",), 1, 1, "", better="low"),
-        Column("evaluations", "evals", ("evaluations",), 1, 0, "", better="low"),
+        Column("search_seconds", "search (s)", ("search_seconds",), 1, 1, "", better=""),
+        Column("finetune_seconds", "fine-tune (s)", ("finetune_seconds",), 1, 1, "", better=""),
+        Column("evaluations", "evals", ("evaluations",), 1, 0, "", better=""),
+        Column("distinct", "distinct structures", ("distinct_structures",), 1, 0, "", better=""),
         Column("budget", "budget", ("budget",), 1, 0, "", better=""),
     ]
     return cols
@@ -455,7 +456,8 @@ def comparison_table(summary: Mapping[str, Any]) -> Table:
             rows.append([Cell(name), Cell(status.upper() if status == "failed" else status, failed=True)]
                         + [Cell("-") for _ in cols[1:]])
     notes = [f"Budget: {summary.get('budget_text', '')}.",
-             "Best value per column marked (higher is better except size, times and evaluations); "
+             "Best result per column marked (accuracy, reductions, size, speed-up; costs such as time and "
+             "evaluations are not results and are not marked); "
              "speed-up is measured latency of the unpruned over the pruned model, same process and threads.",
              "Search time includes each method's own preparation (criterion scores; slim's sparsity training, "
              "sa's shard training)."]
