@@ -191,3 +191,19 @@ def parameter_gradient_scores(model: nn.Module, space: PruningSpace, batches: Ba
                                                   where).sum(dim=1)
             count += 1
     return finish([t / count for t in totals], space, criterion)
+
+
+def parameters_per_channel(model: nn.Module, space: PruningSpace) -> list[float]:
+    """Per group, how many parameters one channel owns in the group's output writers (weights and biases of
+    its convolution / linear layers and normalisation layers): what :func:`parameter_gradient_scores` sums."""
+    out = []
+    for group, members in zip(space.groups, out_members(model, space), strict=True):
+        seen: set[int] = set()
+        total = 0
+        for _, module in members:
+            for param in module.parameters(recurse=False):
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    total += param.numel()
+        out.append(max(total / group.channels, 1.0))
+    return out

@@ -17,21 +17,31 @@ from torch import Tensor, nn
 
 from autoprune.engine.space import PruningSpace
 
-from ._common import parameter_gradient_scores
-from .base import Batches, DataCriterion, register_criterion
+from ._common import parameter_gradient_scores, parameters_per_channel
+from .base import Batches, DataCriterion, check_choice, register_criterion
 
 
 @register_criterion("gradient")
 class GradientCriterion(DataCriterion):
-    """Accumulated per-filter gradient magnitude ``sum |dL/dw|``.
+    """Accumulated per-filter gradient magnitude ``sum |dL/dw|`` (or its mean per weight).
 
     Args:
         max_batches: calibration batches read (default 16).
+        reduction: ``"sum"`` (default): the sum over the channel's parameters; ``"mean"``: that sum divided
+            by how many parameters the channel has, so that channels of layers with different fan-in
+            are compared per weight, as the paper compares weights.
     """
+
+    def __init__(self, *, max_batches: int = 16, reduction: str = "sum") -> None:
+        super().__init__(max_batches=max_batches)
+        self.reduction = check_choice("reduction", reduction, ("sum", "mean"))
 
     def scores(self, model: nn.Module, space: PruningSpace, batches: Batches | None = None, *,
                device: str | torch.device = "cpu") -> list[Tensor]:
         """Per-channel gradient magnitude averaged over the calibration batches."""
         batches = self._require_data(batches)
-        return parameter_gradient_scores(model, space, batches, contribution=lambda w, g: g.abs(),
-                                         max_batches=self.max_batches, device=device, criterion=self.name)
+        totals = parameter_gradient_scores(model, space, batches, contribution=lambda w, g: g.abs(),
+                                           max_batches=self.max_batches, device=device, criterion=self.name)
+        if self.reduction == "sum":
+            return totals
+        return [t / n for t, n in zip(totals, parameters_per_channel(model, space), strict=True)]

@@ -19,7 +19,10 @@ formulas; our reading:
   mode, which sees the true sign, clips such channels to 0). ``mode="auto"`` (default)
   measures when the model has at most ``measured_limit`` prunable channels in all, and estimates
   otherwise. Sensitivities are clipped at 0 (a channel whose removal lowers the loss is not
-  important) and divided by their group's maximum, so that groups are comparable.
+  important) and divided by a maximum: their group's (``normalize="group"``, the default: every
+  group's most sensitive channel scores 1, so groups are ranked alike) or the largest over all groups
+  (``normalize="global"``: the loss changes stay comparable across groups, as one threshold on the
+  importance over the whole network needs).
 * **Correlation** of a channel: the largest ``|Pearson r|`` between its activation and that of any
   other channel of the same group, over all calibration samples, where a channel's activation is the
   output of the group's last writer in forward order (the BatchNorm after the convolution when there
@@ -60,6 +63,7 @@ from .base import Batches, DataCriterion, check_choice, check_int, register_crit
 logger = logging.getLogger(__name__)
 
 MODES = ("auto", "measured", "first_order")
+NORMALIZATIONS = ("group", "global")
 TIE_BREAK = 1e-6
 #: Measured mode forwards several masked copies of a batch at once, up to this many samples per pass
 #: (exact: the model is in eval mode, where every sample is computed independently).
@@ -74,7 +78,8 @@ class OTPFactors:
 
     Attributes:
         mode: ``"measured"`` or ``"first_order"``: how sensitivity was obtained.
-        sensitivity: loss increase on removal, clipped at 0 and divided by the group's maximum.
+        sensitivity: loss increase on removal, clipped at 0 and divided by the group's maximum (or the
+            maximum over all groups, with ``normalize="global"``).
         correlation: largest ``|Pearson r|`` with another channel of the group.
     """
 
@@ -93,12 +98,16 @@ class OTPCriterion(DataCriterion):
         max_batches: calibration batches read (default 8; measured mode re-reads them once per channel).
         measured_limit: in ``"auto"`` mode, the most prunable channels (all groups together) for which
             sensitivity is measured rather than estimated.
+        normalize: sensitivities divided by their group's maximum (``"group"``) or by the maximum over
+            all groups (``"global"``).
     """
 
-    def __init__(self, *, mode: str = "auto", max_batches: int = 8, measured_limit: int = 1024) -> None:
+    def __init__(self, *, mode: str = "auto", max_batches: int = 8, measured_limit: int = 1024,
+                 normalize: str = "group") -> None:
         super().__init__(max_batches=max_batches)
         self.mode = check_choice("mode", mode, MODES)
         self.measured_limit = check_int("measured_limit", measured_limit, minimum=0)
+        self.normalize = check_choice("normalize", normalize, NORMALIZATIONS)
 
     def resolved_mode(self, space: PruningSpace) -> str:
         """``"measured"`` or ``"first_order"``: the mode used on ``space``."""
@@ -124,9 +133,10 @@ class OTPCriterion(DataCriterion):
             else:
                 raw, activations = _first_order(work, space, terminal, last, data, device)
         sensitivity, correlation = [], []
-        for group, sens, acts in zip(space.groups, raw, activations, strict=True):
-            sens = sens.detach().double().cpu().clamp_min(0.0)
-            top = sens.max()
+        clipped = [sens.detach().double().cpu().clamp_min(0.0) for sens in raw]
+        overall = max(float(sens.max()) for sens in clipped)
+        for group, sens, acts in zip(space.groups, clipped, activations, strict=True):
+            top = float(sens.max()) if self.normalize == "group" else overall
             sensitivity.append(sens / top if top > 0 else sens)
             correlation.append(max_abs_correlation(acts) if acts is not None
                                else torch.zeros(group.channels, dtype=torch.float64))

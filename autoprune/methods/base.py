@@ -87,8 +87,10 @@ class Plan:
         choices: optional allowed keep ratios per group (a constraint set, candidate thresholds).
         penalty: optional term subtracted from every candidate's score (SA's contrast loss).
         notes: facts about the plan worth reporting (JSON-compatible).
-        extra_training_epochs: epochs of training the method added before pruning (reported, and
-            counted against the fine-tuning budget so every method trains as long).
+        extra_training_epochs: epochs of training the pruned network got from the method before pruning
+            (reported; equal to :attr:`Method.extra_training_epochs`, which the engine subtracts from the
+            fine-tuning epochs so every method trains as long). Training of networks that are not the
+            one pruned (``sa``'s probes) is not counted here.
     """
 
     model: nn.Module
@@ -120,6 +122,13 @@ class Method(ABC):
     @abstractmethod
     def plan(self, ctx: MethodContext) -> Plan:
         """Decide scores and search for ``ctx``."""
+
+    @property
+    def extra_training_epochs(self) -> int:
+        """Epochs of training this method gives the network it prunes before pruning (``slim``'s sparsity
+        training); the engine subtracts them from the fine-tuning epochs, so every method trains as long.
+        Known before :meth:`plan` runs (under torchrun every rank needs it, only rank 0 plans)."""
+        return 0
 
     @property
     def options(self) -> dict[str, Any]:

@@ -87,7 +87,9 @@ class Slim(Method):
     The model is trained further with an L1 penalty on BatchNorm scale factors (``sparsity``, the paper's
     lambda, default 1e-4, for ``epochs`` epochs), channels are ranked by |gamma|, and one
     global threshold on the raw scale factors prunes the whole network. Needs a BatchNorm after every
-    prunable layer.
+    prunable layer. The sparsity epochs train the network that is pruned, so they are counted against
+    the fine-tuning (:attr:`extra_training_epochs`): with ``finetune`` epochs E, the pruned network is
+    fine-tuned for ``E - epochs``.
     """
 
     name = "slim"
@@ -102,6 +104,11 @@ class Slim(Method):
         """
         self.sparsity = check_float("sparsity", sparsity, low=0.0)
         self.epochs = check_int("epochs", epochs, minimum=0)
+
+    @property
+    def extra_training_epochs(self) -> int:
+        """The sparsity-training epochs: counted against the fine-tuning."""
+        return self.epochs
 
     def plan(self, ctx: MethodContext) -> Plan:
         missing = [g.name for g in ctx.space.groups

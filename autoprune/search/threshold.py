@@ -1,4 +1,4 @@
-"""One-parameter threshold families over channel scores: GDP's adaptive threshold, global ranking."""
+"""Threshold families over channel scores: OTP's optimal threshold, GDP's adaptive threshold, global ranking."""
 
 from __future__ import annotations
 
@@ -7,61 +7,82 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from autoprune.errors import AutopruneError, unknown_name
-from autoprune.search.base import Strategy, check_int, register_strategy
+from autoprune.search.base import Strategy, check_float, check_int, register_strategy
 from autoprune.search.problem import Fitness, Problem
 
 
-def _raw(scores: np.ndarray) -> np.ndarray:
+def _raw(scores: np.ndarray, exponent: float) -> np.ndarray:
     return scores
 
 
-def _standardised(scores: np.ndarray) -> np.ndarray:
+def _standardised(scores: np.ndarray, exponent: float) -> np.ndarray:
     sigma = float(np.std(scores))
     if sigma == 0.0:
         return np.zeros_like(scores)
     return (scores - float(np.mean(scores))) / sigma
 
 
-#: How each rule turns a layer's scores into the values compared with the one global parameter ``p``:
-#: a channel is kept when its value is above ``p``.
-RULES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    # Global magnitude ranking: raw scores compared across layers against one threshold t.
+def _relative(scores: np.ndarray, exponent: float) -> np.ndarray:
+    mean = float(np.mean(np.abs(scores)))
+    if mean == 0.0:
+        return np.zeros_like(scores)
+    return scores / mean**exponent
+
+
+#: How each rule turns a layer's scores into the values compared with the one global parameter ``p`` (a
+#: channel is kept when its value is above ``p``), given the family's exponent (used by ``relative`` only).
+RULES: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
+    # One threshold t on the raw scores, compared across layers.
     "global": _raw,
-    # GDP: per-layer threshold mu_i + a * sigma_i, i.e. the standardised score compared with a.
+    # Per-layer threshold mu_i + a * sigma_i: the standardised score compared with a.
     "adaptive": _standardised,
+    # Per-layer threshold t * m_i ** beta (m_i the layer's mean |score|): s / m_i ** beta compared with t.
+    "relative": _relative,
 }
 
 
 @register_strategy("threshold")
 class Threshold(Strategy):
-    """A one-parameter family of keep vectors from per-channel scores, searched by bisection.
+    """Threshold families of keep vectors from per-channel scores, searched on the cost model or by bisection.
 
-    ``rule="adaptive"`` is GDP (paper 5: Wang, Xu, Song, Zhang & Cai, "Gradient-based deep network
+    ``rule="relative"`` is GDP (paper 5: Wang, Xu, Song, Zhang & Cai, "Gradient-based deep network
     pruning algorithm", Journal of Computer Applications 2020). The abstract: gradient magnitudes judge
-    weight importance; an adaptive method finds the threshold that screens the weights; the network is
-    retrained; compared with PFEC. Our reading of "adaptive": each layer's threshold comes from its own
-    score distribution, ``mu_i + a * sigma_i``, with one global multiplier ``a``, and the layer keeps
-    the fraction of its scores strictly above it (a layer whose scores are all equal keeps everything
-    for ``a < 0`` and nothing for ``a >= 0``).
+    weight importance; "an adaptive method was used to find the threshold to screen the weights"; the
+    network is retrained; compared with PFEC. Our reading of "adaptive": layer ``i`` keeps the channels
+    whose score is above ``t * m_i ** beta``, ``m_i`` the mean score of the layer: ``t`` is one global
+    threshold and ``beta`` how far each layer's threshold adapts to its own gradient level (``beta = 0``:
+    one threshold for the whole network, so a layer with small gradients loses more channels; ``beta =
+    1``: each layer relative to its own mean, so only the shape of its distribution matters). There is
+    one family per value in ``exponents``; the search tries each (below) and keeps the most accurate.
 
-    ``rule="global"`` is the global magnitude ranking of Torch-Pruning's global pruning (and of
-    network slimming): one threshold ``t`` on the raw scores, compared across layers.
+    ``rule="global"`` is one threshold ``t`` on the raw scores, compared across layers: Torch-Pruning's
+    global ranking, network slimming's global threshold, and OTP's optimal threshold on its importance
+    (paper 1). ``rule="adaptive"`` is a per-layer threshold ``mu_i + a * sigma_i`` with one global
+    ``a``: every layer standardised, which prunes layers alike when their distributions are alike.
 
     Our choices where the papers are silent: keep ratios are clipped to ``[lower, upper]`` and snapped;
-    the family is enumerated exactly (every score is a breakpoint) and reduced to its distinct snapped
-    candidates, ordered from least to most pruning (cost is monotone along it).
+    each family is enumerated exactly (every score is a breakpoint) and reduced to its distinct snapped
+    candidates, ordered from least to most pruning (cost is monotone along it). Every candidate is thus
+    threshold-defined: within its family, every kept channel's value is at least that of every removed
+    channel, across all layers, except channels a layer keeps to reach its minimum width (its highest
+    valued ones).
 
-    * macs mode: bisection on the cost model (no evaluations) finds the least pruning that meets
-      ``max_cost``; it and the next ``probes`` distinct candidates beyond it (more pruning) are
-      evaluated in one ask; ``best`` is the most accurate of them. Then done.
-    * drop mode: bisection along the family using evaluations (``steps`` at most); the least-pruned
-      candidate (the parameter below every score) is assumed feasible and evaluated only if no probed
-      one was. The answer is the most pruned candidate found within ``max_drop``.
+    * macs mode: per family, bisection on the cost model (no evaluations) finds the least pruning that
+      meets ``max_cost``; it and the next ``probes`` distinct candidates beyond it (more pruning) are
+      evaluated, all families in one ask; ``best`` is the most accurate. Then done. (Raising the
+      threshold step by step from zero would reach the same first feasible point, spending evaluations
+      on infeasible ones.)
+    * drop mode: per family in turn, bisection along the family using evaluations (``steps`` at most
+      per family); the least-pruned candidate is assumed feasible and evaluated only if no probed one
+      was. ``best`` is the cheapest candidate found within ``max_drop``: where accuracy falls as the
+      threshold rises, the threshold at which a greedy raise would stop, in fewer evaluations.
 
     Deterministic: the seed is unused.
 
     Attributes:
-        path: The family's distinct candidates, least pruned first.
+        paths: Per family, its distinct candidates, least pruned first.
+        path: The first family's candidates (the only family unless ``rule="relative"`` has several
+            exponents).
     """
 
     stochastic = False
@@ -73,26 +94,34 @@ class Threshold(Strategy):
         seed: int = 0,
         scores: Sequence[np.ndarray] | None = None,
         rule: str = "adaptive",
+        exponents: Sequence[float] = (1.0,),
         probes: int = 4,
         steps: int = 8,
     ) -> None:
-        """Enumerate the family.
+        """Enumerate the families.
 
         Args:
             problem: The problem searched.
             seed: Unused (deterministic); kept for the common interface.
             scores: Required: one 1-D array of channel importance scores per dimension.
-            rule: ``"adaptive"`` (GDP) or ``"global"`` (global ranking).
-            probes: macs mode: extra candidates evaluated beyond the bisection answer (>= 0).
-            steps: drop mode: most evaluations of the bisection (>= 1).
+            rule: ``"global"``, ``"adaptive"`` or ``"relative"`` (GDP).
+            exponents: ``rule="relative"`` only: the values of ``beta`` tried, each in [0, 1], one family
+                each.
+            probes: macs mode: extra candidates evaluated beyond the bisection answer, per family (>= 0).
+            steps: drop mode: most evaluations of the bisection, per family (>= 1).
         """
         super().__init__(problem, seed=seed)
         if rule not in RULES:
             raise unknown_name("threshold rule", str(rule), list(RULES))
         self.rule = rule
+        self.exponents = _check_exponents(exponents)
         self.probes = check_int("probes", probes, minimum=0)
         self.steps = check_int("steps", steps, minimum=1)
-        self.path = self._family(self._check_scores(scores))
+        layers = self._check_scores(scores)
+        used = self.exponents if rule == "relative" else (0.0,)
+        self.paths = [self._family([np.sort(RULES[rule](layer, beta)) for layer in layers]) for beta in used]
+        self.path = self.paths[0]
+        self._family_index = 0
         self._seen: dict[int, bool] = {}
         self._low, self._high = 0, len(self.path)
         self._answer_asked = False
@@ -108,7 +137,7 @@ class Threshold(Strategy):
             array = np.asarray(layer, dtype=float).ravel()
             if array.size == 0 or not np.all(np.isfinite(array)):
                 raise AutopruneError(f"scores[{i}] must be a non-empty array of finite numbers")
-            checked.append(np.sort(RULES[self.rule](array)))
+            checked.append(array)
         return checked
 
     def _family(self, values: list[np.ndarray]) -> list[np.ndarray]:
@@ -127,21 +156,32 @@ class Threshold(Strategy):
     def _ask(self) -> list[np.ndarray]:
         problem = self.problem
         if problem.max_cost is not None:
-            low, high = 0, len(self.path) - 1
-            while low < high:
-                mid = (low + high) // 2
-                if problem.cost_ok(self.path[mid]):
-                    high = mid
-                else:
-                    low = mid + 1
-            return self.path[low : low + 1 + self.probes]
-        if len(self._seen) < self.steps and self._high - self._low > 1:
-            self._mid = (self._low + self._high) // 2
-            return [self.path[self._mid]]
-        if not self._answer_asked and not any(self._seen.values()):
-            self._answer_asked = True
-            self._mid = 0
-            return [self.path[0]]
+            batch: list[np.ndarray] = []
+            for path in self.paths:
+                low, high = 0, len(path) - 1
+                while low < high:
+                    mid = (low + high) // 2
+                    if problem.cost_ok(path[mid]):
+                        high = mid
+                    else:
+                        low = mid + 1
+                for x in path[low : low + 1 + self.probes]:
+                    if not any(np.array_equal(x, y) for y in batch):
+                        batch.append(x)
+            return batch
+        while self._family_index < len(self.paths):
+            path = self.paths[self._family_index]
+            if len(self._seen) < self.steps and self._high - self._low > 1:
+                self._mid = (self._low + self._high) // 2
+                return [path[self._mid]]
+            if not self._answer_asked and not any(self._seen.values()):
+                self._answer_asked = True
+                self._mid = 0
+                return [path[0]]
+            self._family_index += 1
+            self._seen, self._answer_asked = {}, False
+            if self._family_index < len(self.paths):
+                self._low, self._high = 0, len(self.paths[self._family_index])
         return []
 
     def _tell(self, xs: list[np.ndarray], results: list[Fitness], scores: list[float]) -> None:
@@ -154,3 +194,10 @@ class Threshold(Strategy):
             self._low = self._mid
         else:
             self._high = self._mid
+
+
+def _check_exponents(exponents: Sequence[float]) -> tuple[float, ...]:
+    """``exponents`` as a non-empty tuple of numbers in [0, 1]."""
+    if isinstance(exponents, str | bytes) or not isinstance(exponents, Sequence | np.ndarray) or len(exponents) == 0:
+        raise AutopruneError(f"option exponents must be a non-empty list of numbers in [0, 1], got {exponents!r}")
+    return tuple(check_float("exponents", e, low=0.0, high=1.0) for e in exponents)
