@@ -332,8 +332,9 @@ def _selection_at_chance(setup: Setup, selection: Selection) -> list[str]:
 
 
 def finetune(pruned: nn.Module, setup: Setup, config: PruneConfig, data: Data, finetune_fn: FinetuneFn | None,
-             callbacks: CallbackList, checkpoint: Path | None, progress: bool) -> FinetuneStats:
-    """Fine-tune the pruned model in place: the caller's loop, or autoprune's by ``config.finetune``."""
+             callbacks: CallbackList, checkpoint: Path | None, progress: bool, extra_epochs: int = 0) -> FinetuneStats:
+    """Fine-tune the pruned model in place: the caller's loop, or autoprune's by ``config.finetune`` less the
+    ``extra_epochs`` the method already trained the network (``Method.extra_training_epochs``)."""
     started = time.perf_counter()
     if finetune_fn is not None:
         pruned.train()
@@ -346,7 +347,9 @@ def finetune(pruned: nn.Module, setup: Setup, config: PruneConfig, data: Data, f
     if data.train is None:
         raise AutopruneError("fine-tuning needs training data: pass train_loader=, or finetune=None to get the "
                              "pruned model without fine-tuning (or finetune=your_function(model))")
-    settings = replace(settings, seed=config.seed)
+    settings = replace(settings, seed=config.seed, epochs=max(0, settings.epochs - extra_epochs))
+    if settings.epochs == 0:
+        return FinetuneStats(epochs=0, seconds=0.0)
     try:
         fit(pruned, data.train, settings, teacher=setup.base if settings.distill > 0 else None,
             checkpoint=checkpoint, progress=progress, desc="fine-tune", stop_requested=callbacks.should_stop,
@@ -461,7 +464,8 @@ def run(model: nn.Module, example_inputs: Any, config: PruneConfig, method: Meth
 
     pruned = on_main(decide_on_main).to(setup.device)
     decision = decided[0] if decided else None
-    ft = finetune(pruned, setup, config, data, finetune_fn, callbacks, checkpoint, progress)
+    ft = finetune(pruned, setup, config, data, finetune_fn, callbacks, checkpoint, progress,
+                  method.extra_training_epochs)
     scores = final_scores(setup, pruned.eval(), data, config.seed)
     result = on_main(lambda: _result(setup, decision, pruned, ft, scores, method, config, data, started, info))
     if here.main:
