@@ -168,9 +168,9 @@ class Evaluator:
     def state(self) -> dict[str, Any]:
         """What a worker process needs to build an equal evaluator (:meth:`from_state`), without the cache.
 
-        The working copy of the model, the space, channel scores, validation and calibration batches,
-        ``score_fn`` and the ``physical`` decision: shipped once per worker, so that every process scores a
-        candidate exactly as this one would.
+        The working copy of the model, the space, channel scores, validation, calibration and training
+        batches, ``score_fn``, the candidate score, the seed and the ``physical`` decision: shipped once per
+        worker, so that every process scores a candidate exactly as this one would.
         """
         return {"model": self._model, "space": self.space, "scores": self.scores, "val": self.val,
                 "calibration": self.calibration, "score_fn": self.score_fn, "physical": self.physical,
