@@ -155,6 +155,7 @@ class Evaluator:
     def measure(self, keep: np.ndarray, score: CandidateScore | None = None) -> Measurement:
         """The candidate adapted and measured by ``score`` (default: the configured one); not cached."""
         score = score or self.candidate_score
+        score.prepare(self.data)  # the unpruned network's logits, before the working copy is masked
         seed = candidate_seed(self.seed, self.key(keep))
         if self.physical or score.adapts:
             return score(self.space.apply(self._model, keep, self.scores), self.data, seed)

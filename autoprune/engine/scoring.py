@@ -55,6 +55,7 @@ after the benchmark fine-tuning, over sampled structures at the target, seconds 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -99,8 +100,13 @@ _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 class ScoreData:
     """Everything a score needs, held in memory and picklable (an evaluator in a worker process carries it).
 
+    The unpruned network's logits, which the KL metric and distillation compare with, are computed once (on
+    first use), after adaptive BatchNorm on the same calibration data as every candidate's: the unpruned
+    network scored by ``kl`` thus has divergence 0 exactly, and what a candidate's KL measures is what its
+    pruning changed, not the difference between training-time and re-estimated statistics.
+
     Attributes:
-        teacher: the unpruned network (eval mode, never modified): distillation and KL compare with it.
+        teacher: the unpruned network (never modified; the reference is an adapted copy of it).
         val: validation batches ``(inputs, targets)``.
         calibration: training input batches for BatchNorm re-estimation.
         train: training batches ``(inputs, targets)`` for the short fine-tunes (empty when no score needs them).
@@ -119,16 +125,22 @@ class ScoreData:
     _train_logits: list[torch.Tensor] | None = field(default=None, repr=False)
 
     def val_logits(self) -> list[torch.Tensor]:
-        """The unpruned network's logits on each validation batch (computed once)."""
+        """The (adapted) unpruned network's logits on each validation batch (computed once)."""
         if self._val_logits is None:
-            self._val_logits = _logits(self.teacher, [x for x, _ in self.val])
+            self._val_logits = _logits(self.reference(), [x for x, _ in self.val])
         return self._val_logits
 
     def train_logits(self) -> list[torch.Tensor]:
-        """The unpruned network's logits on each held training batch (computed once)."""
+        """The (adapted) unpruned network's logits on each held training batch (computed once)."""
         if self._train_logits is None:
-            self._train_logits = _logits(self.teacher, [x for x, _ in self.train])
+            self._train_logits = _logits(self.reference(), [x for x, _ in self.train])
         return self._train_logits
+
+    def reference(self) -> nn.Module:
+        """A copy of the unpruned network with adaptive BatchNorm applied, as every candidate gets it."""
+        reference = copy.deepcopy(self.teacher)
+        adapt_batchnorm(reference, self.calibration)
+        return reference.eval()
 
 
 @torch.no_grad()
@@ -282,8 +294,15 @@ class CandidateScore(ABC):
     def adapt(self, model: nn.Module, data: ScoreData, seed: int) -> bool:
         """Adapt the candidate in place before it is measured; False when that failed (diverged)."""
 
+    def prepare(self, data: ScoreData) -> None:
+        """Compute what the score compares with (the unpruned network's logits) while the working copy of the
+        model is still unpruned: call before masking it (the :class:`~autoprune.engine.evaluate.Evaluator` does)."""
+        if self.metric == "kl":
+            data.val_logits()
+
     def __call__(self, model: nn.Module, data: ScoreData, seed: int) -> Measurement:
         """Adapt and measure one candidate; ``seed`` is its own (:func:`candidate_seed`)."""
+        self.prepare(data)
         if not self.adapt(model, data, seed):
             log.warning("the %s score's adaptation diverged on a candidate; it is scored as the worst", self.name)
             return FAILED
@@ -402,6 +421,11 @@ class ShortFinetune(CandidateScore):
     @property
     def train_samples(self) -> int:
         return self.samples
+
+    def prepare(self, data: ScoreData) -> None:
+        super().prepare(data)
+        if self.distill > 0:
+            data.train_logits()
 
     def adapt(self, model: nn.Module, data: ScoreData, seed: int) -> bool:
         adapt_batchnorm(model, data.calibration)
