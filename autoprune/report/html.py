@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from autoprune.engine.config import Target
-from autoprune.engine.result import FinetuneStats, PruneResult
+from autoprune.engine.result import FinetuneStats, ModelStats, PruneResult
 from autoprune.io.files import write_text
 from autoprune.report import plots
 
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 #: File names of the figures, in the order they appear on a page.
 FIGURES = {
-    "accuracy_macs.png": "Test accuracy against MACs",
+    "accuracy_macs.png": "Accuracy against MACs",
+    "accuracy_latency.png": "Accuracy against measured latency",
     "channels.png": "Channels kept per layer",
     "search.png": "Search progress: best fitness against evaluations",
 }
@@ -142,17 +143,39 @@ def _fmt_m(n: float) -> str:
 
 # ---- one pruning run ---------------------------------------------------------------------------
 
-def run_figures(result: PruneResult) -> dict[str, bytes]:
-    """The three figures of one pruning run, as PNG bytes by file name."""
-    base, pruned, target = result.base, result.pruned, result.target
-    target_macs = base.macs * (1 - target.macs_reduction) if target.macs_reduction is not None else None
-    point = plots.AccuracyPoint(result.method, pruned.macs, pruned.accuracy, result.finetune.accuracy_before)
+def large_batch(result: PruneResult) -> str:
+    """The largest batch size latency was measured at."""
+    return max(result.base.latency, key=int) if result.base.latency else ""
+
+
+def point(label: str, stats: ModelStats, batch: str, before: float | None = None) -> plots.AccuracyPoint:
+    """A model's point in the accuracy figures (latency at ``batch``, with its interquartile range)."""
+    entry = stats.latency.get(batch) or {}
+    iqr = (entry["q1_ms"], entry["q3_ms"]) if "q1_ms" in entry and "q3_ms" in entry else None
+    return plots.AccuracyPoint(label, stats.macs, stats.accuracy or 0.0, before, entry.get("median_ms"), iqr)
+
+
+def accuracy_figures(results: Mapping[str, PruneResult]) -> dict[str, bytes]:
+    """``accuracy_macs.png`` and ``accuracy_latency.png`` for one or several results of one base model."""
+    first = next(iter(results.values()))
+    batch = large_batch(first)
+    target = first.target
+    target_macs = first.base.macs * (1 - target.macs_reduction) if target.macs_reduction is not None else None
+    points = [point(m, r.pruned, batch, r.finetune.accuracy_before) for m, r in results.items()]
+    base = point("unpruned", first.base, batch)
     return {
-        "accuracy_macs.png": plots.accuracy_vs_macs(
-            [point], plots.AccuracyPoint("unpruned", base.macs, base.accuracy), target_macs=target_macs),
+        "accuracy_macs.png": plots.accuracy_vs_macs(points, base, target_macs=target_macs),
+        "accuracy_latency.png": plots.accuracy_vs_latency(points, base, batch=batch, device=first.latency_device),
+    }
+
+
+def run_figures(result: PruneResult) -> dict[str, bytes]:
+    """The figures of one pruning run, as PNG bytes by file name."""
+    return {
+        **accuracy_figures({result.method: result}),
         "channels.png": plots.channels_per_layer({result.method: [asdict(w) for w in result.widths]}),
         "search.png": plots.search_progress({result.method: [row.score for row in result.history]},
-                                            ylabel=score_label(target)),
+                                            ylabel=score_label(result.target)),
     }
 
 
@@ -197,8 +220,10 @@ def run_html(result: PruneResult, figures: Mapping[str, bytes]) -> str:
         parts.append(f'<p class="note"><b>Warning:</b> {esc(warning)}</p>')
     parts.append("<h2>Figures</h2>")
     captions = {
-        "accuracy_macs.png": "Accuracy against MACs per sample: the star is the unpruned model, the filled "
-                             "dot the pruned and fine-tuned one, the hollow dot the pruned one before fine-tuning.",
+        "accuracy_macs.png": "Accuracy after fine-tuning against MACs per sample; the dotted line is the unpruned "
+                             "model, the dashed one the MACs target.",
+        "accuracy_latency.png": f"Accuracy after fine-tuning against latency measured at batch {large_batch(result)} "
+                                f"on {result.latency_device} (median, bars: interquartile range).",
         "channels.png": "Share of each prunable layer's channels that the search kept; labels give kept/unpruned.",
         "search.png": search_caption(result.target),
     }
@@ -303,8 +328,10 @@ def comparison_html(summary: Mapping[str, Any], headers: Sequence[str], rows: Se
         parts.append("</ul>")
     parts.append("<h2>Figures</h2>")
     captions = {
-        "accuracy_macs.png": "Test accuracy against MACs per image after fine-tuning (filled) and before it "
-                             "(hollow); the star is the unpruned model, the dashed line the MACs target.",
+        "accuracy_macs.png": "Accuracy after fine-tuning against MACs per sample, zoomed on the pruned models; the "
+                             "dotted line is the unpruned model, the dashed one the MACs target.",
+        "accuracy_latency.png": "Accuracy after fine-tuning against measured latency at the large batch (median, "
+                                "bars: interquartile range).",
         "channels.png": "Share of each prunable layer's channels kept by each method (x labels give the "
                         "unpruned channel count).",
         "search.png": search_caption(Target.from_json(summary["target"])),

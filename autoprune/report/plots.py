@@ -8,8 +8,9 @@ bytes as data URIs. matplotlib is imported only when a figure is drawn.
 
 The figures:
 
-* :func:`accuracy_vs_macs`: test accuracy against MACs, one point per method (hollow: before
-  fine-tuning), the unpruned model as a star and the MACs target as a dashed line;
+* :func:`accuracy_vs_macs`: accuracy against MACs, one point per method, zoomed on the pruned models, the
+  unpruned model as a reference line and the MACs target as a dashed line;
+* :func:`accuracy_vs_latency`: accuracy against measured latency, with the latency's interquartile range;
 * :func:`channels_per_layer`: the share of channels each method kept in every prunable layer;
 * :func:`search_progress`: the best search score found so far against the number of evaluations.
 """
@@ -37,19 +38,23 @@ _WIDTH = 9.5  # inches: about 1,050 pixels, the width of a report page
 
 @dataclass(frozen=True)
 class AccuracyPoint:
-    """One model in the accuracy-against-MACs figure.
+    """One model in the accuracy figures.
 
     Attributes:
         label: method name (legend and annotation).
-        macs: MACs of the pruned model.
-        accuracy: test accuracy after fine-tuning, in [0, 1].
+        macs: MACs of the model.
+        accuracy: test accuracy (or score) after fine-tuning, in [0, 1].
         accuracy_before: test accuracy straight after pruning (before fine-tuning), if known.
+        latency_ms: measured latency (median) at the large batch, if known.
+        latency_iqr: its interquartile range ``(q1, q3)`` in ms, if known.
     """
 
     label: str
     macs: float
     accuracy: float
     accuracy_before: float | None = None
+    latency_ms: float | None = None
+    latency_iqr: tuple[float, float] | None = None
 
 
 def color_of(name: str, index: int = 0) -> str:
@@ -101,54 +106,97 @@ def _legend_outside(ax: Any) -> None:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, borderaxespad=0)
 
 
-def accuracy_vs_macs(points: Sequence[AccuracyPoint], base: AccuracyPoint | None = None, *,
-                     target_macs: float | None = None, title: str = "Test accuracy against MACs") -> bytes:
-    """Scatter of test accuracy (%) against MACs (millions); returns PNG bytes.
+def _zoom(values: Sequence[float], pad: float = 0.15, floor: float = 0.0) -> tuple[float, float]:
+    """Axis limits around ``values`` (at least a small span, so one point or equal values still show)."""
+    low, high = min(values), max(values)
+    span = max(high - low, 0.02 * max(abs(high), 1e-9), 1e-6)
+    return max(floor, low - pad * span), high + pad * span
 
-    The MACs axis is logarithmic when the pruned models are far smaller than the unpruned one, so that
-    they do not crowd into a corner. A single point is labelled beside it; several go by the legend.
+
+def _reference(ax: Any, base: AccuracyPoint | None, ylim: tuple[float, float], what: str,
+               x: float | None = None) -> None:
+    """The unpruned model as a labelled horizontal line (or a note when it lies outside the zoomed range); at
+    ``x`` also as a star (single runs, whose range includes it)."""
+    if base is None:
+        return
+    if x is not None:
+        ax.scatter([x], [100 * base.accuracy], marker="*", s=220, color="black", zorder=5)
+    y = 100 * base.accuracy
+    text = f"unpruned: {y:.2f}% at {what}"
+    if ylim[0] <= y <= ylim[1]:
+        ax.axhline(y, color="black", linestyle=":", linewidth=1, zorder=1)
+        ax.annotate(text, (0.01, y), xycoords=("axes fraction", "data"), textcoords="offset points", xytext=(0, 4),
+                    fontsize=8)
+    else:
+        ax.annotate(text + (" (above this range)" if y > ylim[1] else " (below this range)"), (0.01, 0.97),
+                    xycoords="axes fraction", va="top", fontsize=8)
+
+
+def _scatter(ax: Any, points: Sequence[tuple[AccuracyPoint, float]], *, xerr: bool = False) -> None:
+    for i, (p, x) in enumerate(points):
+        color = color_of(p.label, i)
+        y = 100 * p.accuracy
+        if xerr and p.latency_iqr is not None:
+            ax.errorbar([x], [y], xerr=[[x - p.latency_iqr[0]], [p.latency_iqr[1] - x]], fmt="none", ecolor=color,
+                        elinewidth=1, capsize=3, zorder=3)
+        ax.scatter([x], [y], s=70, color=color, edgecolors="white", linewidths=0.8, zorder=4,
+                   label=f"{p.label} ({y:.2f}%)")
+        ax.annotate(p.label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8, color=color)
+
+
+def accuracy_vs_macs(points: Sequence[AccuracyPoint], base: AccuracyPoint | None = None, *,
+                     target_macs: float | None = None, title: str = "Accuracy against MACs") -> bytes:
+    """Accuracy (%) after fine-tuning against MACs (millions), zoomed on the pruned models; returns PNG bytes.
+
+    Both axes span the pruned models (and the target), not the unpruned model, whose accuracy is a labelled
+    reference line and whose MACs are named in its label: otherwise every method crowds into a corner.
     """
     fig = _figure(_WIDTH, 5.0)
     ax = fig.add_subplot()
     _style(ax)
     scale = 1e6
-    all_macs = [p.macs for p in points] + ([base.macs] if base is not None else [])
-    log_x = bool(points) and max(all_macs) > 4 * min(m for m in all_macs if m > 0)
-    if base is not None:
-        ax.scatter([base.macs / scale], [100 * base.accuracy], marker="*", s=260, color="black", zorder=5,
-                   label=f"unpruned ({100 * base.accuracy:.2f}%)")
-        ax.axhline(100 * base.accuracy, color="black", linestyle=":", linewidth=0.8, zorder=1)
+    xs = [p.macs / scale for p in points] + ([target_macs / scale] if target_macs is not None else [])
+    ys = [100 * p.accuracy for p in points]
     if target_macs is not None:
-        ax.axvline(target_macs / scale, color="#999999", linestyle="--", linewidth=1, zorder=1,
-                   label="MACs target")
-    hollow = False
-    for i, p in enumerate(points):
-        color = color_of(p.label, i)
-        x, y = p.macs / scale, 100 * p.accuracy
-        if p.accuracy_before is not None and abs(p.accuracy_before - p.accuracy) > 1e-9:
-            yb = 100 * p.accuracy_before
-            ax.plot([x, x], [yb, y], color=color, linestyle=":", linewidth=1, zorder=2)
-            ax.scatter([x], [yb], s=40, facecolors="white", edgecolors=color, linewidths=1.5, zorder=3)
-            hollow = True
-        ax.scatter([x], [y], s=70, color=color, edgecolors="white", linewidths=0.8, zorder=4,
-                   label=f"{p.label} ({100 * p.accuracy:.2f}%)")
-        if len(points) == 1:
-            ax.annotate(p.label, (x, y), textcoords="offset points", xytext=(7, 4), fontsize=9, color=color)
-    if hollow:  # a grey legend entry for all the hollow markers
-        ax.scatter([], [], s=40, facecolors="white", edgecolors="#555555", linewidths=1.5,
-                   label="before fine-tuning (hollow)")
-    if log_x:
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+        ax.axvline(target_macs / scale, color="#999999", linestyle="--", linewidth=1, zorder=1, label="MACs target")
+    _scatter(ax, [(p, p.macs / scale) for p in points])
+    alone = base is not None and len(points) < 2  # one run: show where it started from, too
+    if alone:
+        xs, ys = xs + [base.macs / scale], ys + [100 * base.accuracy]
+    if points:
+        ax.set_xlim(*_zoom(xs))
+        ax.set_ylim(*_zoom(ys, floor=-1))
+    _reference(ax, base, ax.get_ylim(), f"{base.macs / scale:.3g} M MACs" if base is not None else "",
+               x=base.macs / scale if alone else None)
+    ax.set_xlabel("MACs per sample (millions)")
+    ax.set_ylabel("accuracy after fine-tuning (%)")
+    ax.set_title(title, fontsize=11)
+    _legend_outside(ax)
+    return _png(fig)
 
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("MACs per image (millions, log scale)")
-    else:
-        ax.set_xlim(left=0)
-        ax.set_xlabel("MACs per image (millions)")
-    ax.set_ylabel("test accuracy (%)")
+
+def accuracy_vs_latency(points: Sequence[AccuracyPoint], base: AccuracyPoint | None = None, *, batch: str = "",
+                        device: str = "", title: str = "Accuracy against measured latency") -> bytes:
+    """Accuracy (%) after fine-tuning against measured latency (ms, median with its interquartile range)."""
+    fig = _figure(_WIDTH, 5.0)
+    ax = fig.add_subplot()
+    _style(ax)
+    timed = [p for p in points if p.latency_ms is not None]
+    _scatter(ax, [(p, float(p.latency_ms)) for p in timed], xerr=True)
+    alone = base is not None and base.latency_ms is not None and len(timed) < 2
+    if timed:
+        spans = [v for p in timed for v in (p.latency_iqr or (p.latency_ms, p.latency_ms))]
+        accuracies = [100 * p.accuracy for p in timed]
+        if alone:
+            spans.append(float(base.latency_ms))
+            accuracies.append(100 * base.accuracy)
+        ax.set_xlim(*_zoom(spans))
+        ax.set_ylim(*_zoom(accuracies, floor=-1))
+    latency = f"{base.latency_ms:.3g} ms" if base is not None and base.latency_ms is not None else "its latency"
+    _reference(ax, base, ax.get_ylim(), latency, x=float(base.latency_ms) if alone else None)
+    where = f" at batch {batch}" if batch else ""
+    ax.set_xlabel(f"latency{where} (ms, median and interquartile range{'; ' + device if device else ''})")
+    ax.set_ylabel("accuracy after fine-tuning (%)")
     ax.set_title(title, fontsize=11)
     _legend_outside(ax)
     return _png(fig)

@@ -217,6 +217,10 @@ def run_comparison(comparison: Comparison, config: PruneConfig, methods: Sequenc
     """
     methods = parse_methods(methods)
     check_options(methods, config.method_options)
+    if not resume:  # an impossible target would fail every method: say so before anything is created or cleared
+        from autoprune.api import _check_reachable_first
+
+        _check_reachable_first(comparison.model, comparison.example_inputs, config, comparison.device)
     with lock_output(out, kind="directory"):
         prepare_comparison(out, force=force, resume=resume)
         if not resume:
@@ -519,17 +523,11 @@ def write_tables(out: Path, summary: Mapping[str, Any]) -> None:
     write_text(out / "compare.md", markdown(summary))
 
 
-def comparison_figures(summary: Mapping[str, Any], results: Mapping[str, PruneResult]) -> dict[str, bytes]:
-    """The comparison's three figures (PNG bytes by file name) from the finished methods' results."""
-    base = summary.get("base")
+def comparison_figures(results: Mapping[str, PruneResult]) -> dict[str, bytes]:
+    """The comparison's figures (PNG bytes by file name) from the finished methods' results."""
     target = next(iter(results.values())).target
-    points = [plots.AccuracyPoint(m, r.pruned.macs, r.pruned.accuracy, r.finetune.accuracy_before)
-              for m, r in results.items()]
-    target_macs = base["macs"] * (1 - target.macs_reduction) if base and target.macs_reduction is not None else None
     return {
-        "accuracy_macs.png": plots.accuracy_vs_macs(
-            points, plots.AccuracyPoint("unpruned", base["macs"], base["accuracy"]) if base else None,
-            target_macs=target_macs),
+        **html_report.accuracy_figures(results),
         "channels.png": plots.channels_per_layer({m: [asdict(w) for w in r.widths] for m, r in results.items()}),
         "search.png": plots.search_progress({m: [row.score for row in r.history] for m, r in results.items()},
                                             ylabel=html_report.score_label(target)),
@@ -544,7 +542,7 @@ def write_comparison(out: Path, summary: Mapping[str, Any], results: Mapping[str
     figures: dict[str, bytes] = {}
     if finished:
         try:
-            figures = comparison_figures(summary, finished)  # type: ignore[arg-type]
+            figures = comparison_figures(finished)  # type: ignore[arg-type]
         except Exception as exc:  # the tables are written; a broken figure must not hide them
             log.warning("could not draw the comparison figures: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
     html_report.write_figures(out, figures)
