@@ -193,8 +193,7 @@ serial results (checked in every round).
 - Command: `{command}`
 - Date: {info['date']}; wall time {seconds / 60:.1f} min
 - Machine: {info['cpu']}, {info['cores']} cores ({info['platform']}); Python {info['python']}
-- Versions: torch {info['torch']}, ray {info['ray']}; autoprune commit {info['commit']} (plus the uncommitted
-  executor work)
+- Versions: torch {info['torch']}, ray {info['ray']}; autoprune commit {info['commit']}
 - Load average (1 min) at start {load['start']:.1f}, at end {load['end']:.1f}
 
 {chr(10).join(table)}
@@ -204,7 +203,7 @@ serial results (checked in every round).
 This machine has {info['cores']} cores. "serial (default threads)" is today's `workers=1`: the driver
 evaluates with torch's default thread count ({rows[0]['threads']}); "serial (1 thread)" pins it to one.
 N pool workers get max(1, {info['cores']} // N) torch threads each, so more workers than cores
-oversubscribe them. {args.note}
+oversubscribe them.
 """
     (out / "README.md").write_text(text)
 
@@ -215,11 +214,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 4], help="pool sizes besides the serial runs")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--candidates", type=int, default=16)
-    parser.add_argument("--val", type=int, default=128, help="validation samples per candidate")
-    parser.add_argument("--calibration", type=int, default=64, help="BatchNorm calibration samples per candidate")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--val", type=int, default=64, help="validation samples per candidate")
+    parser.add_argument("--calibration", type=int, default=32, help="BatchNorm calibration samples per candidate")
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--executor", choices=["pool", "ray"], default="pool")
-    parser.add_argument("--note", default="", help="a sentence for the README (e.g. who else used the machine)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     configs = [{"label": "serial (default threads)", "workers": 1},
