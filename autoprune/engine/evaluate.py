@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from autoprune.engine.batches import Batch, Inputs, forward, to_device
-from autoprune.engine.scoring import CandidateScore, Measurement, ScoreData, candidate_seed, create_score
+from autoprune.engine.scoring import CandidateScore, Measurement, ScoreData, candidate_seed, resolve_score
 from autoprune.engine.space import PruningSpace
 from autoprune.engine.train import evaluate, model_device
 from autoprune.search import Fitness
@@ -96,7 +96,8 @@ class Evaluator:
         score_fn: replaces validation accuracy: ``score_fn(model) -> float``, higher is better.
         physical: prune each candidate physically (True) or mask it (False); see :func:`choose_physical`.
             A score that trains the candidate (``finetune``) always gets a physically pruned copy.
-        score: the candidate score (a name in :data:`autoprune.engine.scoring.SCORES` or a built score).
+        score: the candidate score (a name in :data:`autoprune.engine.scoring.SCORES` or a built score; ``auto``
+            is resolved for ``model``).
         train: training batches ``(inputs, targets)`` held for the scores that fine-tune candidates.
         seed: the run's seed (each candidate's adaptation is seeded from it and its channel counts).
     """
@@ -114,8 +115,7 @@ class Evaluator:
         self._model = copy.deepcopy(model).eval()
         for p in self._model.parameters():
             p.requires_grad_(False)
-        self.candidate_score = create_score(score)
-        self.candidate_score.check(score_fn)
+        self.candidate_score = resolve_score(score, None, model, score_fn)
         self.seed = seed
         self.data = ScoreData(self._model, self.val, self.calibration, list(train), score_fn, seed)
         self._bn_state = {k: v.clone() for k, v in self._model.state_dict().items() if _is_bn_buffer(k, self._model)}

@@ -33,7 +33,7 @@ from autoprune.engine.evaluate import Evaluator, ScoreFn, choose_physical, measu
 from autoprune.engine.executor import BatchEvaluation, create_executor, threads_per_worker
 from autoprune.engine.measure import compare_latency, cost_of, device_name, serialized_size
 from autoprune.engine.result import Evaluation, FinetuneStats, LayerWidth, ModelStats, PruneResult, SearchStats
-from autoprune.engine.scoring import SELECT_ETA, Selection, create_score, selection_score, successive_halving
+from autoprune.engine.scoring import SELECT_ETA, Selection, resolve_score, selection_score, successive_halving
 from autoprune.engine.space import PruningSpace
 from autoprune.engine.train import TrainingInterrupted, evaluate, fit, subnormals_flushed
 from autoprune.errors import AutopruneError, Interrupted
@@ -134,16 +134,15 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
     calibration = [] if data.train is None else [
         x for x, _ in take(data.train, config.calibration_samples, seed=config.seed, key=CALIBRATION_KEY,
                            device=device, what="the training loader")]
-    train = _score_training_batches(config, data, device)
+    train = _score_training_batches(config, data, base, device)
     base_score = measure_score(base, val, data.score_fn)
     chance = None if data.score_fn is not None else _chance_level(val)
     return Setup(base, example, space, device, val, calibration, base_score, chance, train)
 
 
-def _score_training_batches(config: PruneConfig, data: Data, device: torch.device) -> list[Batch]:
+def _score_training_batches(config: PruneConfig, data: Data, model: nn.Module, device: torch.device) -> list[Batch]:
     """The training batches the candidate score and the selection fine-tune on (none for the other scores)."""
-    score = create_score(config.score, config.score_options)
-    score.check(data.score_fn)
+    score = resolve_score(config.score, config.score_options, model, data.score_fn)
     selecting = config.select_top > 1 and config.target.macs_reduction is not None and data.score_fn is None
     samples = max(score.train_samples, selection_score(score, 1).train_samples if selecting else 0)
     if samples == 0:
@@ -209,7 +208,8 @@ def search(setup: Setup, plan: Plan, config: PruneConfig, method: Method, data: 
     """Run the plan's strategy on the evaluator; new evaluations go to the callbacks, ``recorded`` ones are replayed."""
     space = setup.space
     evaluator = Evaluator(plan.model, space, plan.scores, setup.val, setup.calibration, score_fn=data.score_fn,
-                          score=create_score(config.score, config.score_options), train=setup.train, seed=config.seed)
+                          score=resolve_score(config.score, config.score_options, plan.model, data.score_fn),
+                          train=setup.train, seed=config.seed)
     evaluator.physical = choose_physical(evaluator)
     for row in recorded:
         evaluator.prefill(row.counts, Fitness(row.accuracy, row.macs, row.params, row.value))
@@ -508,7 +508,8 @@ def _search_stats(setup: Setup, plan: Plan, config: PruneConfig, outcome: Search
         resumed_evaluations=resumed, repaired_to_target=repaired, executor=config.executor_kind,
         workers=config.workers, threads_per_worker=threads_per_worker(config),
         selection=None if outcome.selection is None else outcome.selection.describe(),
-        notes={**plan.notes, "extra_training_epochs": plan.extra_training_epochs})
+        notes={**plan.notes, "extra_training_epochs": plan.extra_training_epochs,
+               "score": outcome.evaluator.candidate_score.describe()})
 
 
 def _check_alive(base: float | None, accuracy: float | None, chance: float | None, method: str, *,

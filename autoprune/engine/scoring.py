@@ -438,6 +438,53 @@ class ShortFinetune(CandidateScore):
         return ("steps", "lr", "distill", "temperature", "metric", "samples")
 
 
+@SCORES.register("auto")
+class Automatic(CandidateScore):
+    """The score that suits the network: ``kl`` where it has BatchNorm (adaptive BatchNorm is the cheap
+    adaptation that makes its candidates comparable), ``finetune`` with ``steps`` steps where it has none (a
+    short distilled fine-tune is the only adaptation such a network has), ``bn`` with a caller's ``score_fn``
+    (the metrics that read logits do not apply). Resolved once per run, by :meth:`resolve`.
+
+    Args:
+        steps: fine-tuning steps per candidate for a network without BatchNorm.
+    """
+
+    def __init__(self, *, steps: int = 30) -> None:
+        self.steps = check_int("steps", steps, minimum=1, maximum=1_000_000)
+
+    def resolve(self, model: nn.Module, score_fn: ScoreFn | None = None) -> CandidateScore:
+        """The concrete score for ``model``."""
+        if score_fn is not None:
+            return AdaptiveBN()
+        if any(isinstance(m, _BN_TYPES) and m.track_running_stats for m in model.modules()):
+            return Divergence()
+        return ShortFinetune(steps=self.steps)
+
+    def adapt(self, model: nn.Module, data: ScoreData, seed: int) -> bool:
+        raise AutopruneError("the auto score is resolved for a model first (Automatic.resolve)")
+
+    def check(self, score_fn: ScoreFn | None) -> None:
+        return None
+
+    @property
+    def train_samples(self) -> int:
+        return ShortFinetune().samples
+
+    def _options(self) -> tuple[str, ...]:
+        return ("steps",)
+
+
+def resolve_score(spec: str | CandidateScore, options: dict[str, Any] | None, model: nn.Module,
+                  score_fn: ScoreFn | None = None) -> CandidateScore:
+    """The score a run uses on ``model``: :func:`create_score`, with ``auto`` resolved for the model."""
+    score = create_score(spec, options)
+    if isinstance(score, Automatic):
+        score = score.resolve(model, score_fn)
+        log.info("score auto: %s for this model", score.describe())
+    score.check(score_fn)
+    return score
+
+
 def create_score(spec: str | CandidateScore, options: dict[str, Any] | None = None) -> CandidateScore:
     """A score from its registered name and options (an already built score passes through).
 
