@@ -366,3 +366,28 @@ def test_two_workers_score_as_one_process(case):
     assert [(r.counts, r.accuracy, r.value) for r in pooled.history] == \
         [(r.counts, r.accuracy, r.value) for r in serial.history]
     assert pooled.keep == serial.keep
+
+
+class StopAfter(autoprune.Callback):
+    def __init__(self, evaluations: int) -> None:
+        self.evaluations, self.seen = evaluations, 0
+
+    def on_evaluation(self, row) -> None:
+        self.seen += 1
+
+    def should_stop(self) -> bool:
+        return self.seen >= self.evaluations
+
+
+def test_a_resumed_run_ranks_the_replayed_candidates_by_their_recorded_value(case, tmp_path):
+    # PSO carries state across asks: replaying the history with accuracies instead of KL values would diverge
+    settings = {"method": "pso", "method_options": {"particles": 3, "iterations": 3}, "budget": 9, "score": "kl"}
+    out = tmp_path / "run"
+    with pytest.raises(engine.SearchInterrupted):
+        prune(case, out=out, callbacks=[StopAfter(4)], **settings)
+    resumed = prune(case, out=out, resume=True, **settings)
+    reference = prune(case, **settings)
+    assert resumed.search.resumed_evaluations == 4
+    rows = [[(r.counts, r.accuracy, r.value, r.score) for r in x.history] for x in (resumed, reference)]
+    assert rows[0] == rows[1] and resumed.keep == reference.keep
+    assert all(r.value is not None for r in resumed.history)
