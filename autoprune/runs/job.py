@@ -4,7 +4,8 @@
 
 * ``.autoprune.lock``: the lock (pid, host, start time) while a run writes here; a second run is refused;
 * ``run.json``: the configuration, how the run was invoked and where its model and data came from, written
-  before any long work, so ``--resume`` can continue it;
+  once the engine has checked the model, data and target (a run refused for its inputs leaves ``OUT`` as it
+  was; ``--force`` clears an earlier run only then), before the search, so ``--resume`` can continue it;
 * ``history.jsonl``: every candidate evaluation, appended and flushed as it happens;
 * ``work/``: the fine-tuning checkpoint (removed when the run completes);
 * ``model.pt``, then ``report.md``, ``report.html`` and the figures, and last ``report.json``: its presence
@@ -115,13 +116,17 @@ class RunDirectory(Callback):
             if saved["config"] != self.config.to_json():
                 raise AutopruneError(f"the run in {str(self.path)!r} was started with other settings; resume it with "
                                      "the same ones, or start a new run (force=True / --force)")
-        elif any(p.name != LOCK_FILE for p in self.path.iterdir()):
-            if not self.force:
-                raise AutopruneError(f"output directory {str(self.path)!r} already holds a run; pass --force "
-                                     "(force=True) to replace it, --resume to continue it, or choose another --out")
+        elif any(p.name != LOCK_FILE for p in self.path.iterdir()) and not self.force:
+            raise AutopruneError(f"output directory {str(self.path)!r} already holds a run; pass --force "
+                                 "(force=True) to replace it, --resume to continue it, or choose another --out")
+        self.recorded = read_history(self.path / HISTORY_FILE) if self.resume else []
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        """The engine has checked the model, data and target: only now is an earlier run cleared (``force``) and
+        ``run.json`` written, so a run refused for its inputs leaves the directory as it was."""
+        if self.force and not self.resume:
             clear_directory(self.path, keep=(LOCK_FILE,))
         history = self.path / HISTORY_FILE
-        self.recorded = read_history(history) if self.resume else []
         write_text(history, "".join(json.dumps(r.to_json()) + "\n" for r in self.recorded))
         write_json(self.path / RUN_FILE, {"config": self.config.to_json(), "invocation": self.invocation,
                                           "info": self.info, "autoprune": autoprune.__version__})
@@ -139,8 +144,7 @@ class RunDirectory(Callback):
 
     @property
     def finetune_checkpoint(self) -> Path:
-        """Where fine-tuning keeps its epoch checkpoint."""
-        (self.path / WORK_DIR).mkdir(exist_ok=True)
+        """Where fine-tuning keeps its epoch checkpoint (its directory is made by the first write)."""
         return self.path / WORK_DIR / "finetune.ckpt"
 
     def on_evaluation(self, evaluation: Evaluation) -> None:
