@@ -120,6 +120,8 @@ def _signature_target(factory: Any) -> Any:
 
 
 def _parameters(factory: Any) -> list[inspect.Parameter]:
+    if isinstance(factory, type) and factory.__init__ is object.__init__:
+        return []  # no constructor of its own: no options (object's signature would accept any)
     try:
         params = list(inspect.signature(_signature_target(factory)).parameters.values())
     except (TypeError, ValueError):
