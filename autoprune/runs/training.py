@@ -44,7 +44,14 @@ def build_model(name: str, info: DatasetInfo, **kwargs: Any) -> tuple[Normalized
     args: dict[str, Any] = {"num_classes": info.num_classes, "in_channels": info.in_channels,
                             "image_size": tuple(info.image_size), **kwargs}
     model = NormalizedModel(create_model(name, **args), info.mean, info.std)
-    logits = check_forward(model.eval(), torch.rand(1, info.in_channels, *info.image_size))
+    try:  # one image through the fresh model: an architecture that cannot take the data fails here, not mid-training
+        logits = check_forward(model.eval(), torch.rand(1, info.in_channels, *info.image_size))
+    except AutopruneError as exc:
+        cause = exc.__cause__ or exc
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        raise AutopruneError(f"model {name!r} cannot take {info.in_channels}x{info.image_size[0]}x"
+                             f"{info.image_size[1]} images of dataset {info.name!r} ({type(cause).__name__}: "
+                             f"{first}); choose a model for this image size") from exc
     model.train()
     shape = tuple(getattr(logits, "shape", ()))
     if shape != (1, info.num_classes):
