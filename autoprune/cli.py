@@ -227,6 +227,8 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     defaults = {}
     for key, value in values.items():
         action = dests[key]
+        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction) and not isinstance(value, bool):
+            raise AutopruneError(f"{key}: {value!r} in {args.config!r}: must be true or false")
         if action.type is not None and value is not None and not isinstance(value, bool):
             try:
                 value = action.type(str(value))
@@ -236,9 +238,8 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     defaults["method_option"] = [(str(k), v) for k, v in options.items()]
     sub.set_defaults(**defaults)
     args = parser.parse_args(argv)
-    given = {k for k, _ in args.method_option} - set(options)
-    args.method_option = [(k, v) for k, v in defaults["method_option"] if k not in given] + [
-        (k, v) for k, v in args.method_option if k in given]
+    given = args.method_option[len(defaults["method_option"]):]  # argparse appends the flags' to the file's
+    args.method_option = list({**dict(defaults["method_option"]), **dict(given)}.items())  # the flags win
     return args
 
 
@@ -441,10 +442,14 @@ def _inputs(args: argparse.Namespace, config: Any):
         raise AutopruneError(f"give the model file (autoprune {args.command} MODEL ...) or --resume DIR")
     if not args.dataset:
         raise AutopruneError("--dataset is required (the data the model was trained on)")
-    return load_inputs(args.model_file, dataset=args.dataset, data_dir=args.data_dir, val_fraction=args.val_fraction,
-                       limit=args.limit, seed=config.seed, batch_size=config.finetune.batch_size,
-                       device=_device(args.device), factory=args.factory,
-                       allow_other_dataset=getattr(args, "allow_other_dataset", False))
+    inputs = load_inputs(args.model_file, dataset=args.dataset, data_dir=args.data_dir,
+                         val_fraction=args.val_fraction, limit=args.limit, seed=config.seed,
+                         batch_size=config.finetune.batch_size, device=_device(args.device), factory=args.factory,
+                         allow_other_dataset=getattr(args, "allow_other_dataset", False))
+    if inputs.data.val is None:
+        raise AutopruneError("the validation split is empty (--val-fraction 0 or a tiny --limit), but the search "
+                             "scores candidates on it; use --val-fraction 0.1 or a larger --limit")
+    return inputs
 
 
 def _check_out(args: argparse.Namespace) -> Path:
@@ -592,6 +597,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                               seed=args.seed), seed=args.seed)
     device = _device(args.device)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise AutopruneError(f"--out {args.out!r} is a file; give a directory")
     demo_files = ("base.pt", "base.pt.ckpt", "pruned", ".base.pt.lock")
     if out.is_dir() and any(p.name not in demo_files and not p.name.startswith(".base.pt.") for p in out.iterdir()) \
             and not args.force:
@@ -666,7 +673,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         if isinstance(exc, Interrupted):
-            sys.stderr.write(f"autoprune: {error_line(exc)}{_resume_hint(args)}\n")
+            line = error_line(exc)
+            hint = "" if "--resume" in line else _resume_hint(args)  # a comparison's message names it already
+            sys.stderr.write(f"autoprune: {line}{hint}\n")
             return EXIT_INTERRUPTED
         sys.stderr.write(f"autoprune: error: {error_line(exc)}\n")
         return EXIT_ERROR
