@@ -52,7 +52,9 @@ from autoprune.engine.scoring import (  # noqa: E402
     DEFAULT_SELECT_TOP,
     SELECT_ETA,
     create_score,
+    resolve_score,
     selection_score,
+    selection_steps,
     successive_halving,
 )
 from autoprune.engine.train import TrainConfig, evaluate, fit  # noqa: E402
@@ -288,11 +290,19 @@ def main(argv: list[str] | None = None) -> int:
     # 3. multi-fidelity selection: the cheap score's best structures (and the uniform one), successive halving
     final = [rows[k]["test_accuracy"] for k in keys]
     selections = {}
+    resolved: dict[str, str] = {}  # a cheap score that resolves to one already run (auto = kl with BatchNorm): skip
     for cheap in [s for s in specs if s.label in SELECTION_CHEAP]:
+        same = json.dumps(resolve_score(cheap.score, cheap.options, plan.model).describe(), sort_keys=True)
+        if same in resolved:
+            selections[f"halving({cheap.label})"] = {"same_as": f"halving({resolved[same]})"}
+            continue
+        resolved[same] = cheap.label
         selections[f"halving({cheap.label})"] = run_selection(cheap, keys, rows, setup, plan, args.seed, final)
     loads.append(os.getloadavg()[0])
 
-    summary = summarise(bench, args, specs, keys, rows, final, selections, loads, time.perf_counter() - started)
+    concrete = {spec.label: resolve_score(spec.score, spec.options, plan.model).describe() for spec in specs}
+    summary = summarise(bench, args, specs, keys, rows, final, selections, loads, time.perf_counter() - started,
+                        concrete)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     (out / "summary.md").write_text(markdown(summary))
     print(markdown(summary))
@@ -311,9 +321,9 @@ def run_selection(cheap: Spec, keys: list[str], rows: dict[str, dict[str, Any]],
                           score=create_score(cheap.score, cheap.options), train=setup.train, seed=seed)
     fidelity: Callable[[int], Any] = lambda steps: selection_score(evaluator.candidate_score, steps)  # noqa: E731
     candidates = [np.asarray(rows[keys[i]]["keep"]) for i in chosen]
+    first = selection_steps(evaluator.candidate_score, SELECT_STEPS_FOR_BENCH)
     result = successive_halving(candidates, lambda keep, steps: evaluator.measure(keep, fidelity(steps)),
-                                evaluator.key, steps=SELECT_STEPS_FOR_BENCH, eta=SELECT_ETA,
-                                metric=fidelity(1).metric)
+                                evaluator.key, steps=first, eta=SELECT_ETA, metric=fidelity(1).metric)
     # the full ranking: the selection's order on top, then the others by the cheap score
     ranked = [chosen[i] for i in result.order] + [i for i in order if i not in chosen]
     position = {i: len(ranked) - r for r, i in enumerate(ranked)}
@@ -321,7 +331,7 @@ def run_selection(cheap: Spec, keys: list[str], rows: dict[str, dict[str, Any]],
     pick = chosen[result.index]
     rank = 1 + sorted(final, reverse=True).index(final[pick])
     cheap_seconds = float(np.sum([rows[k]["scores"][cheap.label]["seconds"] for k in keys]))
-    return {"cheap": cheap.label, "top": DEFAULT_SELECT_TOP_FOR_BENCH, "steps": SELECT_STEPS_FOR_BENCH,
+    return {"cheap": cheap.label, "top": DEFAULT_SELECT_TOP_FOR_BENCH, "steps": first,
             "eta": SELECT_ETA, "rungs": [asdict(r) for r in result.rungs], "pick": pick, "pick_key": keys[pick],
             "pick_regret": 100 * (max(final) - final[pick]), "pick_rank": rank, "selection_seconds": result.seconds,
             "seconds_per_candidate": (cheap_seconds + result.seconds) / len(keys),
@@ -335,12 +345,13 @@ SELECT_STEPS_FOR_BENCH = DEFAULT_SELECT_STEPS
 
 def summarise(bench: Bench, args: argparse.Namespace, specs: list[Spec], keys: list[str],
               rows: dict[str, dict[str, Any]], final: list[float], selections: dict[str, Any], loads: list[float],
-              seconds: float) -> dict[str, Any]:
+              seconds: float, concrete: dict[str, dict[str, Any]]) -> dict[str, Any]:
     per_score = {}
     for spec in specs:
         values = [rows[k]["scores"][spec.label]["value"] for k in keys]
         per_score[spec.label] = {
-            "score": spec.score, "options": spec.options, **correlation(values, final),
+            "score": spec.score, "options": spec.options, "resolved": concrete[spec.label],
+            **correlation(values, final),
             "seconds_per_candidate": float(np.mean([rows[k]["scores"][spec.label]["seconds"] for k in keys])),
             "pick_regret": pick_regret(values, final)}
     ft = [rows[k]["finetune_seconds"] for k in keys]
@@ -379,9 +390,15 @@ def markdown(s: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for label, r in s["scores"].items():
+        if r["score"] == "auto":
+            label = f"auto (= {r['resolved']['name']}, {r['resolved'].get('steps', '')} steps)" \
+                if "steps" in r["resolved"] else f"auto (= {r['resolved']['name']})"
         lines.append(f"| {label} | {r['tau']:.3f} (p={r['tau_p']:.2g}) | {r['rho']:.3f} | "
                      f"{r['seconds_per_candidate']:.2f} | {r['pick_regret']:.2f} |")
     for label, r in s["selections"].items():
+        if "same_as" in r:
+            lines.append(f"| {label} | = {r['same_as']} | | | |")
+            continue
         lines.append(f"| {label}: top {r['top']} + uniform, {r['steps']} steps x{r['eta']} | {r['tau']:.3f} | "
                      f"{r['rho']:.3f} | {r['seconds_per_candidate']:.2f} | {r['pick_regret']:.2f} "
                      f"(rank {r['pick_rank']}) |")

@@ -32,10 +32,13 @@ from autoprune.engine import prune as engine
 from autoprune.engine.evaluate import Evaluator
 from autoprune.engine.scoring import (
     SCORES,
+    SELECT_ETA,
     Measurement,
     ScoreData,
     create_score,
     measure,
+    selection_score,
+    selection_steps,
     successive_halving,
 )
 from autoprune.engine.space import PruningSpace
@@ -290,6 +293,14 @@ def test_selection_in_the_engine_fine_tunes_the_top_k_and_its_pick_is_pruned(cas
 def structures_order(measured: list[tuple[tuple[int, ...], int]], counts: tuple[int, ...]) -> int:
     """Position of a structure among the first rung's (ties in the spy's value keep the earlier one)."""
     return [c for c, steps in measured if steps == measured[0][1]].index(counts)
+
+
+def test_the_first_rung_is_longer_than_a_fine_tune_cheap_score():
+    assert selection_steps(create_score("kl"), 20) == 20
+    assert selection_steps(create_score("finetune", {"steps": 30}), 20) == 30 * SELECT_ETA
+    assert selection_steps(create_score("finetune", {"steps": 5}), 20) == 20
+    tuned = selection_score(create_score("finetune", {"steps": 5, "lr": 0.02, "metric": "loss"}), 40)
+    assert (tuned.steps, tuned.lr, tuned.metric) == (40, 0.02, "loss")  # the cheap fine-tune's settings, longer
 
 
 def test_selection_is_skipped_without_a_cost_target_or_with_top_below_two(case, monkeypatch):

@@ -115,7 +115,8 @@ class PruneConfig:
             (by the score) and the uniform one are briefly fine-tuned and halved until one is left
             (:func:`autoprune.engine.scoring.successive_halving`); 0 or 1: keep the search's best. Only with a
             cost target and training data.
-        select_steps: fine-tuning steps of the selection's first rung (each later rung multiplies them).
+        select_steps: fine-tuning steps of the selection's first rung (each later rung multiplies them by
+            :data:`~autoprune.engine.scoring.SELECT_ETA`; a ``finetune`` score starts them at ``eta`` times its own).
         finetune: fine-tuning of the pruned network (None: none; epochs 0 is the same).
         round_to: kept channel counts are multiples of this.
         min_ratio: each group keeps at least this fraction of its channels.

@@ -33,7 +33,14 @@ from autoprune.engine.evaluate import Evaluator, ScoreFn, choose_physical, measu
 from autoprune.engine.executor import BatchEvaluation, create_executor, threads_per_worker
 from autoprune.engine.measure import compare_latency, cost_of, device_name, serialized_size
 from autoprune.engine.result import Evaluation, FinetuneStats, LayerWidth, ModelStats, PruneResult, SearchStats
-from autoprune.engine.scoring import SELECT_ETA, Selection, resolve_score, selection_score, successive_halving
+from autoprune.engine.scoring import (
+    SELECT_ETA,
+    Selection,
+    resolve_score,
+    selection_score,
+    selection_steps,
+    successive_halving,
+)
 from autoprune.engine.space import PruningSpace
 from autoprune.engine.train import TrainingInterrupted, evaluate, fit, subnormals_flushed
 from autoprune.errors import AutopruneError, Interrupted
@@ -277,7 +284,7 @@ def refine(setup: Setup, outcome: SearchOutcome, config: PruneConfig) -> SearchO
     cheap = evaluator.candidate_score
     selection = successive_halving(
         candidates, lambda keep, steps: evaluator.measure(keep, selection_score(cheap, steps)), evaluator.key,
-        steps=config.select_steps, eta=SELECT_ETA, metric=selection_score(cheap, 1).metric)
+        steps=selection_steps(cheap, config.select_steps), eta=SELECT_ETA, metric=selection_score(cheap, 1).metric)
     log.info("selection: structure %d of %d chosen after %s fine-tuning steps (%.1f s)", selection.index + 1,
              len(candidates), "/".join(str(r.steps) for r in selection.rungs), selection.seconds)
     return replace(outcome, keep=selection.keep, selection=selection)

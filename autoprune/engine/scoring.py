@@ -499,6 +499,12 @@ def score_names() -> list[str]:
     return SCORES.names()
 
 
+def selection_steps(score: CandidateScore, steps: int) -> int:
+    """Steps of the selection's first rung: ``steps``, or, when the cheap score is itself a fine-tune, ``eta``
+    times its steps (the cheap score is then the rung below; a first rung shorter than it would add nothing)."""
+    return max(steps, score.steps * SELECT_ETA) if isinstance(score, ShortFinetune) else steps
+
+
 def selection_score(score: CandidateScore, steps: int) -> ShortFinetune:
     """The fine-tune that the selection's rungs measure with: ``score``'s own settings when it is a
     ``finetune`` score, else the defaults, at ``steps`` steps."""
