@@ -17,8 +17,11 @@ machine), with the same statistics. On a busy machine quote the ratio, not the m
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,10 +50,16 @@ MIN_RELIABLE_SAMPLES = 5
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": time.process_time}
+"""What a timed run measures. ``"wall"`` (the protocol's default): elapsed time, what a user waits.
+``"process"``: CPU seconds of this process, which excludes the time other processes hold the cores, so
+it stays meaningful on a shared, oversubscribed machine, but only with ``threads=1`` (it sums the time of
+all threads, spin-waiting included) and only on the CPU."""
+
 
 # ---- statistics ---------------------------------------------------------------------------------
 
-def _sig(value: float, digits: int = 4) -> float:
+def round_sig(value: float, digits: int = 4) -> float:
     """``value`` rounded to ``digits`` significant digits (for JSON reports)."""
     return float(f"{value:.{digits}g}") if np.isfinite(value) else float(value)
 
@@ -117,8 +126,8 @@ class Timing:
 
     def to_json(self) -> dict[str, Any]:
         """Plain, rounded values for reports (the raw samples are left out)."""
-        return {"median_ms": _sig(self.median_ms), "q1_ms": _sig(self.q1_ms), "q3_ms": _sig(self.q3_ms),
-                "ci95_ms": [_sig(self.ci95[0]), _sig(self.ci95[1])], "n": self.n,
+        return {"median_ms": round_sig(self.median_ms), "q1_ms": round_sig(self.q1_ms), "q3_ms": round_sig(self.q3_ms),
+                "ci95_ms": [round_sig(self.ci95[0]), round_sig(self.ci95[1])], "n": self.n,
                 "relative_spread": round(self.relative_spread, 4), "reliable": self.reliable}
 
 
@@ -253,6 +262,64 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def resolve_clock(clock: str, device: torch.device | str, threads: int | None) -> Callable[[], float]:
+    """The timer for a clock name, refusing combinations that would not measure latency."""
+    if clock not in CLOCKS:
+        raise AutopruneError(f"unknown clock {clock!r}; valid clocks: {', '.join(CLOCKS)}")
+    if clock == "process" and torch.device(device).type != "cpu":
+        raise AutopruneError("the 'process' clock measures CPU time; use clock='wall' on a GPU")
+    if clock == "process" and threads != 1:
+        raise AutopruneError("the 'process' clock sums the CPU time of all threads; use it with threads=1")
+    return CLOCKS[clock]
+
+
+_ALLOCATOR = "default"
+
+
+def steady_allocator() -> bool:
+    """Keep glibc's malloc from handing freed tensor memory back to the OS (process-wide, irreversible).
+
+    With glibc's defaults, large tensors are mmap'ed and freed memory at the top of the heap is
+    trimmed, so a CPU forward pass page-faults on fresh memory for many of its activations, how many
+    depending chaotically on the sequence of tensor sizes: on ResNet-20 at batch 64 (2-core Xeon) 0 to
+    16k faults per pass, up to a quarter of its latency, differing between two pruned networks of
+    similar size. Raising the mmap and trim thresholds (as ``MALLOC_MMAP_THRESHOLD_`` and
+    ``MALLOC_TRIM_THRESHOLD_`` in the environment, or jemalloc / tcmalloc, which tuned CPU deployments
+    use) removes that noise. Call it before timing, once; returns whether it took effect (Linux glibc).
+    """
+    global _ALLOCATOR
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-3, 256 << 20) == 1 and libc.mallopt(-1, 1 << 30) == 1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+    if ok:
+        _ALLOCATOR = "glibc steady (mmap threshold 256 MiB, trim threshold 1 GiB)"
+        log.info("malloc: %s", _ALLOCATOR)
+    return ok
+
+
+def allocator() -> str:
+    """How this process's allocator was set up for timing (``"default"`` unless :func:`steady_allocator` ran)."""
+    return _ALLOCATOR
+
+
+def warn_if_busy(what: str, clock: str = "wall") -> float:
+    """Log a warning when more processes want to run than there are cores; returns the 1-minute load average."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+    cores = os.cpu_count() or 1
+    if load > cores and clock == "wall":
+        log.warning("the machine is busy while timing %s (load average %.1f on %d cores): wall-clock timings "
+                    "are inflated and noisy, multi-threaded ones most; compare ratios measured together, or "
+                    "time with threads=1 and clock='process'", what, load, cores)
+    return load
+
+
 def _check_devices(models: Sequence[nn.Module], device: torch.device) -> None:
     for i, m in enumerate(models):
         p = next(iter(m.parameters()), None) if isinstance(m, nn.Module) else None
@@ -269,7 +336,7 @@ def round_order(round_index: int, count: int) -> list[int]:
 
 
 def time_interleaved(calls: Sequence[Callable[[], Any]], *, warmup: int, repeats: int,
-                     device: torch.device | str = "cpu", number: Sequence[int] | None = None,
+                     device: torch.device | str = "cpu", number: Sequence[int] | None = None, settle: int = 0,
                      clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
     """Milliseconds per call of each callable in ``repeats`` interleaved rounds (see :func:`round_order`).
 
@@ -280,10 +347,13 @@ def time_interleaved(calls: Sequence[Callable[[], Any]], *, warmup: int, repeats
         device: synchronised before and after every timed sample when it is a GPU.
         number: calls per sample for each callable (the sample is their mean): several calls per
             sample make sub-millisecond timings less sensitive to timer and scheduler jitter.
+        settle: untimed calls of a callable right before each of its samples, so that every sample
+            sees warm caches and a settled allocator, as a network's layers do when it runs, not the
+            state the previous callable left.
         clock: seconds; injectable for tests.
     """
-    if repeats < 1 or warmup < 0:
-        raise AutopruneError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    if repeats < 1 or warmup < 0 or settle < 0:
+        raise AutopruneError(f"need repeats >= 1, warmup >= 0 and settle >= 0, got {repeats}, {warmup}, {settle}")
     number = list(number) if number is not None else [1] * len(calls)
     if len(number) != len(calls) or any(k < 1 for k in number):
         raise AutopruneError("number must give a count >= 1 for every callable")
@@ -295,6 +365,8 @@ def time_interleaved(calls: Sequence[Callable[[], Any]], *, warmup: int, repeats
     for r in range(repeats):
         for i in round_order(r, len(calls)):
             fn, k = calls[i], number[i]
+            for _ in range(settle):
+                fn()
             synchronize(device)
             start = clock()
             for _ in range(k):
@@ -306,7 +378,7 @@ def time_interleaved(calls: Sequence[Callable[[], Any]], *, warmup: int, repeats
 
 def measure_latency(models: Sequence[nn.Module], example_inputs: Inputs, *, batch_sizes: Sequence[int] = (1, 64),
                     device: torch.device | str = "cpu", threads: int | None = None, warmup: int = 10,
-                    repeats: int = 30) -> list[dict[int, Timing]]:
+                    repeats: int = 30, clock: str = "wall") -> list[dict[int, Timing]]:
     """Latency of several models by the protocol, their timed runs interleaved round by round.
 
     Args:
@@ -318,6 +390,7 @@ def measure_latency(models: Sequence[nn.Module], example_inputs: Inputs, *, batc
         threads: intra-op threads during the measurement (default: the current setting), restored after.
         warmup: untimed runs per model and batch size.
         repeats: timed rounds per batch size; round r runs every model once.
+        clock: ``"wall"`` or ``"process"`` (CPU time, threads=1 only; see :data:`CLOCKS`).
 
     Returns:
         Per model, a :class:`Timing` per batch size. Pass two models' timings to :func:`speedups` for
@@ -328,7 +401,9 @@ def measure_latency(models: Sequence[nn.Module], example_inputs: Inputs, *, batc
     if any(b < 1 for b in batch_sizes):
         raise AutopruneError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
     device = torch.device(device)
+    timer = resolve_clock(clock, device, threads)
     _check_devices(models, device)
+    warn_if_busy(f"{len(models)} model(s)", clock)
     modes = [m.training for m in models]
     results: list[dict[int, Timing]] = [{} for _ in models]
     try:
@@ -338,7 +413,7 @@ def measure_latency(models: Sequence[nn.Module], example_inputs: Inputs, *, batc
             for b in batch_sizes:
                 inputs = batch_of(example_inputs, b, device)
                 calls = [_bound(m, inputs) for m in models]
-                samples = time_interleaved(calls, warmup=warmup, repeats=repeats, device=device)
+                samples = time_interleaved(calls, warmup=warmup, repeats=repeats, device=device, clock=timer)
                 for result, s in zip(results, samples, strict=True):
                     result[b] = Timing.from_samples(s)
     finally:

@@ -1,4 +1,4 @@
-"""A per-layer latency lookup table (NetAdapt / AMC style): predicted latency of any keep vector in microseconds.
+"""A per-layer latency lookup table (NetAdapt / AMC style): the latency of any keep vector, without running it.
 
 Measuring every candidate of a search on the target device is far too slow, and MACs predict latency
 poorly (on a CPU a 16-channel 3x3 convolution at 32x32 costs about 3x a 32-channel one at 16x16 with the
@@ -22,10 +22,12 @@ Choices, measured on ResNet-20 (``benchmarks/latency_table.py``, results in
   only has to follow the steps of the kernels' vectorisation; 9 x 9 points per distinct layer keeps the
   build of ResNet-20 at batch 64 under a minute on 2 cores.
 * Distinct layer configurations (ResNet stages repeat them) are timed once.
-* Load from other processes drifts during the build, so every configuration's grid is timed in rounds
-  together with the full model, and its values are scaled by (median full-model time over the whole
-  build) / (full-model time measured with that configuration): the table is consistent with itself
-  even if the machine got busier half-way.
+* Load from other processes drifts during the build, so every configuration's grid is timed in
+  interleaved rounds *together with the full model*, and each grid value is the median over rounds of
+  (layer time / full-model time of the same round), times the median full-model time of the whole
+  build: a machine that got busier half-way scales both sides of a round alike, and the table stays
+  consistent with itself. A configuration whose ratios still spread more than
+  :data:`~autoprune.engine.latency.MAX_RELATIVE_SPREAD` is timed again once and the samples pooled.
 
 The table is cached as JSON (:meth:`LatencyTable.load_or_build`) under a key hashing everything it
 depends on; after the build :meth:`LatencyTable.predict` is plain numpy and Python (no torch).
@@ -33,6 +35,7 @@ depends on; after the build :meth:`LatencyTable.predict` is plain numpy and Pyth
 
 from __future__ import annotations
 
+import bisect
 import copy
 import hashlib
 import json
@@ -51,16 +54,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from autoprune.engine.latency import (
+    CLOCKS,
     MAX_RELATIVE_SPREAD,
     Inputs,
     Timing,
-    _sig,
+    allocator,
     batch_of,
     call,
     device_description,
     fixed_threads,
     measure_latency,
+    resolve_clock,
+    round_sig,
+    speedup,
     time_interleaved,
+    warn_if_busy,
 )
 from autoprune.engine.space import PruningSpace
 from autoprune.errors import AutopruneError
@@ -71,7 +79,7 @@ log = logging.getLogger(__name__)
 FORMAT = "autoprune-latency-table"
 VERSION = 1
 
-GRID_FRACTIONS: tuple[float, ...] = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
+GRID_FRACTIONS: tuple[float, ...] = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)
 """Widths timed per prunable dimension, as fractions of the full width (plus the space's minimum)."""
 
 Measure = Callable[[Sequence[nn.Module], Sequence[Inputs]], Sequence[Sequence[float]]]
@@ -122,6 +130,7 @@ class _Recorded:
     layer: nn.Module
     norm: nn.Module | None = None
     activation: nn.Module | None = None
+    positions: int = 1  # output elements per sample and channel (H*W of a convolution's output)
 
 
 def _touched_layers(space: PruningSpace) -> list[str]:
@@ -146,7 +155,8 @@ def _record(model: nn.Module, example_inputs: Inputs, names: Sequence[str], devi
             if name in recorded:
                 raise AutopruneError(f"layer {name!r} runs twice in one forward pass; a latency table needs "
                                      "each prunable layer to run once")
-            recorded[name] = _Recorded(name, _config_of(module, x), module)
+            positions = int(np.prod(output.shape[2:] if not isinstance(module, nn.Linear) else output.shape[1:-1]))
+            recorded[name] = _Recorded(name, _config_of(module, x), module, positions=max(1, positions))
             tail[id(output)] = (name, output)
         return hook
 
@@ -217,7 +227,7 @@ def grid_widths(full: int, lowest: int, fractions: Sequence[float] = GRID_FRACTI
     """
     if lowest >= full:
         return (full,)
-    widths = {full, max(1, lowest)}
+    widths = {full, max(multiple, math.ceil(lowest / multiple) * multiple)}
     for f in fractions:
         w = max(multiple, int(round(f * full / multiple)) * multiple)
         if lowest < w < full:
@@ -232,7 +242,10 @@ class _Entry:
     config: LayerConfig
     grid_in: tuple[int, ...]
     grid_out: tuple[int, ...]
-    values: np.ndarray  # (len(grid_in), len(grid_out))
+    values: np.ndarray  # (len(grid_in), len(grid_out)); one row for a depthwise convolution
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_rows", self.values.tolist())  # plain floats: lookups without numpy overhead
 
     def points(self) -> list[tuple[int, int]]:
         if self.config.depthwise:  # input width follows the output width
@@ -241,23 +254,89 @@ class _Entry:
 
     def lookup(self, cin: int, cout: int) -> float:
         """Bilinear interpolation on the grid (exact at grid points, flat outside it)."""
-        v = self.values
-        if self.config.depthwise:
-            i, t = 0, 0.0
-        else:
-            i, t = _locate(self.grid_in, cin)
+        v: list[list[float]] = self._rows  # type: ignore[attr-defined]
+        i, t = (0, 0.0) if self.config.depthwise else _locate(self.grid_in, cin)
         j, u = _locate(self.grid_out, cout)
-        i1, j1 = min(i + 1, v.shape[0] - 1), min(j + 1, v.shape[1] - 1)
-        return float((1 - t) * (1 - u) * v[i, j] + t * (1 - u) * v[i1, j] + (1 - t) * u * v[i, j1] + t * u * v[i1, j1])
+        i1, j1 = min(i + 1, len(v) - 1), min(j + 1, len(v[0]) - 1)
+        return ((1 - t) * ((1 - u) * v[i][j] + u * v[i][j1])) + (t * ((1 - u) * v[i1][j] + u * v[i1][j1]))
 
 
 def _locate(grid: tuple[int, ...], x: float) -> tuple[int, float]:
     """Cell index and fraction within it of ``x`` on a sorted grid (clamped to the grid's range)."""
     if len(grid) == 1:
         return 0, 0.0
-    i = min(max(int(np.searchsorted(grid, x, side="right")) - 1, 0), len(grid) - 2)
+    i = min(max(bisect.bisect_right(grid, x) - 1, 0), len(grid) - 2)
     t = (x - grid[i]) / (grid[i + 1] - grid[i])
     return i, min(max(t, 0.0), 1.0)
+
+
+class _Lookup:
+    """Vectorised bilinear lookup of every tabulated layer for many keep vectors (numpy only).
+
+    A layer's widths are linear in the groups' channel counts (what :meth:`PruningSpace.layer_channels`
+    computes member by member): ``width = full - A @ removed``, with ``A[layer, group]`` the layer
+    channels per group channel along that dimension.
+    """
+
+    def __init__(self, space: PruningSpace, entries: Sequence[_Entry], layers: dict[str, int],
+                 positions: dict[str, int]):
+        names = list(layers)
+        row = {n: i for i, n in enumerate(names)}
+        full = space.layer_channels(space.upper)
+        self.channels = np.array([g.channels for g in space.groups], dtype=np.float64)
+        self.a_in = np.zeros((len(names), len(space.groups)))
+        self.a_out = np.zeros((len(names), len(space.groups)))
+        for g in space.groups:
+            for m in g.members:
+                if m.module in row:
+                    (self.a_out if m.dim == "out" else self.a_in)[row[m.module], g.index] += m.ratio
+        self.full_in = np.array([full[n][0] for n in names], dtype=np.float64)
+        self.full_out = np.array([full[n][1] for n in names], dtype=np.float64)
+        self.positions = np.array([positions[n] for n in names], dtype=np.float64)
+        self.full_volume = float(self.full_out @ self.positions) or 1.0
+        grids_in = [(0,) if entries[layers[n]].config.depthwise else entries[layers[n]].grid_in for n in names]
+        grids_out = [entries[layers[n]].grid_out for n in names]
+        width = max(len(g) for g in grids_in + grids_out) if names else 1
+        self.grid_in, self.n_in = self._pad(grids_in, width)
+        self.grid_out, self.n_out = self._pad(grids_out, width)
+        self.offset = np.cumsum([0] + [entries[layers[n]].values.size for n in names])[:-1].astype(np.int64)
+        self.flat = np.concatenate([entries[layers[n]].values.ravel() for n in names]) if names else np.zeros(0)
+
+    @staticmethod
+    def _pad(grids: list[tuple[int, ...]], width: int) -> tuple[np.ndarray, np.ndarray]:
+        out = np.full((len(grids), width), np.inf)
+        for i, g in enumerate(grids):
+            out[i, : len(g)] = g
+        return out, np.array([len(g) for g in grids], dtype=np.int64)
+
+    @staticmethod
+    def _locate(grid: np.ndarray, n: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per (candidate, layer): cell index, next index and fraction within the cell (clamped)."""
+        rows = np.arange(grid.shape[0])[None, :]
+        i = np.clip((grid[None, :, :] <= x[:, :, None]).sum(axis=2) - 1, 0, np.maximum(n - 2, 0))
+        i1 = np.minimum(i + 1, n - 1)
+        lo, hi = grid[rows, i], grid[rows, i1]
+        span = np.where(hi > lo, hi - lo, 1.0)
+        return i, i1, np.clip((x - lo) / span, 0.0, 1.0) * (hi > lo)
+
+    def volume(self, counts: np.ndarray) -> np.ndarray:
+        """Activation elements the tabulated layers write, as a fraction of the full network's."""
+        widths = self.full_out - (self.channels - counts) @ self.a_out.T
+        return widths @ self.positions / self.full_volume
+
+    def __call__(self, counts: np.ndarray) -> np.ndarray:
+        if not self.flat.size:
+            return np.zeros(counts.shape[0])
+        removed = self.channels - counts
+        i, i1, t = self._locate(self.grid_in, self.n_in, self.full_in - removed @ self.a_in.T)
+        j, j1, u = self._locate(self.grid_out, self.n_out, self.full_out - removed @ self.a_out.T)
+        base, cols = self.offset, self.n_out
+
+        def v(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            return self.flat[base + a * cols + b]
+
+        per_layer = (1 - t) * ((1 - u) * v(i, j) + u * v(i, j1)) + t * ((1 - u) * v(i1, j) + u * v(i1, j1))
+        return per_layer.sum(axis=1)
 
 
 def _block(rec: _Recorded, cin: int, cout: int, batch_size: int,
@@ -285,21 +364,67 @@ def _block(rec: _Recorded, cin: int, cout: int, batch_size: int,
 
 # ---- the default measurement -------------------------------------------------------------------------
 
-def interleaved_samples(*, warmup: int = 3, repeats: int = 12, device: torch.device | str = "cpu",
-                        target_ms: float = 1.0) -> Measure:
+def interleaved_samples(*, warmup: int = 3, repeats: int = 12, settle: int = 1, device: torch.device | str = "cpu",
+                        target_ms: float = 1.0, clock: Callable[[], float] = time.perf_counter) -> Measure:
     """The default :data:`Measure`: the protocol's interleaved rounds (:func:`time_interleaved`).
 
     Each module gets ``ceil(target_ms / its time)`` calls per sample (at most 50, the sample is their
-    mean), so sub-millisecond layers are timed over about a millisecond.
+    mean), so sub-millisecond layers are timed over about a millisecond, and ``settle`` untimed calls
+    before each sample, so it runs warm (inside a network a layer's input was just written by the
+    layer before it) rather than after dozens of other grid points have evicted its data.
     """
 
     def measure(modules: Sequence[nn.Module], inputs: Sequence[Inputs]) -> list[list[float]]:
         calls = [(lambda m=m, x=x: call(m, x)) for m, x in zip(modules, inputs, strict=True)]
-        first = time_interleaved(calls, warmup=warmup, repeats=1, device=device)
+        first = time_interleaved(calls, warmup=warmup, repeats=1, device=device, clock=clock)
         number = [max(1, min(50, math.ceil(target_ms / max(s[0], 1e-6)))) for s in first]
-        return time_interleaved(calls, warmup=0, repeats=repeats, device=device, number=number)
+        return time_interleaved(calls, warmup=0, repeats=repeats, device=device, number=number, settle=settle,
+                                clock=clock)
 
     return measure
+
+
+@dataclass(frozen=True)
+class TableOptions:
+    """How a latency table is built: the grid, what each timed block holds, and the timing protocol.
+
+    Attributes:
+        fractions: grid widths per prunable dimension, as fractions of the full width.
+        include_norm: time the BatchNorm that reads a layer's output with the layer.
+        include_activation: time the activation module after that with it too.
+        clock: ``"wall"`` or ``"process"`` (CPU time; threads=1 only), see
+            :data:`~autoprune.engine.latency.CLOCKS`.
+        warmup: untimed runs per timed module.
+        repeats: interleaved timed rounds per distinct layer configuration.
+        settle: untimed runs of a module right before each of its timed runs (warm caches).
+        retries: times a configuration is timed again (samples pooled) while the spread of any of its
+            points exceeds :data:`~autoprune.engine.latency.MAX_RELATIVE_SPREAD`.
+        calibrate: uniform keep ratios of whole pruned networks timed (against the full model) to fit
+            how the remainder shrinks with the activation volume; empty: a constant remainder.
+    """
+
+    fractions: tuple[float, ...] = GRID_FRACTIONS
+    include_norm: bool = True
+    include_activation: bool = True
+    clock: str = "wall"
+    warmup: int = 3
+    repeats: int = 12
+    settle: int = 1
+    retries: int = 1
+    calibrate: tuple[float, ...] = (0.25, 0.5)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fractions", tuple(float(f) for f in self.fractions))
+        object.__setattr__(self, "calibrate", tuple(float(r) for r in self.calibrate))
+        if any(not 0 < r < 1 for r in self.calibrate):
+            raise AutopruneError(f"calibration keep ratios must lie in (0, 1), got {list(self.calibrate)}")
+        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
+            raise AutopruneError(f"grid fractions must lie in (0, 1], got {list(self.fractions)}")
+        if self.warmup < 0 or self.repeats < 1 or self.settle < 0 or self.retries < 0:
+            raise AutopruneError(f"need warmup >= 0, repeats >= 1, settle >= 0 and retries >= 0, got "
+                                 f"{self.warmup}, {self.repeats}, {self.settle}, {self.retries}")
+        if self.clock not in CLOCKS:
+            raise AutopruneError(f"unknown clock {self.clock!r}; valid clocks: {', '.join(CLOCKS)}")
 
 
 # ---- the table ----------------------------------------------------------------------------------------
@@ -312,23 +437,45 @@ class LatencyTable:
     """
 
     def __init__(self, space: PruningSpace, entries: Sequence[_Entry], layers: dict[str, int], full_ms: float,
-                 meta: dict[str, Any], key: str = ""):
+                 meta: dict[str, Any], key: str = "", positions: dict[str, int] | None = None,
+                 calibration: Sequence[tuple[Sequence[float], float]] = ()):
         self.space = space
         self.entries = tuple(entries)
         self.layers = dict(layers)  # layer name -> index into entries
         self.full_ms = float(full_ms)
         self.meta = dict(meta)
         self.key = key
+        self.positions = {n: int((positions or {}).get(n, 1)) for n in self.layers}
+        self.calibration = tuple((tuple(float(r) for r in k), float(ms)) for k, ms in calibration)
         full = space.layer_channels(space.upper)
         missing = sorted(set(self.layers) - set(full))
         if missing:
             raise AutopruneError(f"latency table layers {missing} are not layers of the pruning space; "
                                  "rebuild the table for this model")
+        self._lookup = _Lookup(space, self.entries, self.layers, self.positions)
         self.layers_full_ms = sum(self.entries[e].lookup(*full[n]) for n, e in self.layers.items())
         self.remainder_ms = self.full_ms - self.layers_full_ms
+        self.remainder_slope_ms = self._fit_remainder()
         if self.remainder_ms < 0:
             log.warning("the model's layers timed alone take %.3f ms, more than the whole model (%.3f ms): "
                         "predictions of pruned networks will be low", self.layers_full_ms, self.full_ms)
+
+    def _fit_remainder(self) -> float:
+        """Slope of the remainder in the activation volume, fitted through the full model's remainder.
+
+        Residual additions, activations after them and pooling work on as many channels as the
+        pruned layers write, so the remainder shrinks with the network; whole pruned networks timed
+        during the build (``calibration``) give its slope, least squares through the full model's
+        point (so the full model is still predicted exactly).
+        """
+        if not self.calibration:
+            return 0.0
+        keeps = np.array([k for k, _ in self.calibration])
+        counts = self._counts(keeps)
+        volume = self._lookup.volume(counts) - 1.0
+        remainder = np.array([ms for _, ms in self.calibration]) - self._lookup(counts) - self.remainder_ms
+        denom = float(volume @ volume)
+        return float(volume @ remainder) / denom if denom > 1e-12 else 0.0
 
     @property
     def batch_size(self) -> int:
@@ -349,21 +496,39 @@ class LatencyTable:
 
     def predict(self, keep: Sequence[float] | np.ndarray) -> float:
         """Predicted milliseconds per forward pass (at the table's batch size) of the network ``keep`` describes."""
-        widths = self.space.layer_channels(keep)
-        return self.remainder_ms + sum(self.entries[e].lookup(*widths[n]) for n, e in self.layers.items())
+        return float(self.predict_many(np.asarray(keep, dtype=np.float64)[None, :])[0])
+
+    def predict_many(self, keeps: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
+        """:meth:`predict` of every row of an (N, groups) array of keep vectors at once (vectorised numpy)."""
+        counts = self._counts(keeps)
+        remainder = self.remainder_ms + self.remainder_slope_ms * (self._lookup.volume(counts) - 1.0)
+        return np.maximum(remainder + self._lookup(counts), 0.0)
 
     def predict_relative(self, keep: Sequence[float] | np.ndarray) -> float:
         """Predicted latency of ``keep`` as a fraction of the unpruned network's."""
         return self.predict(keep) / self.full_ms
+
+    def _counts(self, keeps: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
+        """:meth:`PruningSpace.counts` of many keep vectors (the same arithmetic, vectorised)."""
+        keeps = np.asarray(keeps, dtype=np.float64)
+        groups = self.space.groups
+        if keeps.ndim != 2 or keeps.shape[1] != len(groups):
+            raise AutopruneError(f"keep vectors of shape {keeps.shape}; the space has {len(groups)} groups "
+                                 "(pass one keep vector, or an (N, groups) array)")
+        if not np.all(np.isfinite(keeps)):
+            raise AutopruneError("keep vector contains NaN or inf")
+        channels = np.array([g.channels for g in groups], dtype=np.float64)
+        lowest = np.array([g.min_keep for g in groups], dtype=np.float64)
+        step = self.space.round_to
+        return np.minimum(channels, np.maximum(lowest, np.round(keeps * channels / step) * step))
 
     # ---- building -------------------------------------------------------------------------------
 
     @classmethod
     def build(cls, model: nn.Module, example_inputs: Inputs, space: PruningSpace, *,
               device: torch.device | str = "cpu", batch_size: int = 64, threads: int | None = None,
-              fractions: Sequence[float] = GRID_FRACTIONS, include_norm: bool = True,
-              include_activation: bool = True, warmup: int = 3, repeats: int = 12, retries: int = 1,
-              measure: Measure | None = None, device_label: str | None = None, progress: bool = True) -> LatencyTable:
+              options: TableOptions | None = None, measure: Measure | None = None,
+              device_label: str | None = None, progress: bool = True) -> LatencyTable:
         """Time every distinct prunable layer on its grid, and the full model, on ``device``.
 
         Args:
@@ -373,37 +538,30 @@ class LatencyTable:
             device: where to time.
             batch_size: the batch size to time at.
             threads: intra-op threads while timing (default: the current setting).
-            fractions: grid widths per prunable dimension, as fractions of the full width.
-            include_norm: time the BatchNorm reading a layer's output with the layer.
-            include_activation: time the activation module after that with it too.
-            warmup: untimed runs per timed module (default measurement).
-            repeats: timed rounds per distinct layer configuration (default measurement).
-            retries: times a configuration is timed again (samples pooled) while the spread of any of its
-                points exceeds :data:`~autoprune.engine.latency.MAX_RELATIVE_SPREAD`.
+            options: the grid, what a timed block holds, and the timing protocol (:class:`TableOptions`).
             measure: replaces the timing (tests inject a fake cost model here).
             device_label: the device description stored with the table (default: :func:`device_description`).
             progress: show a progress bar.
         """
-        plan = _Plan.make(model, example_inputs, space, device, batch_size, threads, fractions, include_norm,
-                          include_activation, device_label)
-        return plan.run(warmup=warmup, repeats=repeats, retries=retries, measure=measure, progress=progress)
+        plan = _Plan.make(model, example_inputs, space, device, batch_size, threads, options or TableOptions(),
+                          device_label)
+        return plan.run(measure=measure, progress=progress)
 
     @classmethod
     def load_or_build(cls, model: nn.Module, example_inputs: Inputs, space: PruningSpace, *,
                       cache_dir: str | Path, device: torch.device | str = "cpu", batch_size: int = 64,
-                      threads: int | None = None, fractions: Sequence[float] = GRID_FRACTIONS,
-                      include_norm: bool = True, include_activation: bool = True, warmup: int = 3,
-                      repeats: int = 12, retries: int = 1, measure: Measure | None = None,
-                      device_label: str | None = None, progress: bool = True) -> LatencyTable:
+                      threads: int | None = None, options: TableOptions | None = None,
+                      measure: Measure | None = None, device_label: str | None = None,
+                      progress: bool = True) -> LatencyTable:
         """The cached table for this model, space, device, threads and batch size, or a new one (then cached).
 
         The cache file's name and contents carry a hash of everything the table depends on (device
-        description with thread count, batch size, torch version, model structure, the recorded layer
-        configurations and grids); a file that does not parse, or whose key differs, is rebuilt and
-        overwritten (atomically). Arguments as for :meth:`build`.
+        description with thread count, batch size, torch version, clock, model structure, the recorded
+        layer configurations and grids); a file that does not parse, or whose key differs, is rebuilt
+        and overwritten (atomically). Arguments as for :meth:`build`.
         """
-        plan = _Plan.make(model, example_inputs, space, device, batch_size, threads, fractions, include_norm,
-                          include_activation, device_label)
+        plan = _Plan.make(model, example_inputs, space, device, batch_size, threads, options or TableOptions(),
+                          device_label)
         path = Path(cache_dir) / f"latency_{plan.key[:20]}.json"
         if path.exists():
             try:
@@ -413,7 +571,7 @@ class LatencyTable:
             except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:  # AutopruneError is a ValueError
                 log.warning("latency table cache %s is unusable (%s: %s); rebuilding it", path,
                             type(exc).__name__, exc)
-        table = plan.run(warmup=warmup, repeats=repeats, retries=retries, measure=measure, progress=progress)
+        table = plan.run(measure=measure, progress=progress)
         write_json(path, table.to_json())
         log.info("latency table written to %s", path)
         return table
@@ -426,7 +584,8 @@ class LatencyTable:
                 "full_ms": self.full_ms,
                 "entries": [{"config": asdict(e.config), "grid_in": list(e.grid_in), "grid_out": list(e.grid_out),
                              "values_ms": e.values.tolist()} for e in self.entries],
-                "layers": self.layers}
+                "layers": self.layers, "positions": self.positions,
+                "calibration": [[list(k), ms] for k, ms in self.calibration]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], space: PruningSpace, *, expected_key: str | None = None) -> LatencyTable:
@@ -458,7 +617,14 @@ class LatencyTable:
         full_ms = float(data["full_ms"])
         if not math.isfinite(full_ms) or full_ms <= 0:
             raise AutopruneError(f"latency table has full-model latency {full_ms}; rebuild it")
-        return cls(space, entries, layers, full_ms, dict(data["meta"]), str(data.get("key", "")))
+        positions = {str(n): int(p) for n, p in data["positions"].items()}
+        if set(positions) != set(layers) or any(p < 1 for p in positions.values()):
+            raise AutopruneError("latency table positions do not match its layers; rebuild it")
+        calibration = [(tuple(float(r) for r in k), float(ms)) for k, ms in data["calibration"]]
+        if any(len(k) != len(space) or not math.isfinite(ms) or ms <= 0 for k, ms in calibration):
+            raise AutopruneError("latency table calibration does not fit the pruning space; rebuild it")
+        return cls(space, entries, layers, full_ms, dict(data["meta"]), str(data.get("key", "")), positions,
+                   calibration)
 
 
 # ---- build plan (what to time, and the cache key) ------------------------------------------------
@@ -471,6 +637,7 @@ class _Plan:
     device: torch.device
     batch_size: int
     threads: int | None
+    options: TableOptions
     recorded: dict[str, _Recorded]
     grids: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
     meta: dict[str, Any]
@@ -478,39 +645,42 @@ class _Plan:
 
     @classmethod
     def make(cls, model: nn.Module, example_inputs: Inputs, space: PruningSpace, device: torch.device | str,
-             batch_size: int, threads: int | None, fractions: Sequence[float], include_norm: bool,
-             include_activation: bool, device_label: str | None) -> _Plan:
+             batch_size: int, threads: int | None, options: TableOptions, device_label: str | None) -> _Plan:
         if batch_size < 1:
             raise AutopruneError(f"batch size must be >= 1, got {batch_size}")
-        if not fractions or any(not 0 < f <= 1 for f in fractions):
-            raise AutopruneError(f"grid fractions must lie in (0, 1], got {list(fractions)}")
         device = torch.device(device)
+        resolve_clock(options.clock, device, threads)
         base = copy.deepcopy(model).to(device).eval()
         with fixed_threads(threads) as used:
-            recorded = _record(base, example_inputs, _touched_layers(space), device, include_norm, include_activation)
+            recorded = _record(base, example_inputs, _touched_layers(space), device, options.include_norm,
+                               options.include_activation)
         full, lowest = space.layer_channels(space.upper), space.layer_channels(space.lower)
         grids = {}
         for name, rec in recorded.items():
             c = rec.config
             multiple = 1 if c.depthwise or c.kind == "linear" else c.groups
-            grids[name] = (grid_widths(full[name][0], lowest[name][0], fractions, multiple),
-                           grid_widths(full[name][1], lowest[name][1], fractions, multiple))
+            grids[name] = (grid_widths(full[name][0], lowest[name][0], options.fractions, multiple),
+                           grid_widths(full[name][1], lowest[name][1], options.fractions, multiple))
         example = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
         meta = {"device": device_label or device_description(device, used), "threads": used,
-                "batch_size": batch_size, "torch": torch.__version__, "fractions": [float(f) for f in fractions],
-                "include_norm": include_norm, "include_activation": include_activation}
+                "batch_size": batch_size, "torch": torch.__version__, "clock": options.clock, "settle": options.settle,
+                "allocator": allocator(),
+                "fractions": list(options.fractions), "include_norm": options.include_norm,
+                "include_activation": options.include_activation, "calibrate": list(options.calibrate)}
         material = {"format": FORMAT, "version": VERSION, **meta,
                     "model": repr(model),
                     "inputs": [[list(x.shape[1:]), str(x.dtype)] if isinstance(x, torch.Tensor) else repr(x)
                                for x in example],
                     "layers": {n: [asdict(r.config), grids[n], full[n]] for n, r in recorded.items()}}
         key = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
-        return cls(base, example_inputs, space, device, batch_size, threads, recorded, grids, meta, key)
+        return cls(base, example_inputs, space, device, batch_size, threads, options, recorded, grids, meta, key)
 
-    def run(self, *, warmup: int, repeats: int, retries: int, measure: Measure | None,
-            progress: bool) -> LatencyTable:
-        measure = measure or interleaved_samples(warmup=warmup, repeats=repeats, device=self.device)
-        start = time.perf_counter()
+    def run(self, *, measure: Measure | None, progress: bool) -> LatencyTable:
+        o = self.options
+        measure = measure or interleaved_samples(warmup=o.warmup, repeats=o.repeats, settle=o.settle,
+                                                 device=self.device, clock=CLOCKS[o.clock])
+        load = warn_if_busy("a latency table", o.clock)
+        start, cpu_start = time.perf_counter(), time.process_time()
         distinct: dict[tuple[Any, ...], list[str]] = {}  # distinct (configuration, grid) pairs are timed once
         for name, rec in self.recorded.items():
             distinct.setdefault((rec.config, *self.grids[name]), []).append(name)
@@ -529,11 +699,11 @@ class _Plan:
                           for ci, co in entry.points()]
                 modules, inputs = [b for b, _ in blocks] + [self.model], [x for _, x in blocks] + [full_inputs]
                 ratios, refs = _paired_ratios(measure(modules, inputs), len(modules))
-                for attempt in range(retries):
+                for attempt in range(o.retries):
                     if not np.any(_spread(ratios) > MAX_RELATIVE_SPREAD):
                         break
                     log.info("noisy timings of %s (%d of %d grid points); timing them again (%d of %d)", names[0],
-                             int(np.sum(_spread(ratios) > MAX_RELATIVE_SPREAD)), len(blocks), attempt + 1, retries)
+                             int(np.sum(_spread(ratios) > MAX_RELATIVE_SPREAD)), len(blocks), attempt + 1, o.retries)
                     more, more_refs = _paired_ratios(measure(modules, inputs), len(modules))
                     ratios, refs = np.concatenate([ratios, more], axis=1), refs + more_refs
                 noisy += int(np.sum(_spread(ratios) > MAX_RELATIVE_SPREAD))
@@ -543,16 +713,41 @@ class _Plan:
                     layers[n] = len(measured) - 1
             if not references:  # nothing tabulated (not for a space with groups): time the model alone
                 references = [float(v) for v in measure([self.model], [full_inputs])[0]]
+            calibration = self._calibrate(measure, full_inputs, references)
         full = Timing.from_samples(references)
         entries = [_Entry(e.config, e.grid_in, e.grid_out, ratio * full.median_ms) for e, ratio in measured]
         meta = {**self.meta, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "build_seconds": round(time.perf_counter() - start, 2), "full_model": full.to_json(),
+                "build_seconds": round(time.perf_counter() - start, 2),
+                "build_cpu_seconds": round(time.process_time() - cpu_start, 2), "load_average": round(load, 2),
+                "full_model": full.to_json(),
                 "points": sum(e.values.size for e in entries), "noisy_points": noisy}
-        table = LatencyTable(self.space, entries, layers, full.median_ms, meta, self.key)
+        positions = {n: self.recorded[n].positions for n in layers}
+        table = LatencyTable(self.space, entries, layers, full.median_ms, meta, self.key, positions,
+                             [(k, ratio * full.median_ms) for k, ratio in calibration])
         log.info("latency table: %d layers, %d distinct, %d points (%d noisy), full model %.3f ms (IQR %.0f%%), "
-                 "remainder %.3f ms, %.1f s", len(layers), len(entries), meta["points"], noisy, full.median_ms,
-                 100 * full.relative_spread, table.remainder_ms, meta["build_seconds"])
+                 "remainder %.3f ms (slope %.3f), %.1f s", len(layers), len(entries), meta["points"], noisy,
+                 full.median_ms, 100 * full.relative_spread, table.remainder_ms, table.remainder_slope_ms,
+                 meta["build_seconds"])
         return table
+
+    def _calibrate(self, measure: Measure, full_inputs: Inputs,
+                   references: list[float]) -> list[tuple[np.ndarray, float]]:
+        """Whole networks pruned uniformly to each ``options.calibrate`` ratio, timed against the full model.
+
+        Returns (keep vector, median per-round time ratio to the full model); the full model's
+        samples are added to ``references``.
+        """
+        space, out = self.space, []
+        for ratio in self.options.calibrate:
+            keep = space.snap(np.clip(np.full(len(space), ratio), space.lower, 1.0))
+            if np.all(keep >= 1.0):
+                continue
+            zeros = [np.zeros(g.channels) for g in space.groups]  # which channels go does not change latency
+            pruned = space.apply(self.model, keep, zeros).eval()
+            ratios, refs = _paired_ratios(measure([pruned, self.model], [full_inputs, full_inputs]), 2)
+            out.append((keep, float(np.median(ratios[0]))))
+            references += refs
+        return out
 
 
 def _paired_ratios(samples: Sequence[Sequence[float]], count: int) -> tuple[np.ndarray, list[float]]:
@@ -583,7 +778,8 @@ class Validation:
     ``relative_*`` compare latency as a fraction of the unpruned network's: predicted over predicted
     full, against the median per-round ratio candidate / base model (timed in the same rounds). That
     is what a latency target uses, and it cancels load that differed between the build and the
-    validation, which the absolute errors do not.
+    validation, which the absolute errors do not. The correlations are taken against these paired
+    relative measurements too (the most robust ranking of the candidates on a busy machine).
     """
 
     pearson: float
@@ -594,6 +790,7 @@ class Validation:
     relative_max_error: float
     predicted_ms: tuple[float, ...]
     measured_ms: tuple[float, ...]
+    measured_relative: tuple[float, ...]
     base_predicted_ms: float
     base_measured_ms: float
     reliable_fraction: float
@@ -604,9 +801,12 @@ class Validation:
                 "median_error": round(self.median_error, 4), "max_error": round(self.max_error, 4),
                 "relative_median_error": round(self.relative_median_error, 4),
                 "relative_max_error": round(self.relative_max_error, 4),
-                "base_ms": {"predicted": _sig(self.base_predicted_ms), "measured": _sig(self.base_measured_ms)},
+                "base_ms": {"predicted": round_sig(self.base_predicted_ms),
+                            "measured": round_sig(self.base_measured_ms)},
                 "reliable_fraction": round(self.reliable_fraction, 3),
-                "pairs_ms": [[_sig(p), _sig(m)] for p, m in zip(self.predicted_ms, self.measured_ms, strict=True)]}
+                "pairs_ms": [[round_sig(p), round_sig(m)]
+                             for p, m in zip(self.predicted_ms, self.measured_ms, strict=True)],
+                "measured_relative": [round(r, 4) for r in self.measured_relative]}
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
@@ -636,8 +836,12 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 def validate(table: LatencyTable, model: nn.Module, space: PruningSpace, scores: Sequence[np.ndarray | torch.Tensor],
              keeps: Sequence[Sequence[float] | np.ndarray], example_inputs: Inputs, *,
              device: torch.device | str = "cpu", threads: int | None = None, warmup: int = 5,
-             repeats: int = 20) -> Validation:
-    """Prune each keep vector for real, time the results and the base model together, compare with the table.
+             repeats: int = 20, clock: str | None = None) -> Validation:
+    """Prune each keep vector for real, time it against the base model, and compare with the table.
+
+    Each candidate is timed interleaved with the base model alone, as a pruning run measures its
+    speed-up (timing all candidates in one interleaved batch would run each one cold, after a
+    different network, and compress their differences).
 
     Args:
         table: the table to check.
@@ -649,26 +853,32 @@ def validate(table: LatencyTable, model: nn.Module, space: PruningSpace, scores:
         device: where to time (the table's device).
         threads: intra-op threads (the table's, normally).
         warmup: untimed runs per network.
-        repeats: interleaved timed rounds over the base and all candidates.
+        repeats: interleaved timed rounds of each candidate and the base model.
+        clock: ``"wall"`` or ``"process"`` (default: the table's).
     """
     if len(keeps) < 2:
         raise AutopruneError(f"validation needs at least 2 candidates, got {len(keeps)}")
     device = torch.device(device)
     base = copy.deepcopy(model).to(device).eval()
-    pruned = [space.apply(base, keep, scores).eval() for keep in keeps]
-    timings = measure_latency([base, *pruned], example_inputs, batch_sizes=(table.batch_size,), device=device,
-                              threads=threads, warmup=warmup, repeats=repeats)
-    b = table.batch_size
-    measured = np.array([t[b].median_ms for t in timings[1:]])
-    base_ms = timings[0][b].median_ms
-    base_samples = np.asarray(timings[0][b].samples)
-    measured_rel = np.array([np.median(np.asarray(t[b].samples) / base_samples) for t in timings[1:]])
+    b, clock = table.batch_size, clock or str(table.meta.get("clock", "wall"))
+    measured, measured_rel, base_runs, reliable = [], [], [], []
+    for keep in keeps:  # each candidate timed against the base model, as a pruning run reports it
+        pruned = space.apply(base, keep, scores).eval()
+        t_base, t_pruned = (t[b] for t in measure_latency([base, pruned], example_inputs, batch_sizes=(b,),
+                                                          device=device, threads=threads, warmup=warmup,
+                                                          repeats=repeats, clock=clock))
+        measured.append(t_pruned.median_ms)
+        measured_rel.append(1.0 / speedup(t_base.samples, t_pruned.samples).ratio)
+        base_runs.append(t_base.median_ms)
+        reliable.append(t_pruned.reliable)
+    measured, measured_rel = np.array(measured), np.array(measured_rel)
+    base_ms = float(np.median(base_runs))
     predicted = np.array([table.predict(k) for k in keeps])
     base_pred = table.predict(space.upper)
     err = np.abs(predicted - measured) / measured
     rel_err = np.abs(predicted / base_pred - measured_rel) / measured_rel
-    reliable = np.mean([t[table.batch_size].reliable for t in timings])
-    return Validation(pearson(predicted, measured), spearman(predicted, measured), float(np.median(err)),
+    return Validation(pearson(predicted, measured_rel), spearman(predicted, measured_rel), float(np.median(err)),
                       float(np.max(err)), float(np.median(rel_err)), float(np.max(rel_err)),
-                      tuple(float(v) for v in predicted), tuple(float(v) for v in measured), float(base_pred),
-                      float(base_ms), float(reliable))
+                      tuple(float(v) for v in predicted), tuple(float(v) for v in measured),
+                      tuple(float(v) for v in measured_rel), float(base_pred),
+                      base_ms, float(np.mean(reliable)))
