@@ -331,6 +331,8 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 def before_after_table(result: Any) -> str:
     """The before/after table printed at the end of `prune` and `demo`."""
+    from autoprune.report.html import speedup_text
+
     b, p = result.base, result.pruned
     batches = list(b.latency)
     rows = [["", result.metric, "params", "MACs", "size (KiB)"] + [f"latency b={x} (ms)" for x in batches]]
@@ -340,8 +342,11 @@ def before_after_table(result: Any) -> str:
     red = result.reduction
     rows.append(["change", f"{result.accuracy_change_points:+.2f} pts", f"-{100 * red['params']:.1f}%",
                  f"-{100 * red['macs']:.1f}%", f"-{100 * red.get('size', 0):.1f}%"]
-                + [f"{result.speedup[x]['ratio']:.2f}x faster" for x in batches])
+                + [speedup_text(result.speedup[x]) for x in batches])
     return _table(rows)
+
+
+
 
 
 # ---- subcommands -------------------------------------------------------------------------------
@@ -536,7 +541,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from autoprune.engine.measure import compare_latency, cost_of, device_name
+    import torch
+
+    from autoprune.engine.latency import by_batch_json, device_description, measure_latency
+    from autoprune.engine.measure import cost_of
     from autoprune.engine.train import evaluate
     from autoprune.runs.inputs import load_inputs
 
@@ -547,17 +555,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = inputs.model.to(device)
     accuracy = evaluate(model, inputs.data.test, progress=not args.quiet).accuracy
     cost = cost_of(model, inputs.example_inputs)
-    (lat,) = compare_latency([model], inputs.example_inputs, batch_sizes=(1, args.latency_batch))
+    (timing,) = measure_latency([model], inputs.example_inputs.to(device), batch_sizes=sorted({1, args.latency_batch}),
+                                device=device)
     result = {"model": args.model_file, "architecture": inputs.file.architecture,
               "dataset": inputs.splits.info.name, "test_samples": len(inputs.splits.test), "accuracy": accuracy,
               "params": cost.params, "macs": cost.macs, "size_bytes": os.path.getsize(args.model_file),
-              "latency_ms": {str(b): round(v, 4) for b, v in lat.ms.items()}, "latency_device": device_name(device)}
+              "latency": by_batch_json(timing), "latency_device": device_description(device, torch.get_num_threads())}
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        print(_table([["metric", "value"], ["accuracy", f"{100 * accuracy:.2f}%"], ["params", f"{cost.params:,}"],
-                      ["MACs", f"{cost.macs:,}"], ["size", f"{result['size_bytes'] / 1024:.1f} KiB"]]
-                     + [[f"latency b={b} (ms)", f"{v:.3f}"] for b, v in lat.ms.items()]))
+        return 0
+    rows = [["metric", "value"], ["accuracy", f"{100 * accuracy:.2f}%"], ["params", f"{cost.params:,}"],
+            ["MACs", f"{cost.macs:,}"], ["size", f"{result['size_bytes'] / 1024:.1f} KiB"]]
+    for b, t in sorted(timing.items()):
+        flag = "" if t.reliable else "  (noisy: re-measure on a quiet machine)"
+        rows.append([f"latency b={b} (ms)", f"{t.median_ms:.3f} (IQR {t.q1_ms:.3f}-{t.q3_ms:.3f}){flag}"])
+    print(_table(rows))
     return 0
 
 

@@ -31,7 +31,8 @@ from autoprune.engine.config import PruneConfig
 from autoprune.engine.distributed import on_main, world
 from autoprune.engine.evaluate import Evaluator, ScoreFn, choose_physical, measure_score, recalibrate_bn
 from autoprune.engine.executor import BatchEvaluation, create_executor, threads_per_worker
-from autoprune.engine.measure import compare_latency, cost_of, device_name, serialized_size
+from autoprune.engine.latency import by_batch_json, device_description, measure_latency, speedups
+from autoprune.engine.measure import cost_of, serialized_size
 from autoprune.engine.result import Evaluation, FinetuneStats, LayerWidth, ModelStats, PruneResult, SearchStats
 from autoprune.engine.scoring import (
     SELECT_ETA,
@@ -375,30 +376,33 @@ def _final_score(model: nn.Module, setup: Setup, data: Data, seed: int, *, share
     return evaluate(model, setup.val).accuracy
 
 
-def _latency_entry(ms: float, samples: Sequence[float]) -> dict[str, Any]:
-    q1, q3 = np.percentile(samples, [25, 75]) if samples else (ms, ms)
-    return {"median_ms": round(ms, 5), "q1_ms": round(float(q1), 5), "q3_ms": round(float(q3), 5),
-            "n": len(samples)}
-
-
 def measure(setup: Setup, pruned: nn.Module, keep: np.ndarray, config: PruneConfig,
-            scores: tuple[float, float]) -> tuple[ModelStats, ModelStats, dict[str, Any], str, bool]:
-    """Measure base and pruned: counted cost, size, latency (interleaved, on the run's device); ``scores`` are
-    their final accuracies (or scores), measured by every rank together (see :func:`final_scores`)."""
+            scores: tuple[float, float]) -> tuple[ModelStats, ModelStats, dict[str, Any], str, bool, list[str]]:
+    """Measure base and pruned: counted cost, size, latency (interleaved, on the run's device, with its spread);
+    ``scores`` are their final accuracies (or scores), measured by every rank together (:func:`final_scores`).
+
+    Returns:
+        ``(base, pruned, speedup, latency device, analytic cost matches, warnings)``; a warning names every
+        speed-up too noisy to trust.
+    """
     base, example = setup.base, setup.example
     counted = [cost_of(m, example) for m in (base, pruned)]
     batches = sorted({1, config.latency_batch})
-    timings = compare_latency([base, pruned], example, batch_sizes=batches, repeats=config.latency_repeats,
-                              threads=config.threads)
+    timings = measure_latency([base, pruned], example, batch_sizes=batches, device=setup.device,
+                              threads=config.threads, repeats=config.latency_repeats)
     stats = [ModelStats(accuracy=s, params=c.params, macs=c.macs, size_bytes=serialized_size(m),
-                        latency={str(b): _latency_entry(t.ms[b], t.samples.get(b, [])) for b in batches})
+                        latency=by_batch_json(t))
              for s, c, m, t in zip(scores, counted, (base, pruned), timings, strict=True)]
-    speedup = {str(b): {"ratio": round(timings[0].ms[b] / timings[1].ms[b], 4)} for b in batches}
+    ratios = speedups(timings[0], timings[1])
+    warnings = [f"the speed-up at batch {b} ({r.ratio:.2f}x, interquartile range {r.q1:.2f}-{r.q3:.2f}) is too "
+                "noisy to trust: the machine was busy; re-measure with `autoprune eval` on a quiet machine"
+                for b, r in sorted(ratios.items()) if not r.reliable]
     analytic = setup.space.cost(keep)
     matches = (analytic.macs, analytic.params) == (counted[1].macs, counted[1].params)
     if not matches:
         log.warning("analytic cost %s differs from the counted %s", analytic, counted[1])
-    return stats[0], stats[1], speedup, device_name(setup.device), matches
+    device = device_description(setup.device, config.threads or torch.get_num_threads())
+    return stats[0], stats[1], by_batch_json(ratios), device, matches, warnings
 
 
 def final_scores(setup: Setup, pruned: nn.Module, data: Data, seed: int) -> tuple[float, float]:
@@ -484,8 +488,8 @@ def _result(setup: Setup, decision: Decision, pruned: nn.Module, ft: FinetuneSta
             method: Method, config: PruneConfig, data: Data, started: float,
             info: dict[str, Any] | None) -> PruneResult:
     keep = decision.keep
-    base_stats, pruned_stats, speedup, latency_device, matches = measure(setup, pruned, keep, config, scores)
-    warnings = decision.warnings + _check_alive(base_stats.accuracy, pruned_stats.accuracy, setup.chance,
+    base_stats, pruned_stats, speedup, latency_device, matches, noisy = measure(setup, pruned, keep, config, scores)
+    warnings = decision.warnings + noisy + _check_alive(base_stats.accuracy, pruned_stats.accuracy, setup.chance,
                                                 method.name, fine_tuned=ft.custom or ft.epochs > 0)
     search_stats = _search_stats(setup, decision.plan, config, decision.outcome, decision.plan_seconds, keep,
                                  decision.best, decision.resumed, decision.repaired)

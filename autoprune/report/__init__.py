@@ -14,13 +14,23 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.3f} M"
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
+def latency_text(entry: dict) -> str:
+    """``12.3 (11.9-12.8)``: median milliseconds with the interquartile range."""
+    text = f"{entry['median_ms']:.3f}"
+    return text + (f" ({entry['q1_ms']:.3f}-{entry['q3_ms']:.3f})" if "q1_ms" in entry else "")
+
+
 def markdown(result: PruneResult) -> str:
     """A short human-readable summary of one pruning run."""
-    from autoprune.report.html import finetune_text, model_name
+    from autoprune.report.html import finetune_text, model_name, speedup_text
 
     b, p = result.base, result.pruned
     batches = list(b.latency)
@@ -35,11 +45,11 @@ def markdown(result: PruneResult) -> str:
         "|---|---|---|---|---|" + "---|" * len(batches),
     ]
     for name, side in (("base", b), ("pruned", p)):
-        lat = " | ".join(f"{side.latency_ms(x):.3f}" for x in batches)
+        lat = " | ".join(latency_text(side.latency[x]) for x in batches)
         lines.append(f"| {name} | {_pct(side.accuracy)} | {_mb(side.params)} | {_mb(side.macs)} | "
                      f"{(side.size_bytes or 0) / 1024:.1f} KiB | {lat} |")
     red = result.reduction
-    speed = ", ".join(f"{result.speedup[x]['ratio']:.2f}x at batch {x}" for x in batches)
+    speed = ", ".join(f"{speedup_text(result.speedup[x])} at batch {x}" for x in batches)
     search = result.search
     lines += [
         "",
@@ -48,10 +58,10 @@ def markdown(result: PruneResult) -> str:
         + f" (before fine-tuning: {_pct(result.finetune.accuracy_before)}).",
         f"- MACs reduction {100 * red['macs']:.1f}%, params reduction {100 * red['params']:.1f}%, "
         f"file size reduction {100 * red.get('size', 0):.1f}%.",
-        f"- Measured speed-up: {speed} ({result.latency_device}, median of {result.config.latency_repeats} "
-        "interleaved runs).",
-        f"- Search: {search.strategy}, {search.evaluations} evaluations ({search.unique_evaluations} unique, "
-        f"{search.distinct_structures} distinct structures) in {search.seconds:.1f} s; fine-tuning: "
+        f"- Measured speed-up: {speed} ({result.latency_device}; median of {result.config.latency_repeats} paired "
+        "interleaved runs, interquartile range in brackets; `noisy` marks a measurement too spread to trust).",
+        f"- Search: {search.strategy}, {_count(search.evaluations, 'evaluation')} ({search.unique_evaluations} "
+        f"unique, {_count(search.distinct_structures, 'distinct structure')}) in {search.seconds:.1f} s; fine-tuning: "
         f"{finetune_text(result.finetune)}.",
     ]
     lines += [f"- **Warning:** {w}" for w in result.warnings]

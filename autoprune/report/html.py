@@ -191,14 +191,15 @@ def run_html(result: PruneResult, figures: Mapping[str, bytes]) -> str:
         f"<h1>{esc(title)}</h1>",
         f"<p class=\"meta\">Method <b>{esc(result.method)}</b>, after {esc(result.source)}. "
         f"Target: {esc(result.target.describe())}; seed {esc(result.seed)}.</p>",
-        f"<p class=\"meta\">Latency on {esc(result.latency_device)}, median of "
-        f"{esc(result.config.latency_repeats)} interleaved runs. {esc(versions)}</p>",
+        f"<p class=\"meta\">Latency on {esc(result.latency_device)}: median of "
+        f"{esc(result.config.latency_repeats)} interleaved runs, speed-ups as the median of paired per-round ratios "
+        f"with their interquartile range in brackets. {esc(versions)}</p>",
         facts_html([
             (f"{change:+.2f} pts" if change is not None else "n/a", f"{result.metric} change"),
             (f"-{100 * red['macs']:.1f}%", "MACs"),
             (f"-{100 * red['params']:.1f}%", "parameters"),
             (f"-{100 * red.get('size', 0):.1f}%", "file size"),
-        ] + [(f"{result.speedup[x]['ratio']:.2f}x", f"speed-up at batch {x}") for x in batches]),
+        ] + [(speedup_text(result.speedup[x]), f"speed-up at batch {x}") for x in batches]),
         "<h2>Before and after</h2>",
     ]
     headers = ["", result.metric, "params", "MACs", "size (KiB)"] + [f"latency b={x} (ms)" for x in batches]
@@ -210,7 +211,7 @@ def run_html(result: PruneResult, figures: Mapping[str, bytes]) -> str:
     rows.append([("change", ""), (f"{change:+.2f} pts" if change is not None else "n/a", ""),
                  (f"-{100 * red['params']:.1f}%", ""), (f"-{100 * red['macs']:.1f}%", ""),
                  (f"-{100 * red.get('size', 0):.1f}%", "")]
-                + [(f"{result.speedup[x]['ratio']:.2f}x faster", "") for x in batches])
+                + [(speedup_text(result.speedup[x]) + " faster", "") for x in batches])
     parts.append(table(headers, rows))
     parts.append(f"<p class=\"note\">Before fine-tuning the pruned model scored {_pct(ft.accuracy_before)}. "
                  f"Search: {esc(search.strategy)}, {search.evaluations} evaluations ({search.unique_evaluations} "
@@ -237,6 +238,14 @@ def run_html(result: PruneResult, figures: Mapping[str, bytes]) -> str:
     parts.append("<details><summary>Configuration</summary><pre>"
                  + esc(json.dumps(result.config.to_json(), indent=2)) + "</pre></details>")
     return page(title, "\n".join(parts))
+
+
+def speedup_text(entry: Mapping[str, Any]) -> str:
+    """``1.93x (1.85-2.01)``: a speed-up with its interquartile range, flagged when too noisy to trust."""
+    text = f"{entry['ratio']:.2f}x"
+    if "q1" in entry:
+        text += f" ({entry['q1']:.2f}-{entry['q3']:.2f})"
+    return text + ("" if entry.get("reliable", True) else " (noisy)")
 
 
 def model_name(result: PruneResult) -> str:
