@@ -32,6 +32,9 @@ from autoprune.engine.distributed import on_main, world
 from autoprune.engine.evaluate import Evaluator, ScoreFn, choose_physical, measure_score, recalibrate_bn
 from autoprune.engine.executor import BatchEvaluation, create_executor, threads_per_worker
 from autoprune.engine.latency import by_batch_json, device_description, measure_latency, speedups
+from autoprune.engine.latency_table import LatencyTable
+from autoprune.engine.latency_target import check as check_latency
+from autoprune.engine.latency_target import latency_table, search_cost
 from autoprune.engine.measure import cost_of, serialized_size
 from autoprune.engine.result import Evaluation, FinetuneStats, LayerWidth, ModelStats, PruneResult, SearchStats
 from autoprune.engine.scoring import (
@@ -84,6 +87,7 @@ class Setup:
     base_score: float
     chance: float | None
     train: list[Batch] = field(default_factory=list)
+    latency: LatencyTable | None = None
 
 
 def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
@@ -189,11 +193,12 @@ def make_plan(method: Method, setup: Setup, config: PruneConfig, train: Iterable
 
 
 def make_problem(setup: Setup, plan: Plan, config: PruneConfig) -> Problem:
-    """The search problem: the space's box and cost model, the target, the method's choices and penalty."""
+    """The search problem: the space's box and cost model (MACs, and predicted latency for a latency target),
+    the target, the method's choices and penalty."""
     target, space = config.target, setup.space
-    return Problem(lower=space.lower, upper=space.upper, cost=space.relative_macs, snap=space.snap,
-                   base_accuracy=setup.base_score,
-                   max_cost=None if target.macs_reduction is None else 1 - target.macs_reduction,
+    cost, ceiling = search_cost(space, target, setup.latency)
+    return Problem(lower=space.lower, upper=space.upper, cost=cost, snap=space.snap,
+                   base_accuracy=setup.base_score, max_cost=ceiling,
                    max_drop=None if target.max_drop is None else target.max_drop / 100,
                    choices=plan.choices, penalty=plan.penalty)
 
@@ -231,7 +236,8 @@ def search(setup: Setup, plan: Plan, config: PruneConfig, method: Method, data: 
     def record(x: np.ndarray, fitness: Fitness, score: float) -> None:
         row = Evaluation(len(history), tuple(float(v) for v in x), tuple(int(c) for c in space.counts(x)),
                          float(fitness.accuracy), int(fitness.macs), int(fitness.params), float(score),
-                         time.perf_counter() - started, value=fitness.value)
+                         time.perf_counter() - started, value=fitness.value,
+                         latency_ms=None if setup.latency is None else setup.latency.predict(x))
         history.append(row)
         bar.update(1)
         callbacks.on_evaluation(row)
@@ -436,17 +442,39 @@ class Decision:
 def decide(setup: Setup, method: Method, config: PruneConfig, data: Data, callbacks: CallbackList,
            recorded: Sequence[Evaluation], progress: bool) -> Decision:
     """Plan, search and select a structure, then prune the model to it."""
+    if config.target.latency_reduction is not None:
+        setup.latency = _latency_table(setup, config, progress)
     plan, plan_seconds = make_plan(method, setup, config, data.train, progress)
     callbacks.on_start({"groups": [g.name for g in setup.space.groups], "base_score": setup.base_score,
                         "budget": config.budget or method.default_budget, "strategy": plan.strategy})
     outcome = refine(setup, search(setup, plan, config, method, data, callbacks, recorded, progress), config)
     keep, repaired, warnings = select(setup, outcome, method.name)
+    if setup.latency is not None:  # measured, not predicted: shrunk further while it misses the target
+        checked = check_latency(setup.base, lambda k: setup.space.apply(plan.model, k, plan.scores), keep,
+                                setup.space, setup.latency, config.target, setup.example, device=setup.device,
+                                batch_size=config.latency_batch, threads=config.threads)
+        keep, warnings = checked.keep, [*warnings, *checked.warnings]
+        plan.notes.update(latency_check_speedup=checked.speedup.to_json(), latency_repairs=checked.rounds,
+                          latency_predicted_relative=round(checked.predicted, 4))
     best = next((row for row in outcome.history if row.counts == tuple(setup.space.counts(keep))), None)
     callbacks.on_search_end(best)
     pruned = setup.space.apply(plan.model, keep, plan.scores)
     recalibrate_bn(pruned, setup.calibration)
     before = _final_score(pruned, setup, data, config.seed, shared=False)  # rank 0 alone under torchrun
     return Decision(pruned, keep, before, plan, plan_seconds, outcome, best, repaired, warnings, len(recorded))
+
+
+def _latency_table(setup: Setup, config: PruneConfig, progress: bool) -> LatencyTable:
+    """The latency table of the base model on the run's device; an unreachable latency target fails here."""
+    table = latency_table(setup.base, setup.example, setup.space, device=setup.device,
+                          batch_size=config.latency_batch, threads=config.threads, progress=progress)
+    floor = table.predict_relative(setup.space.lower)
+    reduction = config.target.latency_reduction
+    if reduction is not None and floor > 1 - reduction:
+        raise AutopruneError(f"latency_reduction={reduction} is unreachable: at the minimum widths the model is "
+                             f"predicted at {floor:.0%} of its latency at batch {config.latency_batch} (largest "
+                             f"reduction about {1 - floor:.2f}); lower the target or measure at a larger batch size")
+    return table
 
 
 @subnormals_flushed()
