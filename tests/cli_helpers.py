@@ -11,15 +11,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
+import autoprune.cli
 from autoprune.cli import main
 
 #: A fast, deterministic pruning run: PSO (state carried across evaluations, so a resume that replayed the
@@ -91,6 +94,24 @@ def assert_one_line_error(err: str, phrase: str) -> None:
     assert phrase in lines[0], f"{phrase!r} not in {lines[0]!r}"
 
 
+def stop_when(monkeypatch: pytest.MonkeyPatch, condition: Callable[[], bool]) -> None:
+    """Make the CLI's stop flag (what the first Ctrl-C or SIGTERM sets) read ``condition()`` each time it is asked.
+
+    ``condition`` may also raise ``KeyboardInterrupt``: what a second Ctrl-C does. ``monkeypatch.undo()`` removes it.
+    """
+    flag = property(lambda self: condition(), lambda self, value: None)
+    monkeypatch.setattr(autoprune.cli.StopFlag, "requested", flag, raising=False)
+
+
+def assert_one_line_interruption(err: str, phrase: str) -> None:
+    """Exactly one non-empty line on stderr, an ``autoprune: `` line (not an error) containing ``phrase``."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    assert lines[0].startswith("autoprune: ") and not lines[0].startswith("autoprune: error:"), lines[0]
+    assert phrase in lines[0], f"{phrase!r} not in {lines[0]!r}"
+
+
 def subprocess_env() -> dict[str, str]:
     """Environment of a subprocess ``autoprune``: one intra-op thread, as in-process."""
     env = dict(os.environ)
@@ -103,10 +124,10 @@ def cli_command(*argv: object) -> list[str]:
     return [sys.executable, "-m", "autoprune.cli", *[str(a) for a in argv]]
 
 
-def start_cli(*argv: object, cwd: Path) -> subprocess.Popen[str]:
-    """Start ``autoprune ARGV`` as a real process (stdout and stderr piped)."""
-    return subprocess.Popen(cli_command(*argv), cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def start_cli(*argv: object, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start ``autoprune ARGV`` as a real process (stdout and stderr piped); ``env`` adds variables."""
+    return subprocess.Popen(cli_command(*argv), cwd=cwd, env={**subprocess_env(), **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def trained_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -155,18 +176,32 @@ def outcome(out: Path) -> dict[str, Any]:
     """What a run decided and measured, without wall-clock times: keep vector, layers, accuracies, costs."""
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     payload = torch.load(out / "model.pt", weights_only=True)
+    best = {k: v for k, v in report["search"]["best"].items() if k != "seconds"}
     return {
-        "keep": payload["spec"]["pruned"]["keep"],
-        "layers": report["layers"],
+        "keep": payload["spec"]["info"]["pruned"]["keep"],
+        "report_keep": report["keep"],
+        "layers": report["widths"],
         "base_accuracy": report["base"]["accuracy"],
         "pruned_accuracy": report["pruned"]["accuracy"],
-        "accuracy_before_finetune": report["pruned"]["accuracy_before_finetune"],
-        "val_accuracy_search": report["pruned"]["val_accuracy_search"],
-        "best_fitness": report["search"]["best_fitness"],
+        "accuracy_before_finetune": report["finetune"]["accuracy_before"],
+        "base_score_search": report["search"]["base_score"],
+        "best": best,
         "evaluations": report["search"]["evaluations"],
         "macs": (report["base"]["macs"], report["pruned"]["macs"]),
         "params": (report["base"]["params"], report["pruned"]["params"]),
     }
+
+
+def write_mnist(folder: Path, n_train: int, n_test: int, *, label: int | None = None) -> Path:
+    """MNIST-layout idx files of 28x28 uint8 noise (labels cycle through 0..9, or are all ``label``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = np.full(n, label, np.uint8) if label is not None else (np.arange(n) % 10).astype(np.uint8)
+        (folder / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
+        (folder / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + labels.tobytes())
+    return folder
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:

@@ -24,15 +24,15 @@ from cli_helpers import (  # noqa: F401  (one_thread, restore_subnormals: autous
     run_cli,
     start_cli,
     trained_base,
+    write_mnist,
 )
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from autoprune.cli import build_parser
+from autoprune.engine.config import PruneConfig, Target
 from autoprune.engine.train import TrainConfig
 from autoprune.errors import AutopruneError
-from autoprune.io.artifact import read_checkpoint
-from autoprune.runs.pipeline import PruneConfig
 
 USAGE, ERROR = 2, 1
 
@@ -47,19 +47,34 @@ class _Payload:
         return (os.mkdir, (str(self.marker),))
 
 
+CONFIGS = {  # --config files, by name
+    "cfg_unknown": "macs: 0.5\n",
+    "cfg_bad_value": "budget: zero\n",
+    "cfg_bad_bool": "quiet: maybe\n",
+    "cfg_range": "macs_reduction: 1.5\n",
+    "cfg_options": "method_options: 5\n",
+    "cfg_option_name": "method: pso\nmethod_options: {particle: 4}\n",
+    "cfg_not_yaml": "macs_reduction: [0.5\n",
+    "cfg_list": "- 1\n- 2\n",
+}
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A trained model and every kind of bad file and directory, by name (absolute paths as strings)."""
     base = trained_base(tmp_path_factory)
     d = tmp_path_factory.mktemp("bad-inputs")
-    good = read_checkpoint(base)
+    good = torch.load(base, weights_only=True)
     made: dict[str, Path] = {"base": base, "marker": d / "PAYLOAD-RAN"}
 
     def variant(name: str, change) -> None:
-        payload = read_checkpoint(base)
+        payload = torch.load(base, weights_only=True)
         change(payload)
         torch.save(payload, d / name)
         made[name.removesuffix(".pt")] = d / name
+
+    def seven_classes(payload) -> None:  # a consistent file of a model trained on 7 classes
+        payload["spec"]["dataset"].update(num_classes=7, classes=payload["spec"]["dataset"]["classes"][:7])
 
     (d / "empty.pt").write_bytes(b"")
     (d / "garbage.pt").write_bytes(b"hello, this is not a model")
@@ -69,10 +84,13 @@ def files(tmp_path_factory):
     torch.save({**good, "x": _Payload(made["marker"])}, d / "evil.pt")
     with open(d / "evil_raw.pkl", "wb") as f:  # a plain pickle, not even a torch file
         pickle.dump({"format": "autoprune-model", "x": _Payload(made["marker"])}, f, protocol=2)
-    variant("mismatch.pt", lambda p: p["spec"]["layers"]["net.classifier.1"].update(out=7))
-    variant("wrongarch.pt", lambda p: p["spec"].update(model="resnet20"))
+    variant("mismatch.pt", lambda p: p["spec"]["modules"]["net.classifier.1"].update(out_features=7))
+    variant("wrongarch.pt", lambda p: p["spec"]["architecture"].update(name="resnet20"))
     variant("v99.pt", lambda p: p.update(version=99))
-    variant("classes7.pt", lambda p: p["spec"]["args"].update(num_classes=7))
+    variant("v1.pt", lambda p: p.update(version=1))
+    variant("classes7.pt", seven_classes)
+    variant("factory.pt", lambda p: p["spec"].update(architecture={"kind": "factory", "path": "okmodule_xyz:lenet",
+                                                                   "args": p["spec"]["architecture"]["args"]}))
     for name in ("empty", "garbage", "trunc", "foreign", "evil"):
         made[name] = d / f"{name}.pt"
     made["evil_raw"] = d / "evil_raw.pkl"
@@ -90,7 +108,18 @@ def files(tmp_path_factory):
     nokeys.mkdir()
     (nokeys / "run.json").write_text('{"config": {"method": "l1"}}')
     (d / "badmodule_xyz.py").write_text("raise RuntimeError('boom at import')\n")
-    (d / "okmodule_xyz.py").write_text("def not_a_model(num_classes=10):\n    return 5\n")
+    (d / "exitmodule_xyz.py").write_text("import sys\nsys.exit(3)\n")
+    (d / "okmodule_xyz.py").write_text(
+        "import sys\n\nfrom autoprune.models import create_model\n\n\n"
+        "def not_a_model(num_classes=10):\n    return 5\n\n\n"
+        "def exits(num_classes=10):\n    sys.exit(3)\n\n\n"
+        "def lenet(num_classes=10, in_channels=1, image_size=(28, 28)):\n"
+        "    return create_model('lenet5', num_classes=num_classes, in_channels=in_channels, image_size=image_size)\n")
+    for name, text in CONFIGS.items():
+        (d / f"{name}.yaml").write_text(text)
+        made[name] = d / f"{name}.yaml"
+    made["single_class"] = write_mnist(d / "single-class", 40, 20, label=3)
+    made["no_train"] = write_mnist(d / "no-train", 0, 20)
     made.update(emptydir=d / "emptydir", nonempty=d / "nonempty", afile=d / "afile", holder=d / "holder",
                 damaged=damaged, nokeys=nokeys, missing=d / "missing.pt", dir=d, missingdir=d / "no-such-dir")
     return {k: str(v) for k, v in made.items()}
@@ -101,6 +130,8 @@ P = ["prune", "{base}", "--dataset", "synthetic", "--method", "random", "--budge
      "--latency-batch", "2", "--threads", "1", "--quiet", "--out", "{out}"]
 R = [*P, "--macs-reduction", "0.5"]
 E = ["eval", "{base}", "--dataset", "synthetic", "--latency-batch", "2", "--quiet"]
+BIG_SEED = str(2**64)
+SEED_RANGE = f"must be between 0 and {2**63 - 1}"
 
 # (id, argv, exit code, phrase of the one stderr line)
 CASES = [
@@ -123,55 +154,91 @@ CASES = [
      "no CIFAR-10 found"),
     ("train-imagefolder-empty", [*T, "--dataset", "imagefolder", "--data-dir", "{emptydir}"], ERROR,
      "image-folder tree"),
-    ("train-negative-epochs", [*T, "--epochs", "-1"], USAGE, "--epochs: must be >= 0"),
+    ("train-single-class", [*T, "--dataset", "mnist", "--data-dir", "{single_class}"], ERROR,
+     "every training label of dataset 'mnist' is 3: a single class cannot be learnt"),
+    ("train-no-training-samples", [*T, "--dataset", "mnist", "--data-dir", "{no_train}"], ERROR,
+     "dataset 'mnist' has no training samples"),
+    ("train-negative-epochs", [*T, "--epochs", "-1"], USAGE,
+     "argument --epochs: must be between 0 and 1000000000, got -1"),
+    ("train-abbreviated-option", [*T, "--epoch", "2"], USAGE, "unrecognized arguments: --epoch 2"),
     ("train-zero-lr", [*T, "--lr", "0"], ERROR, "invalid training setting lr=0.0"),
     ("train-nan-lr", [*T, "--lr", "nan"], USAGE, "expected a finite number"),
     ("train-text-lr", [*T, "--lr", "fast"], USAGE, "expected a number, got 'fast'"),
-    ("train-zero-batch", [*T, "--batch-size", "0"], USAGE, "--batch-size: must be >= 1"),
+    ("train-zero-batch", [*T, "--batch-size", "0"], USAGE,
+     "argument --batch-size: must be between 1 and 1000000000, got 0"),
     ("train-negative-weight-decay", [*T, "--weight-decay", "-1"], ERROR, "weight_decay=-1.0"),
-    ("train-zero-width", [*T, "--width", "0"], ERROR, "--width must be > 0"),
+    ("train-zero-width", [*T, "--width", "0"], ERROR, "--width must be in (0, 64]"),
     ("train-val-fraction", [*T, "--val-fraction", "0.9"], ERROR, "val_fraction must be in [0, 0.5]"),
-    ("train-zero-limit", [*T, "--limit", "0"], USAGE, "--limit: must be >= 1"),
-    ("train-negative-seed", [*T, "--seed", "-1"], USAGE, "--seed: must be >= 0"),
-    ("train-unknown-device", [*T, "--device", "tpu"], ERROR, "unknown --device 'tpu'"),
+    ("train-zero-limit", [*T, "--limit", "0"], USAGE, "argument --limit: must be between 1 and 1000000000, got 0"),
+    ("train-negative-seed", [*T, "--seed", "-1"], USAGE, f"argument --seed: {SEED_RANGE}, got -1"),
+    ("train-seed-2**64", [*T, "--seed", BIG_SEED], USAGE, f"argument --seed: {SEED_RANGE}, got {BIG_SEED}"),
+    ("train-unknown-device", [*T, "--device", "tpu"], ERROR, "unknown device 'tpu'; use 'cpu', 'cuda' or 'cuda:N'"),
     ("train-out-exists", [*T, "--out", "{base}"], ERROR, "already exists; pass --force"),
     ("train-out-is-dir", [*T, "--out", "{emptydir}", "--force"], ERROR, "is a directory"),
-    ("train-out-under-a-file", [*T, "--out", "{afile}/model.pt"], ERROR, "check the path, permissions"),
+    ("train-out-under-a-file", [*T, "--out", "{afile}/model.pt"], ERROR, "cannot create output file"),
     ("train-model-module-missing", [*T, "--model", "no_such_pkg_xyz.nets:make"], ERROR,
      "cannot import module 'no_such_pkg_xyz.nets'"),
     ("train-model-module-raises", [*T, "--model", "badmodule_xyz:make"], ERROR, "boom at import"),
+    ("train-model-module-exits", [*T, "--model", "exitmodule_xyz:make"], ERROR,
+     "cannot import module 'exitmodule_xyz' for --model 'exitmodule_xyz:make' (SystemExit: 3)"),
     ("train-model-factory-missing", [*T, "--model", "okmodule_xyz:nothere"], ERROR, "has no callable 'nothere'"),
     ("train-model-factory-not-module", [*T, "--model", "okmodule_xyz:not_a_model"], ERROR, "not an nn.Module"),
-    ("train-model-wrong-image-size", [*T, "--model", "vgg11"], ERROR, "cannot take 1x28x28 images"),
+    ("train-model-factory-exits", [*T, "--model", "okmodule_xyz:exits"], ERROR,
+     "model factory 'okmodule_xyz:exits' failed with SystemExit: 3"),
+    ("train-model-wrong-image-size", [*T, "--model", "vgg11"], ERROR, "model 'vgg11' cannot take 1x28x28 images"),
     ("train-diverges", [*T, "--lr", "1e30", "--batch-size", "16"], ERROR, "training diverged: loss is nan at epoch 1"),
     # ---- prune
-    ("prune-nothing", ["prune"], ERROR, "give the model file to prune"),
-    ("prune-no-dataset", ["prune", "{base}"], ERROR, "--dataset is required"),
-    ("prune-no-out", ["prune", "{base}", "--dataset", "synthetic"], ERROR, "--out is required"),
-    ("prune-no-target", P, ERROR, "give exactly one target"),
-    ("prune-two-targets", [*R, "--max-drop", "1"], ERROR, "give exactly one target"),
-    ("prune-reduction-above-1", [*P, "--macs-reduction", "1.5"], ERROR, "strictly between 0 and 1, got 1.5"),
-    ("prune-reduction-0", [*P, "--macs-reduction", "0"], ERROR, "strictly between 0 and 1, got 0.0"),
-    ("prune-reduction-1", [*P, "--macs-reduction", "1"], ERROR, "strictly between 0 and 1, got 1.0"),
+    ("prune-nothing", ["prune"], ERROR, "give a target: --macs-reduction R"),
+    ("prune-no-model", ["prune", "--macs-reduction", "0.5", "--out", "{out}"], ERROR,
+     "give the model file (autoprune prune MODEL ...) or --resume DIR"),
+    ("prune-no-dataset", ["prune", "{base}", "--macs-reduction", "0.5", "--out", "{out}"], ERROR,
+     "--dataset is required"),
+    ("prune-no-out", ["prune", "{base}", "--dataset", "synthetic", "--macs-reduction", "0.5"], ERROR,
+     "--out is required"),
+    ("prune-no-target", P, ERROR, "give a target: --macs-reduction R"),
+    ("prune-two-targets", [*R, "--max-drop", "1"], ERROR,
+     "--max-drop 1.0: cannot be combined with macs_reduction or latency_reduction"),
+    ("prune-abbreviated-option", [*P, "--macs", "0.8"], USAGE, "unrecognized arguments: --macs 0.8"),
+    ("prune-reduction-above-1", [*P, "--macs-reduction", "1.5"], ERROR,
+     "--macs-reduction 1.5: must lie strictly between 0 and 1"),
+    ("prune-reduction-0", [*P, "--macs-reduction", "0"], ERROR,
+     "--macs-reduction 0.0: must lie strictly between 0 and 1"),
+    ("prune-reduction-1", [*P, "--macs-reduction", "1"], ERROR,
+     "--macs-reduction 1.0: must lie strictly between 0 and 1"),
+    ("prune-latency-reduction-1", [*P, "--latency-reduction", "1"], ERROR,
+     "--latency-reduction 1.0: must lie strictly between 0 and 1"),
     ("prune-reduction-text", [*P, "--macs-reduction", "half"], USAGE, "expected a number, got 'half'"),
     ("prune-max-drop-range", [*P, "--max-drop", "200"], ERROR, "between 0 and 100"),
-    ("prune-unreachable", [*P, "--macs-reduction", "0.99"], ERROR, "--macs-reduction 0.99 is unreachable"),
+    ("prune-unreachable", [*P, "--macs-reduction", "0.99"], ERROR, "macs_reduction=0.99 is unreachable"),
     ("prune-unreachable-round-to", [*R, "--round-to", "1000"], ERROR, "is unreachable"),
-    ("prune-min-ratio", [*R, "--min-ratio", "1.5"], ERROR, "--min-ratio must lie in [0, 1)"),
-    ("prune-zero-budget", [*R, "--budget", "0"], USAGE, "--budget: must be >= 1"),
-    ("prune-negative-budget", [*R, "--budget", "-3"], USAGE, "--budget: must be >= 1"),
-    ("prune-negative-finetune", [*R, "--finetune-epochs", "-1"], USAGE, "--finetune-epochs: must be >= 0"),
-    ("prune-negative-extra", [*R, "--extra-epochs", "-1"], USAGE, "--extra-epochs: must be >= 0"),
+    ("prune-min-ratio", [*R, "--min-ratio", "1.5"], ERROR, "--min-ratio 1.5: must lie in [0, 1)"),
+    ("prune-zero-budget", [*R, "--budget", "0"], USAGE, "argument --budget: must be between 1 and 1000000000, got 0"),
+    ("prune-negative-budget", [*R, "--budget", "-3"], USAGE,
+     "argument --budget: must be between 1 and 1000000000, got -3"),
+    ("prune-negative-finetune", [*R, "--finetune-epochs", "-1"], USAGE,
+     "argument --finetune-epochs: must be between 0 and 1000000000, got -1"),
+    ("prune-extra-epochs-is-gone", [*R, "--extra-epochs", "1"], USAGE, "unrecognized arguments: --extra-epochs 1"),
+    ("prune-negative-method-epochs", [*R, "--method", "sa", "--method-option", "epochs=-1"], ERROR,
+     "option epochs must be an integer >= 0, got -1"),
     ("prune-zero-finetune-lr", [*R, "--finetune-lr", "0"], ERROR, "lr=0.0"),
     ("prune-distill-range", [*R, "--distill", "2"], ERROR, "distill=2.0"),
-    ("prune-zero-val-samples", [*R, "--val-samples", "0"], USAGE, "--val-samples: must be >= 1"),
+    ("prune-zero-val-samples", [*R, "--val-samples", "0"], USAGE,
+     "argument --val-samples: must be between 1 and 1000000000, got 0"),
+    ("prune-zero-workers", [*R, "--workers", "0"], USAGE, "argument --workers: must be between 1 and 1000000000"),
+    ("prune-seed-2**64", [*R, "--seed", BIG_SEED], USAGE, f"argument --seed: {SEED_RANGE}, got {BIG_SEED}"),
     ("prune-empty-validation", [*R, "--val-fraction", "0"], ERROR, "the validation split is empty"),
     ("prune-unknown-method", [*R, "--method", "nosuch"], ERROR, "valid methods: gdp, global, l1"),
     ("prune-option-syntax", [*R, "--method-option", "particles"], USAGE, "expected key=value"),
     ("prune-option-unknown", [*R, "--method", "pso", "--method-option", "particle=20"], ERROR,
-     "unknown --method-option 'particle' for method 'pso'; valid options: iterations, particles"),
-    ("prune-option-type", [*R, "--method", "pso", "--method-option", "particles=many"], ERROR, "not a valid int"),
-    ("prune-option-range", [*R, "--method", "ssa", "--method-option", "grid=0"], ERROR, "must lie in (0, 1]"),
+     "unknown option 'particle' for method 'pso'; valid options: band, iterations, particles, start_uniform"),
+    ("prune-option-renamed", [*R, "--method", "slim", "--method-option", "lambda=0.001"], ERROR,
+     "unknown option 'lambda' for method 'slim'; valid options: epochs, sparsity"),
+    ("prune-option-for-a-method-without-options", [*R, "--method", "l1", "--method-option", "x=1"], ERROR,
+     "unknown option 'x' for method 'l1'; valid options: none"),
+    ("prune-option-type", [*R, "--method", "pso", "--method-option", "particles=many"], ERROR,
+     "option particles='many' for method 'pso' must be an integer"),
+    ("prune-option-range", [*R, "--method", "ssa", "--method-option", "grid=0"], ERROR,
+     "option grid must be a number in (0.0, 1.0], got 0.0"),
     ("prune-slim-without-bn", [*R, "--method", "slim"], ERROR, "needs a BatchNorm"),
     ("prune-unknown-dataset", [*R, "--dataset", "nosuchdata"], ERROR, "valid datasets:"),
     ("prune-dataset-files-missing", [*R, "--dataset", "cifar10", "--data-dir", "{emptydir}"], ERROR,
@@ -183,44 +250,79 @@ CASES = [
     ("prune-foreign-checkpoint", [*R[:1], "{foreign}", *R[2:]], ERROR, "not an autoprune model file"),
     ("prune-malicious-pickle", [*R[:1], "{evil}", *R[2:]], ERROR, "could run code"),
     ("prune-malicious-raw-pickle", [*R[:1], "{evil_raw}", *R[2:]], ERROR, "could run code"),
-    ("prune-architecture-mismatch", [*R[:1], "{mismatch}", *R[2:]], ERROR, "architecture mismatch"),
+    ("prune-spec-disagrees-with-weights", [*R[:1], "{mismatch}", *R[2:]], ERROR,
+     "spec.modules['net.classifier.1'] is a Linear with in_features=400, out_features=7, which needs weight of "
+     "shape [7, 400], but the file's is [120, 400]"),
     ("prune-wrong-architecture", [*R[:1], "{wrongarch}", *R[2:]], ERROR, "architecture mismatch"),
     ("prune-format-version", [*R[:1], "{v99}", *R[2:]], ERROR, "format version 99"),
-    ("prune-model-dataset-mismatch", [*R[:1], "{classes7}", *R[2:]], ERROR, "has num_classes=7"),
+    ("prune-format-version-1", [*R[:1], "{v1}", *R[2:]], ERROR, "format version 1; this autoprune reads version 2"),
+    ("prune-factory-not-trusted", [*R[:1], "{factory}", *R[2:]], ERROR,
+     "was built by the user factory 'okmodule_xyz:lenet'; autoprune does not import code named by a file"),
+    ("prune-factory-other-than-recorded", [*R[:1], "{factory}", *R[2:], "--model", "okmodule_xyz:not_a_model"],
+     ERROR, "was made by factory 'okmodule_xyz:lenet' but the caller trusted 'okmodule_xyz:not_a_model'"),
+    ("prune-registry-model-with-factory", [*R, "--model", "okmodule_xyz:lenet"], ERROR,
+     "holds the registered architecture 'lenet5'; it needs no factory="),
+    ("prune-model-dataset-mismatch", [*R[:1], "{classes7}", *R[2:]], ERROR,
+     "predicts 7 classes but dataset 'synthetic' has 10"),
     ("prune-model-is-dir", [*R[:1], "{emptydir}", *R[2:]], ERROR, "is a directory, not a model file"),
     ("prune-out-is-file", [*R, "--out", "{afile}"], ERROR, "is a file; give a directory"),
-    ("prune-out-not-empty", [*R, "--out", "{nonempty}"], ERROR, "already exists and is not empty"),
+    ("prune-out-not-empty", [*R, "--out", "{nonempty}"], ERROR, "already holds a run; pass --force"),
     ("prune-force-deletes-input", [*R[:1], "{held}", *R[2:], "--out", "{holder}", "--force"], ERROR,
      "holds the model being pruned"),
     ("prune-resume-nothing", ["prune", "--resume", "{emptydir}"], ERROR, "nothing to resume"),
     ("prune-resume-damaged", ["prune", "--resume", "{damaged}"], ERROR, "is damaged"),
     ("prune-resume-incomplete", ["prune", "--resume", "{nokeys}"], ERROR, "damaged or from another version"),
-    ("prune-unknown-device", [*R, "--device", "tpu"], ERROR, "unknown --device 'tpu'"),
+    ("prune-unknown-device", [*R, "--device", "tpu"], ERROR, "unknown device 'tpu'"),
     ("prune-finetune-diverges", [*R, "--finetune-epochs", "1", "--finetune-lr", "1e30", "--batch-size", "16"],
      ERROR, "training diverged: loss is nan"),
+    # ---- prune --config
+    ("config-missing", [*P, "--config", "{missing}"], ERROR, "cannot read --config"),
+    ("config-unknown-key", [*R, "--config", "{cfg_unknown}"], ERROR, "unknown setting 'macs' in"),
+    ("config-bad-value", [*R, "--config", "{cfg_bad_value}"], ERROR, "budget: 'zero' in"),
+    ("config-bad-bool", [*R, "--config", "{cfg_bad_bool}"], ERROR, "quiet: 'maybe' in"),
+    ("config-out-of-range", [*P, "--config", "{cfg_range}"], ERROR,
+     "--macs-reduction 1.5: must lie strictly between 0 and 1"),
+    ("config-options-not-a-mapping", [*R, "--config", "{cfg_options}"], ERROR, "method_options in"),
+    ("config-unknown-option", [*R[:4], "--macs-reduction", "0.5", "--out", "{out}", "--config", "{cfg_option_name}"],
+     ERROR, "unknown option 'particle' for method 'pso'"),
+    ("config-not-yaml", [*R, "--config", "{cfg_not_yaml}"], ERROR, "is not valid YAML"),
+    ("config-not-a-mapping", [*R, "--config", "{cfg_list}"], ERROR, "must be a mapping of settings"),
     # ---- eval
-    ("eval-missing-args", ["eval"], USAGE, "required: model, --dataset"),
+    ("eval-missing-args", ["eval"], USAGE, "the following arguments are required: MODEL, --dataset"),
     ("eval-no-dataset", ["eval", "{base}"], USAGE, "required: --dataset"),
     ("eval-missing-model", ["eval", "{missing}", *E[2:]], ERROR, "does not exist"),
     ("eval-garbage-model", ["eval", "{garbage}", *E[2:]], ERROR, "cannot read"),
     ("eval-truncated-model", ["eval", "{trunc}", *E[2:]], ERROR, "truncated"),
     ("eval-foreign-checkpoint", ["eval", "{foreign}", *E[2:]], ERROR, "not an autoprune model file"),
     ("eval-malicious-pickle", ["eval", "{evil}", *E[2:]], ERROR, "could run code"),
-    ("eval-architecture-mismatch", ["eval", "{mismatch}", *E[2:]], ERROR, "architecture mismatch"),
-    ("eval-model-dataset-mismatch", ["eval", "{classes7}", *E[2:]], ERROR, "has num_classes=7"),
+    ("eval-wrong-architecture", ["eval", "{wrongarch}", *E[2:]], ERROR, "architecture mismatch"),
+    ("eval-factory-not-trusted", ["eval", "{factory}", *E[2:]], ERROR, "pass --model okmodule_xyz:lenet"),
+    ("eval-model-dataset-mismatch", ["eval", "{classes7}", *E[2:]], ERROR,
+     "predicts 7 classes but dataset 'synthetic' has 10"),
     ("eval-unknown-dataset", [*E, "--dataset", "nosuchdata"], ERROR, "valid datasets:"),
     ("eval-dataset-files-missing", [*E, "--dataset", "mnist", "--data-dir", "{emptydir}"], ERROR,
      "train-images-idx3-ubyte"),
-    ("eval-zero-latency-batch", [*E, "--latency-batch", "0"], USAGE, "--latency-batch: must be >= 1"),
-    ("eval-unknown-device", [*E, "--device", "tpu"], ERROR, "unknown --device 'tpu'"),
+    ("eval-zero-latency-batch", [*E, "--latency-batch", "0"], USAGE,
+     "argument --latency-batch: must be between 1 and 1000000000, got 0"),
+    ("eval-unknown-device", [*E, "--device", "tpu"], ERROR, "unknown device 'tpu'"),
+    # ---- export
+    ("export-missing-onnx", ["export", "{base}"], USAGE, "the following arguments are required: --onnx"),
+    ("export-malicious-pickle", ["export", "{evil}", "--onnx", "{out}.onnx"], ERROR, "could run code"),
+    ("export-factory-not-trusted", ["export", "{factory}", "--onnx", "{out}.onnx"], ERROR,
+     "pass --model okmodule_xyz:lenet"),
+    ("export-opset-range", ["export", "{base}", "--onnx", "{out}.onnx", "--opset", "3"], USAGE,
+     "argument --opset: must be between 7 and 30, got 3"),
     # ---- demo
     ("demo-unknown-method", ["demo", "--method", "nosuch", "--out", "{out}"], ERROR, "valid methods:"),
     ("demo-reduction-range", ["demo", "--macs-reduction", "2", "--out", "{out}"], ERROR, "strictly between 0 and 1"),
-    ("demo-negative-epochs", ["demo", "--epochs", "-1"], USAGE, "--epochs: must be >= 0"),
-    ("demo-zero-budget", ["demo", "--budget", "0"], USAGE, "--budget: must be >= 1"),
+    ("demo-negative-epochs", ["demo", "--epochs", "-1"], USAGE,
+     "argument --epochs: must be between 0 and 1000000000, got -1"),
+    ("demo-zero-budget", ["demo", "--budget", "0"], USAGE,
+     "argument --budget: must be between 1 and 1000000000, got 0"),
     ("demo-out-is-file", ["demo", "--out", "{afile}"], ERROR, "is a file; give a directory"),
-    ("demo-out-not-empty", ["demo", "--out", "{nonempty}"], ERROR, "already exists and is not empty"),
-    ("demo-unknown-device", ["demo", "--device", "tpu", "--out", "{out}"], ERROR, "unknown --device 'tpu'"),
+    ("demo-out-not-empty", ["demo", "--out", "{nonempty}"], ERROR, "holds files other than an earlier demo's; "
+                                                                   "pass --force"),
+    ("demo-unknown-device", ["demo", "--device", "tpu", "--out", "{out}"], ERROR, "unknown device 'tpu'"),
 ]
 
 
@@ -236,14 +338,16 @@ def test_bad_input_is_one_clear_line(argv, code, phrase, files, tmp_path, capsys
     assert not Path(files["marker"]).exists(), "the malicious payload ran"
     if "diverged" not in phrase:
         assert not (tmp_path / "out" / "history.jsonl").exists(), "a search started before the input was checked"
+        assert not (tmp_path / "out" / "run.json").exists(), "a refused run left a run directory behind"
     assert not (tmp_path / "out.pt.ckpt").exists() and not (tmp_path / "out.pt").exists()
+    assert not (tmp_path / "out.onnx").exists()
     assert sorted(os.listdir(files["nonempty"])) == before, "an existing directory was changed"
 
 
 def test_the_matrix_covers_every_subcommand():
     assert len(CASES) >= 30 and 3 <= len(SUBPROCESS_CASES) <= 5
     commands = {c[1][0] for c in CASES if c[1]}
-    assert {"train", "prune", "eval", "demo", "methods", "models"} <= commands
+    assert {"train", "prune", "eval", "export", "demo", "methods", "models"} <= commands
 
 
 def test_errors_name_valid_choices_and_show_traceback_with_debug(files, capsys, tmp_path):
@@ -276,6 +380,8 @@ SUBPROCESS_CASES = {
     "garbage-eval": (["eval", "{garbage}", "--dataset", "synthetic"], ERROR, "cannot read"),
     "wrong-image-size-train": (["train", "--model", "vgg11", "--dataset", "synthetic", "--out", "m.pt"], ERROR,
                                "cannot take 1x28x28 images"),
+    "factory-calls-sys-exit": (["train", "--model", "okmodule_xyz:exits", "--dataset", "synthetic", "--out", "x.pt"],
+                               ERROR, "model factory 'okmodule_xyz:exits' failed with SystemExit: 3"),
 }
 
 
@@ -283,7 +389,7 @@ SUBPROCESS_CASES = {
 def subprocess_results(files, tmp_path_factory):
     """Run every subprocess case at once (they spend most of their time importing torch)."""
     cwd = tmp_path_factory.mktemp("subprocess-cwd")
-    procs = {name: start_cli(*[a.format(**files) for a in argv], cwd=cwd)
+    procs = {name: start_cli(*[a.format(**files) for a in argv], cwd=cwd, env={"PYTHONPATH": files["dir"]})
              for name, (argv, _, _) in SUBPROCESS_CASES.items()}
     results = {name: (p.wait(timeout=120), *p.communicate()) for name, p in procs.items()}
     return results, cwd
@@ -316,24 +422,30 @@ def _number(*valid: str) -> st.SearchStrategy[str]:
 
 
 _PATHS = ["{base}", "{missing}", "{garbage}", "{trunc}", "{foreign}", "{evil}", "{mismatch}", "{classes7}",
-          "{emptydir}", "{afile}", "{nonempty}", "{damaged}", "{nokeys}"]
+          "{factory}", "{emptydir}", "{afile}", "{nonempty}", "{damaged}", "{nokeys}"]
 _FLAGS = {
     "--dataset": st.sampled_from(["synthetic"] * 6 + ["mnist", "cifar10", "imagefolder", "nosuch", ""]),
     "--data-dir": st.sampled_from(_PATHS),
     "--model": st.sampled_from(["lenet5", "lenet5", "resnet20", "vgg11", "nosuch", "okmodule_xyz:not_a_model",
-                                "badmodule_xyz:make", "no_pkg:f", ":", "a:b:c"]),
+                                "okmodule_xyz:lenet", "okmodule_xyz:exits", "badmodule_xyz:make",
+                                "exitmodule_xyz:make", "no_pkg:f", ":", "a:b:c"]),
     "--method": st.sampled_from(["l1", "random", "pso", "ssa", "otp", "slim", "gdp", "sa", "nosuch", ""]),
     "--method-option": st.sampled_from(["particles=2", "particles=x", "grid=0", "grid=0.5", "step=2", "x=1",
-                                        "=1", "noeq", "iterations=-1", "networks=0", "lambda=nan"]),
+                                        "=1", "noeq", "iterations=-1", "networks=0", "sparsity=nan",
+                                        "polarization=-1", "epochs=-1", "epochs=0", "start_uniform=maybe"]),
+    "--config": st.sampled_from([f"{{{name}}}" for name in CONFIGS] + ["{missing}", "{base}"]),
+    "--onnx": st.sampled_from(["{out}.onnx", "{afile}/x.onnx", "{emptydir}"]),
+    "--opset": _number("13", "17"), "--workers": _number("1", "2"),
+    "--allow-other-dataset": st.just(None), "--latency-reduction": _number("0.3", "0.5"),
     "--out": st.sampled_from(["{out}", "{out}.pt", "{scratch_file}", "{scratch_nonempty}", "{scratch_empty}"]),
     "--resume": st.sampled_from(["{damaged}", "{nokeys}", "{emptydir}", "{missing}"]),
     "--device": st.sampled_from(["cpu", "cpu", "auto", "tpu", "cuda:x", ""]),
     "--force": st.just(None), "--quiet": st.just(None), "--json": st.just(None),
-    "--epochs": _number("0", "1"), "--finetune-epochs": _number("0", "1"), "--extra-epochs": _number("0", "1"),
+    "--epochs": _number("0", "1"), "--finetune-epochs": _number("0", "1"),
     "--lr": _number("0.01", "0.1"), "--finetune-lr": _number("0.01"), "--weight-decay": _number("0", "5e-4"),
     "--batch-size": _number("8", "128", "100000"), "--width": _number("0.25", "1", "2"),
     "--val-fraction": _number("0", "0.1", "0.5"), "--limit": _number("1", "5", "12", "50", "100000"),
-    "--seed": _number("0", "7", "4294967296"), "--macs-reduction": _number("0.3", "0.5", "0.9", "0.999"),
+    "--seed": _number("0", "7", "4294967296", BIG_SEED), "--macs-reduction": _number("0.3", "0.5", "0.9", "0.999"),
     "--max-drop": _number("0", "2", "100"), "--budget": _number("1", "5"), "--val-samples": _number("1", "10"),
     "--round-to": _number("1", "2", "8", "64"), "--min-ratio": _number("0", "0.05", "0.5", "0.99"),
     "--latency-batch": _number("1", "8"), "--threads": _number("1", "2"), "--distill": _number("0", "0.5", "1"),
@@ -342,7 +454,7 @@ _REQUIRED = {  # what makes an invocation complete, drawn most of the time
     "train": ["--model", "lenet5", "--dataset", "synthetic", "--out", "{out}.pt"],
     "prune": ["{base}", "--dataset", "synthetic", "--out", "{out}", "--macs-reduction", "0.5"],
     "eval": ["{base}", "--dataset", "synthetic"],
-    "demo": ["--out", "{out}"], "methods": [], "models": [],
+    "demo": ["--out", "{out}"], "export": ["{base}", "--onnx", "{out}.onnx"], "methods": [], "models": [],
 }
 
 
@@ -355,11 +467,11 @@ def _flags_of(command: str) -> list[str]:
 
 @st.composite
 def _argvs(draw):
-    command = draw(st.sampled_from(["train", "prune", "prune", "eval", "demo", "methods", "models"]))
+    command = draw(st.sampled_from(["train", "prune", "prune", "eval", "export", "demo", "methods", "models"]))
     argv = [command]
     if draw(st.integers(0, 3)):
         argv += _REQUIRED[command]
-    elif command in ("prune", "eval") and draw(st.booleans()):
+    elif command in ("prune", "eval", "export") and draw(st.booleans()):
         argv.append(draw(st.sampled_from(_PATHS)))
     own = _flags_of(command)
     pool = own * 4 + sorted(_FLAGS) if own else sorted(_FLAGS)  # mostly the command's own options
@@ -373,15 +485,18 @@ def _argvs(draw):
 @given(argv=_argvs())
 def test_random_arguments_never_crash(argv, files, tmp_path, capsys, monkeypatch):
     """Any arguments: exit 0/1/2 with at most one error line and no traceback, or every check passed."""
+    import autoprune.engine.prune
     import autoprune.engine.train
-    import autoprune.runs.pipeline
+    import autoprune.export
+    import autoprune.runs.training
 
     def long_work(*args, **kwargs):
         raise _LongWorkReached
 
-    monkeypatch.setattr(autoprune.runs.pipeline, "train_base", long_work)
-    monkeypatch.setattr(autoprune.runs.pipeline, "MethodContext", long_work)  # right after the target checks
+    monkeypatch.setattr(autoprune.runs.training, "train_base", long_work)  # train's and demo's long work
+    monkeypatch.setattr(autoprune.engine.prune, "MethodContext", long_work)  # right after the engine's checks
     monkeypatch.setattr(autoprune.engine.train, "evaluate", long_work)  # eval's first long step
+    monkeypatch.setattr(autoprune.export, "export_onnx", long_work)
     if files["dir"] not in sys.path:
         monkeypatch.syspath_prepend(files["dir"])
     monkeypatch.chdir(tmp_path)
@@ -415,13 +530,14 @@ _NUMBER_VALUES = st.one_of(st.none(), st.integers(-5, 10**6), _FLOATS)
 
 
 @settings(max_examples=300, deadline=None)
-@given(fields=st.fixed_dictionaries({}, optional={
-    "macs_reduction": _NUMBER_VALUES, "max_drop": _NUMBER_VALUES,
-    "budget": st.one_of(st.none(), st.integers(-5, 10**6)), "extra_epochs": st.integers(-3, 5),
+@given(target=st.fixed_dictionaries({}, optional={
+    "macs_reduction": _NUMBER_VALUES, "latency_reduction": _NUMBER_VALUES, "max_drop": _NUMBER_VALUES,
+}), fields=st.fixed_dictionaries({}, optional={
+    "budget": st.one_of(st.none(), st.integers(-5, 10**6)),
     "val_samples": st.one_of(st.none(), st.integers(-3, 10**6)), "calibration_samples": st.integers(-3, 2000),
     "round_to": st.integers(-3, 64), "min_ratio": _FLOATS,
-    "seed": st.integers(-3, 2**40), "latency_batch": st.integers(-3, 512), "latency_repeats": st.integers(-3, 50),
-    "threads": st.one_of(st.none(), st.integers(-3, 64)),
+    "seed": st.integers(-3, 2**64), "latency_batch": st.integers(-3, 512), "latency_repeats": st.integers(-3, 50),
+    "threads": st.one_of(st.none(), st.integers(-3, 64)), "workers": st.integers(-3, 8),
     "method": st.sampled_from(["l1", "pso", "otp", "random", "nosuch", "", "L1"]),
 }), train=st.fixed_dictionaries({}, optional={
     "epochs": st.integers(-3, 100), "batch_size": st.integers(-3, 4096),
@@ -431,20 +547,24 @@ _NUMBER_VALUES = st.one_of(st.none(), st.integers(-5, 10**6), _FLOATS)
     "distill": _FLOATS,
     "temperature": _FLOATS, "seed": st.integers(-3, 2**40),
 }))
-def test_config_values_give_a_valid_config_or_a_clear_error(fields, train):
+def test_config_values_give_a_valid_config_or_a_clear_error(target, fields, train):
     try:
         finetune = TrainConfig(**train)
+        goal = Target(**target)
     except AutopruneError:
         return
     for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "distill", "temperature"):
         assert finetune.__dict__[name] == finetune.__dict__[name] and abs(finetune.__dict__[name]) != float("inf")
+    cost = (goal.macs_reduction, goal.latency_reduction)
+    assert cost != (None, None) or goal.max_drop is not None  # some target
+    assert goal.max_drop is None or cost == (None, None)  # and never both kinds
+    assert all(r is None or 0 < r < 1 for r in cost) and (goal.max_drop is None or 0 <= goal.max_drop <= 100)
     fields = {"method": "l1", **fields}
     try:
-        config = PruneConfig(finetune=finetune, **fields)
+        config = PruneConfig(target=goal, finetune=finetune, **fields)
     except AutopruneError:
         return
-    assert (config.macs_reduction is None) != (config.max_drop is None)
-    assert config.latency_repeats >= 1 and config.seed >= 0 and 0 <= config.min_ratio < 1
+    assert config.latency_repeats >= 1 and 0 <= config.seed < 2**63 and 0 <= config.min_ratio < 1
     assert PruneConfig.from_json(config.to_json()) == config
 
 
@@ -454,16 +574,19 @@ _JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), _FLOATS,
 
 
 @settings(max_examples=200, deadline=None)
-@given(data=st.dictionaries(st.sampled_from(["method", "macs_reduction", "max_drop", "budget", "finetune", "seed",
-                                             "round_to", "min_ratio", "method_options", "junk"]), _JSON, max_size=6),
+@given(data=st.dictionaries(st.sampled_from(["method", "target", "budget", "finetune", "seed", "round_to",
+                                             "min_ratio", "method_options", "ignored_layers", "workers", "junk"]),
+                            _JSON, max_size=6),
+       target=st.dictionaries(st.sampled_from(["macs_reduction", "latency_reduction", "max_drop", "junk"]), _JSON,
+                              max_size=3),
        finetune=st.dictionaries(st.sampled_from(["epochs", "lr", "batch_size", "distill", "junk"]), _JSON,
                                 max_size=4))
-def test_a_damaged_run_json_config_is_a_clear_error(data, finetune):
-    data = {"method": "l1", "macs_reduction": 0.5, "finetune": finetune, **data}
+def test_a_damaged_run_json_config_is_a_clear_error(data, target, finetune):
+    data = {"method": "l1", "target": target, "finetune": finetune, **data}
     try:
         config = PruneConfig.from_json(data)
     except AutopruneError as exc:
         assert str(exc).splitlines()[0]
         return
     assert isinstance(config, PruneConfig) and isinstance(config.finetune, TrainConfig)
-
+    assert isinstance(config.target, Target)

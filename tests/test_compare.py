@@ -2,8 +2,8 @@
 
 One real comparison (a LeNet-5 trained for one epoch on synthetic data; l1, slim, random with tiny
 budgets and no fine-tuning; slim fails on LeNet-5, which has no BatchNorm) serves most tests; resume
-and interruption replace ``prune_model`` by a recording fake, and the table's best marks are checked
-on hand-made rows.
+and interruption replace :func:`autoprune.api.execute` (one method's run) by a recording fake, and the
+table's best marks are checked on hand-made rows.
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import trained_base
 
 from autoprune import cli
+from autoprune.engine.prune import SearchInterrupted
+from autoprune.engine.result import PruneResult
 from autoprune.errors import AutopruneError
 from autoprune.report.plots import running_max
 from autoprune.runs.compare import (
@@ -33,23 +36,23 @@ from autoprune.runs.compare import (
     parse_methods,
     terminal_table,
 )
-from autoprune.runs.pipeline import SearchInterrupted
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FIGURES = ("accuracy_macs.png", "channels.png", "search.png")
+FIGURES = ("accuracy_macs.png", "accuracy_latency.png", "channels.png", "search.png")
 FAST = ["--dataset", "synthetic", "--macs-reduction", "0.5", "--budget", "3", "--finetune-epochs", "0",
         "--threads", "1", "--latency-batch", "4", "--latency-repeats", "2", "--quiet"]
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    """Run the CLI in-process; return (exit code, stdout, stderr). Restores the SIGINT handler."""
+    """Run the CLI in-process; return (exit code, stdout, stderr). Restores the SIGINT and SIGTERM handlers."""
     out, err = io.StringIO(), io.StringIO()
-    handler = signal.getsignal(signal.SIGINT)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = cli.main(argv)
     finally:
-        signal.signal(signal.SIGINT, handler)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -62,11 +65,8 @@ def restore_subnormals():
 
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("base") / "lenet5.pt"
-    code, _, err = run_cli(["train", "--model", "lenet5", "--dataset", "synthetic", "--epochs", "1",
-                            "--out", str(path), "--quiet"])
-    assert code == 0, err
-    return path
+    """LeNet-5 trained for one epoch on the synthetic data (shared with the other CLI tests)."""
+    return trained_base(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +93,12 @@ def test_table_has_every_method_and_the_failure(comparison):
     assert "BatchNorm" in slim["error"] and "\n" not in slim["error"]
     for e in summary["methods"]:
         if e["status"] == "ok":
-            assert 0 <= e["accuracy"] <= 1 and e["macs_reduction"] >= 0.5 - 1e-9
-            assert e["evaluations"] >= 1 and e["budget"] == 3 and set(e["speedup"]) == {"1", "4"}
+            own = json.loads((out / e["dir"] / "report.json").read_text(encoding="utf-8"))  # the method's own run
+            assert e["accuracy"] == own["pruned"]["accuracy"] and e["macs"] == own["pruned"]["macs"]
+            assert e["macs_reduction"] >= 0.5 - 1e-9 and e["macs_reduction"] == own["reduction"]["macs"]
+            assert 1 <= e["evaluations"] == own["search"]["evaluations"] <= 3
+            assert e["budget"] == 3 and set(e["speedup"]) == {"1", "4"}
+            assert own["base"]["macs"] == summary["base"]["macs"]  # every method pruned the same model
     assert summary["complete"] is True and summary["base"]["macs"] > 0
     for method in ("l1", "random"):  # the terminal table: one row per method, failures included
         assert re.search(rf"^{method}\s+\d+\.\d\d%\*?\s+[+-]\d", stdout, re.M)
@@ -132,9 +136,9 @@ def test_html_is_self_contained(comparison, page):
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I), "external resource"
     assert "<script" not in text.lower() and "<link" not in text.lower() and "@import" not in text
     srcs = re.findall(r"""<img[^>]*\ssrc\s*=\s*["']([^"']*)""", text)
-    assert len(srcs) == 3 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert len(srcs) == len(FIGURES) and all(s.startswith("data:image/png;base64,") for s in srcs)
     images = embedded_images(text)
-    assert len(images) == 3 and all(img.startswith(PNG_MAGIC) for img in images)
+    assert len(images) == len(FIGURES) and all(img.startswith(PNG_MAGIC) for img in images)
     # the embedded figures are the PNG files written beside the page
     assert images == [(out / Path(page).parent / name).read_bytes() for name in FIGURES]
 
@@ -173,15 +177,16 @@ def test_best_marks_on_hand_made_rows():
     assert best["accuracy"] == ["b"] and best["accuracy_change"] == ["b"]
     assert best["size"] == ["c"]  # lower is better
     assert best["speedup_1"] == ["a", "b"]  # a tie at the displayed precision: both marked
-    assert best["search_seconds"] == ["c"] and best["evaluations"] == ["c"]
-    for tied in ("params_reduction", "macs_reduction", "speedup_256", "finetune_seconds", "budget"):
-        assert tied not in best  # every row ties (or no direction): nothing to mark
+    for tied in ("params_reduction", "macs_reduction", "speedup_256"):
+        assert tied not in best  # every row ties: nothing to mark
+    for cost in ("search_seconds", "finetune_seconds", "evaluations", "distinct", "budget"):
+        assert cost not in best  # costs are not results: never marked, although c spent the least
     assert not any("d" in v for v in best.values())
 
     table = comparison_table(HAND_MADE)
     marked = {(r[0].text, table.headers[i]) for r in table.rows for i, c in enumerate(r) if c.best}
     assert marked == {("b", "test acc."), ("b", "change (pts)"), ("c", "size (KiB)"), ("a", "speed-up b=1"),
-                      ("b", "speed-up b=1"), ("c", "search (s)"), ("c", "evals")}
+                      ("b", "speed-up b=1")}
     md = markdown(HAND_MADE)
     assert re.search(r"^\| b \| \*\*91\.00%\*\* \| \*\*-4\.00\*\* \|", md, re.M)
     assert re.search(r"^\| a \| 90\.00% \|", md, re.M)
@@ -205,10 +210,12 @@ def test_method_options_go_to_the_methods_that_read_them():
     assert options_for("pso", {"particles": "5"}) == {"particles": "5"}
     assert options_for("l1", {"particles": "5"}) == {}
     check_options(["l1", "pso"], {"particles": "5"})  # read by pso: accepted
-    with pytest.raises(AutopruneError, match="read by none of the compared methods"):
+    with pytest.raises(AutopruneError, match="is taken by none of the compared methods"):
         check_options(["l1", "random"], {"particles": "5"})
-    with pytest.raises(AutopruneError, match="not a valid int"):
+    with pytest.raises(AutopruneError, match="option particles='many' for method 'pso' must be an integer"):
         check_options(["l1", "pso"], {"particles": "many"})
+    assert options_for("slim", {"epochs": 2, "particles": 3}) == {"epochs": 2}
+    assert options_for("sa", {"epochs": 2, "particles": 3}) == {"epochs": 2}
 
 
 # ---- validation before long work -------------------------------------------------------------
@@ -238,16 +245,17 @@ def test_existing_output_needs_force(comparison, base_model):
     assert summary_of(out)["complete"] is True  # untouched
 
 
-# ---- resume and interruption (prune_model replaced by a recording fake) ----------------------
+# ---- resume and interruption (one method's run replaced by a recording fake) --------------------------------
 
-class FakePrune:
-    """Stands in for prune_model: records calls, writes run.json, raises or returns a saved report."""
+class FakeExecute:
+    """Stands in for autoprune.api.execute: records calls, writes run.json, raises or returns a saved report."""
 
     def __init__(self, reports: dict[str, dict], interrupt: set[str] = frozenset()) -> None:
         self.reports, self.interrupt, self.calls = reports, interrupt, []
 
-    def __call__(self, model, spec, splits, config, out, *, resume=False, stop_requested=None, **kwargs):
+    def __call__(self, model, example_inputs, config, method, data, *, out, resume=False, **kwargs):
         self.calls.append((config.method, resume))
+        out.mkdir(parents=True, exist_ok=True)
         (out / "run.json").write_text("{}", encoding="utf-8")
         if config.method in self.interrupt:
             raise SearchInterrupted("interrupted after 1 evaluations")
@@ -255,7 +263,7 @@ class FakePrune:
             raise RuntimeError("boom\nsecond line")
         report = self.reports[config.method]
         (out / "report.json").write_text(json.dumps(report), encoding="utf-8")
-        return report
+        return PruneResult.from_json(report)
 
 
 def saved_reports(out: Path) -> dict[str, dict]:
@@ -268,25 +276,28 @@ def test_resume_skips_finished_methods(comparison, tmp_path, monkeypatch):
     shutil.copytree(src, out)
     reports = saved_reports(src)
     (out / "random" / "report.json").unlink()  # random was interrupted: run.json and history remain
-    fake = FakePrune(reports)
-    monkeypatch.setattr("autoprune.runs.compare.prune_model", fake)
+    assert not (out / "slim" / "run.json").exists()  # slim failed on its inputs: nothing of it to resume
+    fake = FakeExecute(reports)
+    monkeypatch.setattr("autoprune.api.execute", fake)
     code, stdout, err = run_cli(["compare", "--resume", str(out), "--quiet"])
     assert code == 0, err
-    assert fake.calls == [("slim", True), ("random", True)]  # l1 finished: skipped; the others continued
+    assert fake.calls == [("slim", False), ("random", True)]  # l1 finished: skipped; the others ran again
     assert "l1: already finished, skipped" in stdout
     methods = {e["method"]: e for e in summary_of(out)["methods"]}
     assert methods["l1"]["skipped"] is True and methods["random"]["resumed"] is True
     assert methods["slim"]["status"] == "failed" and methods["slim"]["error"] == "RuntimeError: boom"
+    assert methods["random"]["accuracy"] == reports["random"]["pruned"]["accuracy"]
 
 
 def test_interrupted_comparison_can_be_resumed(comparison, base_model, tmp_path, monkeypatch):
     src, _ = comparison
     out = tmp_path / "cmp"
-    fake = FakePrune(saved_reports(src), interrupt={"random"})
-    monkeypatch.setattr("autoprune.runs.compare.prune_model", fake)
+    fake = FakeExecute(saved_reports(src), interrupt={"random"})
+    monkeypatch.setattr("autoprune.api.execute", fake)
     code, _, err = run_cli(["compare", str(base_model), "--methods", "l1,random", "--out", str(out)] + FAST)
     assert code == cli.EXIT_INTERRUPTED
-    assert err.count("\n") == 1 and f"autoprune compare --resume {out}" in err
+    assert err == (f"autoprune: comparison interrupted during random; continue with "
+                   f"`autoprune compare --resume {out}`\n")
     partial = {e["method"]: e["status"] for e in summary_of(out)["methods"]}
     assert partial == {"l1": "ok", "random": "interrupted"} and not summary_of(out)["complete"]
     assert (out / "report.html").exists() and "Incomplete" in (out / "compare.md").read_text(encoding="utf-8")

@@ -469,8 +469,8 @@ def test_registry_lists_the_criteria() -> None:
     assert criterion_names() == sorted(criterion_names())
     criterion = create_criterion("otp", mode="first_order")
     assert create_criterion(criterion) is criterion
-    assert criterion.options == {"mode": "first_order", "max_batches": 8, "measured_limit": 1024}
-    with pytest.raises(ValueError, match="already registered"):
+    assert criterion.options == {"mode": "first_order", "max_batches": 8, "measured_limit": 1024, "normalize": "group"}
+    with pytest.raises(ValueError, match="criterion .l1. is registered twice"):
         register_criterion("l1")(type("Again", (Criterion,), {"scores": lambda self, *a, **k: []}))
 
 
@@ -484,7 +484,7 @@ def test_unknown_criterion_lists_the_valid_ones() -> None:
     ("taylor", {"max_batches": 2.5}, "max_batches"),
     ("otp", {"mode": "exact"}, "mode must be one of auto, measured, first_order"),
     ("otp", {"measured_limit": -1}, "measured_limit"),
-    ("l1", {"max_batches": 4}, "no option max_batches"),
+    ("l1", {"max_batches": 4}, "unknown option 'max_batches' for criterion 'l1'; valid options: none"),
 ])
 def test_bad_options_are_rejected(name: str, options: dict, match: str) -> None:
     with pytest.raises(AutopruneError, match=match):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from cli_helpers import one_thread, restore_subnormals  # noqa: F401  (autouse)
 
 import autoprune
 from autoprune.cli import main
@@ -13,6 +14,7 @@ from autoprune.cli import main
 pytest.importorskip("mlxtend")
 
 
+@pytest.mark.slow
 def test_demo_trains_prunes_and_prints_the_before_after_table(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(["demo", "--method", "gdp", "--epochs", "2", "--finetune-epochs", "1", "--out", str(out), "--quiet"])
@@ -26,3 +28,5 @@ def test_demo_trains_prunes_and_prints_the_before_after_table(tmp_path, capsys):
     model = autoprune.load(out / "pruned" / "model.pt")
     assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
     assert (out / "pruned" / "report.md").read_text().startswith("# autoprune")
+    assert (out / "pruned" / "report.html").read_text().startswith("<!DOCTYPE html>")
+    assert report["finetune"]["epochs"] == 1 and report["method"] == "gdp"

@@ -53,5 +53,5 @@ def test_training_twice_in_one_process_gives_the_same_weights(tmp_path_factory, 
     assert run_cli([*TRAIN, "--out", tmp_path / "again.pt"], capsys)[0] == 0
     load = lambda p: torch.load(p, weights_only=True)  # noqa: E731
     assert_same_weights(load(tmp_path / "again.pt")["state_dict"], load(first)["state_dict"])
-    assert load(tmp_path / "again.pt")["spec"]["trained"] == load(first)["spec"]["trained"]
+    assert load(tmp_path / "again.pt")["spec"]["info"]["trained"] == load(first)["spec"]["info"]["trained"]
 

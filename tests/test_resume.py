@@ -1,4 +1,5 @@
-"""Interruption and resume: Ctrl-C, ``kill -9``, a stop request, a full disk.
+"""Interruption and resume: Ctrl-C, SIGTERM, ``kill -9``, a stop request, a full disk, a damaged history, and
+two runs writing to one output directory.
 
 An interrupted pruning run continues with ``autoprune prune --resume DIR`` and must end exactly where the
 uninterrupted run with the same seed ends: the same history (without wall-clock times), keep vector,
@@ -21,6 +22,7 @@ import torch
 from cli_helpers import (  # noqa: F401  (no_figures, one_thread, restore_subnormals: autouse)
     PRUNE_FAST,
     assert_one_line_error,
+    assert_one_line_interruption,
     assert_same_weights,
     history,
     no_figures,
@@ -30,13 +32,13 @@ from cli_helpers import (  # noqa: F401  (no_figures, one_thread, restore_subnor
     restore_subnormals,
     run_cli,
     start_cli,
+    stop_when,
     trained_base,
     weights,
 )
 
-import autoprune.cli
 import autoprune.engine.train
-import autoprune.io.artifact
+from autoprune.data import BatchLoader
 from autoprune.engine.train import TrainConfig, TrainingInterrupted, fit
 from autoprune.errors import AutopruneError
 from autoprune.models import NormalizedModel, create_model
@@ -58,12 +60,12 @@ def assert_matches_reference(out: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def killed_runs(tmp_path_factory):
-    """Two real processes pruning the same model: one killed with SIGKILL, one sent SIGINT, mid-search."""
+    """Real processes pruning the same model, mid-search: one killed with SIGKILL, one sent SIGINT, one SIGTERM."""
     base = trained_base(tmp_path_factory)
     root = tmp_path_factory.mktemp("interrupted")
     procs = {sig: start_cli("prune", base, *PRUNE_FAST, "--out", root / sig.name, cwd=root)
-             for sig in (signal.SIGKILL, signal.SIGINT)}
-    rows_at_signal, deadline = {}, time.monotonic() + 120
+             for sig in (signal.SIGKILL, signal.SIGINT, signal.SIGTERM)}
+    rows_at_signal, deadline = {}, time.monotonic() + 300
     while len(rows_at_signal) < len(procs):  # signal each as soon as it has made a few evaluations
         assert time.monotonic() < deadline, "the runs stalled"
         for sig, proc in procs.items():
@@ -90,10 +92,13 @@ def test_sigkill_mid_search_then_resume_reaches_the_uninterrupted_result(killed_
     assert report["search"]["resumed_evaluations"] >= 5
 
 
-def test_sigint_stops_after_the_current_evaluation_and_says_how_to_resume(killed_runs, tmp_path_factory, capsys):
-    out, code, err, rows_at_signal = killed_runs[signal.SIGINT]
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_or_sigterm_stops_after_the_current_evaluation_and_says_how_to_resume(sig, killed_runs,
+                                                                                      tmp_path_factory, capsys):
+    out, code, err, rows_at_signal = killed_runs[sig]
     assert code == 130
     assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith("autoprune: interrupted after ")
     assert f"autoprune prune --resume {out}" in err.splitlines()[-1]
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]  # all intact
     assert [r["i"] for r in rows] == list(range(len(rows)))
@@ -104,18 +109,25 @@ def test_sigint_stops_after_the_current_evaluation_and_says_how_to_resume(killed
     assert_matches_reference(out, reference_run(tmp_path_factory))
 
 
-@pytest.mark.parametrize("torn", [False, True], ids=["clean", "torn-last-line"])
-def test_stop_requested_in_process_then_resume(torn, tmp_path_factory, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("damage", ["clean", "torn-last-line", "text-accuracy"])
+def test_stop_requested_in_process_then_resume(damage, tmp_path_factory, tmp_path, capsys, monkeypatch):
     base, reference = trained_base(tmp_path_factory), reference_run(tmp_path_factory)
     out = tmp_path / "run"
-    monkeypatch.setattr(autoprune.cli._StopFlag, "__call__", lambda self: _rows(out) >= 7)
+    stop_when(monkeypatch, lambda: _rows(out) >= 7)
     code, _, err = run_cli(["prune", base, *PRUNE_FAST, "--out", out], capsys)
     assert code == 130
-    assert_one_line_error(err, f"interrupted after 7 evaluations; continue with `autoprune prune --resume {out}`")
+    assert err.strip() == (f"autoprune: interrupted after 7 evaluations; continue with "
+                           f"`autoprune prune --resume {out}`")
     assert _rows(out) == 7 and not (out / "model.pt").exists()
-    if torn:  # what a hard kill in the middle of a write leaves
+    if damage == "torn-last-line":  # what a hard kill in the middle of a write leaves
         with open(out / "history.jsonl", "a", encoding="utf-8") as f:
             f.write('{"i": 7, "keep": [0.5, 0.3')
+    elif damage == "text-accuracy":  # well-formed JSON, but not a row autoprune wrote: ends the replay there
+        lines = (out / "history.jsonl").read_text(encoding="utf-8").splitlines()
+        row = json.loads(lines[3])
+        row["accuracy"] = "high"
+        lines[3] = json.dumps(row)
+        (out / "history.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     monkeypatch.undo()
     code, _, err = run_cli(["prune", "--resume", out], capsys)
     assert code == 0, err
@@ -126,12 +138,12 @@ def test_a_second_ctrl_c_aborts_at_once_and_the_run_still_resumes(tmp_path_facto
     base, reference = trained_base(tmp_path_factory), reference_run(tmp_path_factory)
     out = tmp_path / "run"
 
-    def second_ctrl_c(self):  # what _StopFlag's handler does when Ctrl-C comes again
+    def second_ctrl_c():  # what StopFlag's handler does when Ctrl-C comes again
         if _rows(out) >= 9:
             raise KeyboardInterrupt
         return False
 
-    monkeypatch.setattr(autoprune.cli._StopFlag, "__call__", second_ctrl_c)
+    stop_when(monkeypatch, second_ctrl_c)
     code, _, err = run_cli(["prune", base, *PRUNE_FAST, "--out", out], capsys)
     assert code == 130
     assert err.strip() == f"autoprune: interrupted; continue with `autoprune prune --resume {out}`"
@@ -145,10 +157,10 @@ def test_stop_during_finetuning_resumes_from_the_epoch_checkpoint(tmp_path_facto
     base, reference = trained_base(tmp_path_factory), reference_run(tmp_path_factory)
     out = tmp_path / "run"
     checkpoint = out / "work" / "finetune.ckpt"
-    monkeypatch.setattr(autoprune.cli._StopFlag, "__call__", lambda self: checkpoint.exists())
+    stop_when(monkeypatch, checkpoint.exists)
     code, _, err = run_cli(["prune", base, *PRUNE_FAST, "--out", out], capsys)
     assert code == 130
-    assert_one_line_error(err, "interrupted during fine-tuning")
+    assert_one_line_interruption(err, "interrupted during fine-tuning")
     assert f"--resume {out}" in err
     assert _rows(out) == BUDGET and checkpoint.exists() and not (out / "model.pt").exists()
     monkeypatch.undo()
@@ -170,13 +182,18 @@ def _lenet() -> NormalizedModel:
 CONFIG = TrainConfig(epochs=3, batch_size=64, lr=0.05, seed=5)
 
 
+def _loader(digits, config: TrainConfig = CONFIG) -> BatchLoader:
+    """A fresh shuffled loader over the training split (each process builds its own)."""
+    return BatchLoader(digits.train, config.batch_size, shuffle=True, seed=config.seed)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(digits):
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the tests (one_thread), so that the weights can be compared bit for bit
     try:
         model = _lenet()
-        fit(model, digits.train, CONFIG, progress=False)
+        fit(model, _loader(digits), CONFIG, progress=False)
     finally:
         torch.set_num_threads(before)
     return model.state_dict()
@@ -193,10 +210,10 @@ def test_fit_killed_after_an_epoch_resumes_to_the_same_weights(digits, uninterru
 
     monkeypatch.setattr(autoprune.engine.train, "_save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        fit(copy.deepcopy(start), digits.train, CONFIG, checkpoint=checkpoint, progress=False)
+        fit(copy.deepcopy(start), _loader(digits), CONFIG, checkpoint=checkpoint, progress=False)
     monkeypatch.undo()
     fresh = copy.deepcopy(start)  # a new process: nothing but the checkpoint survives
-    log = fit(fresh, digits.train, CONFIG, checkpoint=checkpoint, progress=False)
+    log = fit(fresh, _loader(digits), CONFIG, checkpoint=checkpoint, progress=False)
     assert log.resumed_from_epoch == 1 and log.epochs == 2
     assert_same_weights(fresh.state_dict(), uninterrupted)
 
@@ -206,22 +223,23 @@ def test_fit_stops_on_request_after_an_epoch_and_resumes(digits, uninterrupted, 
     checkpoint = tmp_path / "fit.ckpt"
     with pytest.raises(TrainingInterrupted, match="interrupted after epoch 2 of 3"):
         model = copy.deepcopy(start)
-        fit(model, digits.train, CONFIG, checkpoint=checkpoint, progress=False,
+        fit(model, _loader(digits), CONFIG, checkpoint=checkpoint, progress=False,
             stop_requested=lambda: torch.load(checkpoint, weights_only=True)["epoch"] >= 2)
-    log = fit(copy.deepcopy(start), digits.train, CONFIG, checkpoint=checkpoint, progress=False)
+    log = fit(copy.deepcopy(start), _loader(digits), CONFIG, checkpoint=checkpoint, progress=False)
     assert log.resumed_from_epoch == 2
 
 
 def test_a_checkpoint_of_another_architecture_is_not_half_loaded(digits, tmp_path):
     checkpoint = tmp_path / "fit.ckpt"
     config = TrainConfig(epochs=1, batch_size=64, lr=0.05, seed=5)
-    fit(_lenet(), digits.train, config, checkpoint=checkpoint, progress=False)
+    fit(_lenet(), _loader(digits, config), config, checkpoint=checkpoint, progress=False)
     wider = NormalizedModel(create_model("lenet5", num_classes=10, in_channels=1, image_size=(28, 28)), [0.5],
                             [0.25])
     wider.net.classifier[1] = torch.nn.Linear(400, 121)
     wider.net.classifier[3] = torch.nn.Linear(121, 84)
     before = copy.deepcopy(wider.state_dict())
-    assert fit(wider, digits.train, config, checkpoint=checkpoint, progress=False).resumed_from_epoch == 0
+    assert fit(wider, _loader(digits, config), config, checkpoint=checkpoint,
+               progress=False).resumed_from_epoch == 0
     assert not torch.equal(wider.state_dict()["net.features.0.weight"], before["net.features.0.weight"])
 
 
@@ -233,17 +251,18 @@ def test_weights_that_become_nan_stop_training_with_the_epoch_and_learning_rate(
     one_step = TrainConfig(epochs=1, batch_size=len(digits.train), lr=0.05)
     with pytest.raises(AutopruneError, match=r"weights became NaN or infinite in epoch 1 .*"
                                                               r"learning rate"):
-        fit(_lenet(), digits.train, one_step, regularizer=nan_gradient, progress=False)
+        fit(_lenet(), _loader(digits, one_step), one_step, regularizer=nan_gradient, progress=False)
 
 
 def test_train_command_interrupted_then_run_again_resumes(tmp_path, capsys, monkeypatch):
     argv = ["train", "--model", "lenet5", "--dataset", "synthetic", "--epochs", "2", "--batch-size", "32", "--quiet"]
     assert run_cli([*argv, "--out", tmp_path / "straight.pt"], capsys)[0] == 0
     out = tmp_path / "m.pt"
-    monkeypatch.setattr(autoprune.cli._StopFlag, "__call__", lambda self: True)
+    stop_when(monkeypatch, lambda: True)
     code, _, err = run_cli([*argv, "--out", out], capsys)
     assert code == 130
-    assert_one_line_error(err, "train interrupted after epoch 1 of 2")
+    assert_one_line_interruption(err, "train interrupted after epoch 1 of 2")
+    assert err.rstrip().endswith("run the same command again to resume from the last finished epoch")
     assert not out.exists() and Path(f"{out}.ckpt").exists()
     monkeypatch.undo()
     assert run_cli([*argv, "--out", out], capsys)[0] == 0
@@ -264,12 +283,12 @@ def test_a_full_disk_while_saving_leaves_no_partial_file(tmp_path_factory, tmp_p
             raise OSError(28, "No space left on device", str(f))
         return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(autoprune.io.artifact.torch, "save", disk_full)
+    monkeypatch.setattr(torch, "save", disk_full)
     out = tmp_path / "run"
     code, _, err = run_cli(["prune", base, *PRUNE_FAST, "--budget", "4", "--finetune-epochs", "0", "--out", out],
                            capsys)
     assert code == 1
-    assert_one_line_error(err, "No space left on device")
+    assert_one_line_error(err, f"could not write {str(out / 'model.pt')!r}: no space left on device (ENOSPC)")
     assert not (out / "model.pt").exists() and not (out / "report.json").exists()
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
     assert _rows(out) == 4 and (out / "run.json").exists()  # the search survives: --resume finishes the run
@@ -305,3 +324,30 @@ def test_force_with_an_impossible_target_deletes_nothing(tmp_path_factory, tmp_p
     assert code == 1
     assert_one_line_error(err, "unreachable")
     assert (out / "model.pt").read_text() == "an earlier result"
+
+
+# ---- one run per output directory ------------------------------------------------------------------------
+
+def test_a_second_run_into_a_busy_out_is_refused_and_force_deletes_nothing(tmp_path_factory, tmp_path, capsys):
+    base, reference = trained_base(tmp_path_factory), reference_run(tmp_path_factory)
+    out = tmp_path / "shared"
+    holder = start_cli("prune", base, *PRUNE_FAST, "--out", out, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while _rows(out) < 1:  # the holder has locked the directory and started its search
+            assert holder.poll() is None, holder.communicate()
+            assert time.monotonic() < deadline, "the first run stalled"
+            time.sleep(0.01)
+        for extra in ([], ["--force"]):
+            rows = _rows(out)
+            code, stdout, err = run_cli(["prune", base, *PRUNE_FAST, "--out", out, *extra], capsys)
+            assert code == 1 and stdout == ""
+            assert_one_line_error(err, f"is in use by another autoprune run (pid {holder.pid} on host ")
+            assert (out / "run.json").exists() and _rows(out) >= rows  # nothing deleted, the history still grows
+        refused_while_running = holder.poll() is None
+    finally:
+        code = holder.wait(timeout=300)
+    _, err = holder.communicate()
+    assert code == 0, err
+    assert refused_while_running, "the first run finished before the second was tried: the test proved nothing"
+    assert_matches_reference(out, reference)  # the first run completed undisturbed

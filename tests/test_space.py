@@ -47,7 +47,7 @@ def test_masked_candidate_equals_physically_pruned(name):
     rng = np.random.default_rng(0)
     keep = space.snap(rng.uniform(space.lower, 1.0))
     scores = [torch.rand(g.channels) for g in space.groups]
-    calibration = torch.rand(64, *x.shape[1:])
+    calibration = [torch.rand(64, *x.shape[1:])]  # one batch of 64 images
     pruned = space.apply(model, keep, scores)
     recalibrate_bn(pruned, calibration)
     with space.masked(model, keep, scores) as masked:
