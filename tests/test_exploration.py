@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from autoprune.errors import AutopruneError
 from autoprune.search import Fitness, Problem, RandomSearch, create_strategy, run_search
 
 # A coarse toy where it matters: 6 layers of 8 channels, minimum width 1 channel, linear costs, and a
@@ -172,3 +173,19 @@ def test_a_repeated_structure_is_nudged_to_a_new_one(name: str) -> None:
         history = run_search(create_strategy(name, problem, seed=seed, **options), evaluate, budget=150).history
         counts.append(len({x.tobytes() for x, _, _ in history}))
     assert np.mean(counts) >= 145.0
+
+
+@pytest.mark.parametrize("search", ["pso", "ssa", "sa"])
+def test_hand_set_starts_are_scaled_onto_the_budget(search: str) -> None:
+    """A start gives the pattern of pruning (here: the first two layers whole), the budget its amount."""
+    problem = fine_problem()
+    pattern = np.array([1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    first = create_strategy(search, problem, seed=0, starts=[pattern]).ask()
+    expected = problem.scale_pruning(pattern)
+    if search == "sa":
+        expected = problem.project(expected, band=1.0, grid=problem.grid(17))
+    assert expected[0] == expected[1] == 1.0 and cost(expected) <= 0.5
+    assert cost(expected) > cost(problem.clip(pattern)), "scaled up to use the budget"
+    assert any(np.array_equal(x, expected) for x in first)
+    with pytest.raises(AutopruneError, match="starts"):
+        create_strategy(search, problem, seed=0, starts=[[0.5, 0.5]])

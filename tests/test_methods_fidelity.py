@@ -82,12 +82,15 @@ def model(data: list) -> nn.Module:
 # --- otp ----------------------------------------------------------------------------------------------
 
 
-def threshold_defined(scores: list[torch.Tensor], counts: np.ndarray, space: PruningSpace) -> bool:
-    """Every kept channel's score >= every removed channel's, over all layers (a layer at its minimum width
-    keeps its best channels whatever their score, so its kept ones are not compared)."""
+def threshold_defined(scores: list[torch.Tensor], counts: np.ndarray, space: PruningSpace,
+                      unit: np.ndarray | None = None) -> bool:
+    """Every kept channel's score (divided by its layer's ``unit`` cost, if given) >= every removed channel's,
+    over all layers (a layer at its minimum width keeps its best channels whatever their score, so its kept
+    ones are not compared)."""
     kept, removed = [], []
-    for score, count, group in zip(scores, counts, space.groups, strict=True):
-        ranked = torch.sort(score, descending=True).values
+    unit = np.ones(len(scores)) if unit is None else unit
+    for score, count, group, cost in zip(scores, counts, space.groups, unit, strict=True):
+        ranked = torch.sort(score.double() / float(cost), descending=True).values
         if count > group.min_keep:
             kept.append(ranked[:count])
         removed.append(ranked[count:])
@@ -100,14 +103,15 @@ def test_otp_candidates_are_one_threshold_on_its_importance(model: nn.Module, da
     plan = OTP(max_batches=2).plan(ctx)
     assert plan.strategy == "threshold" and plan.strategy_options["rule"] == "global"
     strategy = create_strategy(plan.strategy, problem_for(ctx.space), **plan.strategy_options)
+    unit = strategy.channel_costs(ctx.space.channels) if plan.strategy_options["per_cost"] else None
     candidates = strategy.ask()
     assert len(candidates) >= 3, "the first threshold meeting the target and the raises beyond it"
     costs = [ctx.space.relative_macs(x) for x in candidates]
     assert costs == sorted(costs, reverse=True) and costs[0] <= 0.5
     for x in candidates:
-        assert threshold_defined(plan.scores, ctx.space.counts(x), ctx.space), x
+        assert threshold_defined(plan.scores, ctx.space.counts(x), ctx.space, unit), x
     uniform = problem_for(ctx.space).uniform()
-    assert not threshold_defined(plan.scores, ctx.space.counts(uniform), ctx.space), \
+    assert not threshold_defined(plan.scores, ctx.space.counts(uniform), ctx.space, unit), \
         "the check must be able to fail: a uniform keep ratio is not one threshold on these scores"
 
 
@@ -115,11 +119,13 @@ def test_otp_end_to_end_evaluates_only_threshold_defined_structures(model: nn.Mo
     result = autoprune.prune(model, data[0][0][:1], method="otp", method_options={"max_batches": 2},
                              macs_reduction=0.5, train_loader=data, val_loader=data, finetune=None, budget=10,
                              latency_repeats=1, latency_batch=1)
-    scores = OTP(max_batches=2).plan(context(model, data)).scores
+    plan = OTP(max_batches=2).plan(context(model, data))
     space = PruningSpace(model, data[0][0][:1])
+    strategy = create_strategy(plan.strategy, problem_for(space), **plan.strategy_options)
+    unit = strategy.channel_costs(space.channels) if plan.strategy_options["per_cost"] else None
     assert result.history
     for row in result.history:
-        assert threshold_defined(scores, np.array(row.counts), space), row.counts
+        assert threshold_defined(plan.scores, np.array(row.counts), space, unit), row.counts
     assert result.search.notes["normalize"] == "global"
 
 
@@ -148,7 +154,7 @@ def test_gdp_threshold_differs_in_effect_between_layers(data: list) -> None:
     x = data[0][0]
     torch.testing.assert_close(model(x), base(x), rtol=1e-4, atol=1e-4)
     ctx = context(model, data)
-    plan = GDP(exponents=(0.0, 1.0), probes=0).plan(ctx)
+    plan = GDP(exponents=(0.0, 1.0), probes=0, per_mac=False).plan(ctx)
     assert plan.strategy_options["rule"] == "relative"
     strategy = create_strategy(plan.strategy, problem_for(ctx.space), **plan.strategy_options)
     by_exponent = dict(zip((0.0, 1.0), strategy.paths, strict=True))
@@ -157,8 +163,8 @@ def test_gdp_threshold_differs_in_effect_between_layers(data: list) -> None:
     # beta = 0: one threshold for the network; the layer with 30x smaller gradients loses far more channels
     # than the one with 30x larger ones, and more than it did before the rescaling.
     assert first[0.0][1] <= first[0.0][2] - 0.25, first[0.0]
-    unscaled = create_strategy("threshold", problem, **GDP(exponents=(0.0,), probes=0).plan(context(base, data))
-                               .strategy_options)
+    plain = GDP(exponents=(0.0,), probes=0, per_mac=False).plan(context(base, data))
+    unscaled = create_strategy("threshold", problem, **plain.strategy_options)
     assert first[0.0][1] < unscaled.ask()[0][1]
     # the rule used before (mu + a sigma per layer) standardises the layers: rescaling changes nothing.
     adaptive = create_strategy("threshold", problem, scores=plan.strategy_options["scores"], rule="adaptive", probes=0)
@@ -226,3 +232,41 @@ def test_slim_sparsity_training_is_counted_against_the_finetuning(model: nn.Modu
                              latency_repeats=1, latency_batch=1)
     assert result.search.notes["extra_training_epochs"] == 1
     assert result.finetune.epochs == 1, "2 fine-tuning epochs minus the 1 of sparsity training"
+
+
+# --- hand-set starts -------------------------------------------------------------------------------------
+
+
+class Residual(nn.Module):
+    """A stem and two residual blocks on one stream: the stem's and the blocks' second convolutions write it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a1, self.a2 = nn.Conv2d(8, 6, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1)
+        self.b1, self.b2 = nn.Conv2d(8, 6, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.a2(torch.relu(self.a1(x))))
+        x = torch.relu(x + self.b2(torch.relu(self.b1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_searches_start_with_the_residual_stream_pruned_less(data: list) -> None:
+    from autoprune.methods import PSO, SSA
+    from autoprune.methods.base import residual_start, residual_streams
+
+    model = Residual().eval()
+    ctx = context(model, data)
+    streams = residual_streams(model, ctx.space)
+    assert len(streams) == 1
+    assert {m.module for m in ctx.space.groups[streams[0]].members if m.dim == "out"} >= {"stem", "a2", "b2"}
+    [start] = residual_start(model, ctx.space)
+    assert start[streams[0]] > max(v for i, v in enumerate(start) if i not in streams)
+    for method in (PSO(), SSA()):
+        assert method.plan(ctx).strategy_options["starts"] == [start]
+    assert PSO(start_streams=False).plan(ctx).strategy_options["starts"] == []
+    plain = trained(net(), data, epochs=1)
+    assert residual_start(plain, context(plain, data).space) == []

@@ -1,7 +1,8 @@
 """Channel importance criteria: a score per channel of every prunable group (higher = keep).
 
-Registered criteria: ``l1`` (PFEC filter norm), ``l2``, ``bn_scale`` (network slimming),
-``gradient`` (GDP), ``taylor`` (Molchanov et al.) and ``otp`` (sensitivity x (1 - correlation)).
+Registered criteria: ``l1`` (PFEC filter norm), ``l1_group`` (filters and the readers' input slices), ``l2``,
+``bn_scale`` (network slimming), ``gradient`` (GDP), ``taylor`` (Molchanov et al.) and ``otp`` (sensitivity x
+(1 - correlation)).
 Build one with :func:`create_criterion`; see :class:`Criterion` for the contract they all keep.
 """
 
@@ -11,10 +12,10 @@ from . import bn_scale, gradient, magnitude, otp, taylor  # noqa: F401  (registe
 from .base import CRITERIA, Criterion, DataCriterion, create_criterion, criterion_names, register_criterion
 from .bn_scale import BNScaleCriterion
 from .gradient import GradientCriterion
-from .magnitude import L1Criterion, L2Criterion
+from .magnitude import GroupL1Criterion, L1Criterion, L2Criterion
 from .otp import OTPCriterion, OTPFactors, max_abs_correlation
 from .taylor import TaylorCriterion
 
-__all__ = ["CRITERIA", "BNScaleCriterion", "Criterion", "DataCriterion", "GradientCriterion", "L1Criterion",
-           "L2Criterion", "OTPCriterion", "OTPFactors", "TaylorCriterion", "create_criterion", "criterion_names",
-           "max_abs_correlation", "register_criterion"]
+__all__ = ["CRITERIA", "BNScaleCriterion", "Criterion", "DataCriterion", "GradientCriterion", "GroupL1Criterion",
+           "L1Criterion", "L2Criterion", "OTPCriterion", "OTPFactors", "TaylorCriterion", "create_criterion",
+           "criterion_names", "max_abs_correlation", "register_criterion"]

@@ -6,6 +6,12 @@ same with the Euclidean norm. Our choices: only the weights count (biases and no
 left out, as in PFEC); a group whose channels are written by several layers (a residual stream, or a
 linear layer's output units) sums the norms of all its writers' filters, since removing the channel
 removes every one of them. No data is needed.
+
+``l1_group`` sees the whole coupled group, as Torch-Pruning's group-level magnitude importance does:
+removing a channel removes its filters in every writer *and* its input slices in every reader (the next
+convolutions' input channels, the classifier's input features), so its score is the L1 norm of all of
+them. A channel whose outgoing weights are small contributes little downstream even if its filter is
+large.
 """
 
 from __future__ import annotations
@@ -53,3 +59,30 @@ class L2Criterion(_FilterNorm):
     """L2 norm of each output filter, summed over the group's writers."""
 
     p: ClassVar[int] = 2
+
+
+@register_criterion("l1_group")
+class GroupL1Criterion(Criterion):
+    """L1 norm of everything a channel's removal removes: its writers' filters and its readers' input slices."""
+
+    def scores(self, model: nn.Module, space: PruningSpace, batches: Batches | None = None, *,
+               device: str | torch.device = "cpu") -> list[Tensor]:
+        """Group L1 norms; ``batches`` and ``device`` are not used (the weights are read in place)."""
+        modules = dict(model.named_modules())
+        out = []
+        with torch.no_grad():
+            for group in space.groups:
+                total = torch.zeros(group.channels, dtype=torch.float64)
+                for member in group.members:
+                    module = modules.get(member.module)
+                    if not isinstance(module, COMPUTE_TYPES):
+                        continue
+                    weight = module.weight.detach().double().cpu()
+                    if member.dim == "out":
+                        total += channel_rows(weight, group.channels, f"weight of {member.module}").abs().sum(1)
+                    elif getattr(module, "groups", 1) == 1:
+                        columns = weight.transpose(0, 1)  # (in, out, ...): input channels first
+                        rows = channel_rows(columns, group.channels * member.ratio, f"input of {member.module}")
+                        total += rows.abs().sum(1).view(group.channels, member.ratio).sum(1)
+                out.append(total)
+        return finish(out, space, self.name)

@@ -11,6 +11,7 @@ from autoprune.checks import check_float, check_int
 from autoprune.engine.train import fit
 from autoprune.errors import AutopruneError
 from autoprune.methods.base import Method, MethodContext, Plan, criterion_scores, normalized, register_method
+from autoprune.methods.papers import SEARCH_CRITERION
 
 
 @register_method
@@ -56,8 +57,10 @@ class Global(Method):
 class Random(Method):
     """Random keep vectors within the budget: the floor every search method must beat.
 
-    Channels inside a layer are chosen by L1 norm, as for the searches it is compared with, so only the
-    per-layer widths are random.
+    Channels inside a layer are chosen as the searches it is compared with choose them (criterion
+    ``l1_group``: the L1 norm of a channel's filters and of the kernels reading it), so only the
+    per-layer widths are random; they are drawn as the random part of the searches' initial populations
+    (strategy ``random``), from the strategy's own random stream.
     """
 
     name = "random"
@@ -66,7 +69,7 @@ class Random(Method):
     default_budget = 200
 
     def plan(self, ctx: MethodContext) -> Plan:
-        return Plan(ctx.model, criterion_scores(ctx, "l1", method=self.name), "random")
+        return Plan(ctx.model, criterion_scores(ctx, SEARCH_CRITERION, method=self.name), "random")
 
 
 def bn_l1_penalty(weight: float):

@@ -57,7 +57,8 @@ from torch import nn
 from autoprune.checks import check_float, check_int
 from autoprune.engine.space import PruningSpace
 from autoprune.engine.train import fit
-from autoprune.methods.base import Method, MethodContext, Plan, ShardLoader, register_method
+from autoprune.methods.base import Method, MethodContext, Plan, ShardLoader, register_method, residual_start
+from autoprune.search.base import check_bool
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ class SA(Method):
     default_budget = 200
 
     def __init__(self, *, networks: int = 3, epochs: int = 1, polarization: float = 1e-4, t: float = 1.2,
-                 contrast_weight: float = 1.0, grid: float = 1 / 16) -> None:
+                 contrast_weight: float = 1.0, grid: float = 1 / 16, start_streams: bool = True) -> None:
         """Args:
         networks: probe networks trained on disjoint shards of the training data (>= 2: a contrast needs two).
         epochs: training epochs of each probe network on its shard.
@@ -201,6 +202,8 @@ class SA(Method):
         t: the regulariser's t.
         contrast_weight: weight of the contrast loss against the validation score.
         grid: quantile step of the candidate thresholds added to the stationary points, in (0, 0.5].
+        start_streams: in a network with residual streams, the annealing also tries, before its walk, the
+            streams pruned a quarter as much as the other layers.
         """
         self.networks = check_int("networks", networks, minimum=2, maximum=64)
         self.epochs = check_int("epochs", epochs, minimum=0)
@@ -208,6 +211,7 @@ class SA(Method):
         self.t = check_float("t", t, low=0.0)
         self.contrast_weight = check_float("contrast_weight", contrast_weight, low=0.0)
         self.grid = check_float("grid", grid, low=0.0, high=0.5, low_open=True)
+        self.start_streams = check_bool("start_streams", start_streams)
 
     def probe_scales(self, ctx: MethodContext) -> list[list[np.ndarray]]:
         """Train the shard networks; per network, per group, its scale factors divided by the group's largest."""
@@ -242,6 +246,7 @@ class SA(Method):
                                             for x, c in zip(t.choices, t.contrasts, strict=True)]
                                    for g, t in zip(ctx.space.groups, tables, strict=True)},
         }
-        return Plan(ctx.model, consensus, "sa", {}, choices=choices,
+        starts = residual_start(ctx.model, ctx.space) if self.start_streams else []
+        return Plan(ctx.model, consensus, "sa", {"starts": starts}, choices=choices,
                     penalty=contrast_penalty(choices, contrasts, self.contrast_weight), notes=notes,
                     extra_training_epochs=0)

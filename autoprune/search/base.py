@@ -22,8 +22,8 @@ from autoprune.errors import AutopruneError
 from autoprune.registry import Registry
 from autoprune.search.problem import Fitness, Problem
 
-__all__ = ["STRATEGIES", "SearchResult", "Strategy", "check_bool", "check_float", "check_int", "create_strategy",
-           "register_strategy", "replay", "run_search", "stream_key", "strategy_names"]
+__all__ = ["STRATEGIES", "SearchResult", "Strategy", "check_bool", "check_float", "check_int", "check_starts",
+           "create_strategy", "register_strategy", "replay", "run_search", "stream_key", "strategy_names"]
 
 #: How far a told candidate may be from the asked one (a float32 or text round trip) before tell() refuses.
 _MATCH_ATOL = 1e-6
@@ -34,6 +34,20 @@ def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool | np.bool_):
         raise AutopruneError(f"option {name} must be true or false, got {value!r}")
     return bool(value)
+
+
+def check_starts(starts: object, dim: int) -> list[np.ndarray]:
+    """``starts`` as a list of keep vectors of length ``dim`` (hand-set starting structures of a search)."""
+    if starts is None:
+        return []
+    try:
+        vectors = [np.asarray(x, dtype=float) for x in starts]  # type: ignore[union-attr]
+    except (TypeError, ValueError) as error:
+        raise AutopruneError(f"option starts must be a list of keep vectors, got {starts!r}") from error
+    for x in vectors:
+        if x.shape != (dim,) or not np.all(np.isfinite(x)):
+            raise AutopruneError(f"option starts must hold keep vectors of {dim} finite numbers, got {x.tolist()}")
+    return vectors
 
 
 def stream_key(name: str) -> int:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-from autoprune.search.base import Strategy, check_bool, check_float, check_int, register_strategy
+from autoprune.search.base import Strategy, check_bool, check_float, check_int, check_starts, register_strategy
 from autoprune.search.problem import Fitness, Problem
 
 
@@ -46,7 +48,8 @@ class ParticleSwarm(Strategy):
 
     Initial swarm: with ``start_uniform`` (default), the first particle is the uniform structure (the
     same keep ratio everywhere at the ceiling: the hand-set PFEC baseline, the usual starting point of a
-    structure search), the others are uniform in the box, projected as above. Each ask is the whole
+    structure search), the next ones at the ``starts`` the method gives (a hand-set pattern of pruning,
+    projected as above), the others uniform in the box, projected as above. Each ask is the whole
     swarm for one iteration; the search is done after ``iterations`` of them (``particles *
     iterations`` evaluations).
     """
@@ -65,6 +68,7 @@ class ParticleSwarm(Strategy):
         max_velocity: float = 0.2,
         band: float = 0.05,
         start_uniform: bool = True,
+        starts: Sequence[Sequence[float]] = (),
     ) -> None:
         """Initialise the swarm.
 
@@ -81,6 +85,8 @@ class ParticleSwarm(Strategy):
             band: Relative width of the band below the cost ceiling within which positions are
                 evaluated as they are, in [0, 1) (0: every position is moved onto the ceiling).
             start_uniform: Whether the first particle starts at the uniform structure.
+            starts: Hand-set keep vectors the next particles start from (projected like every position,
+                so a vector gives the pattern of pruning, the budget its amount).
         """
         super().__init__(problem, seed=seed)
         self.particles = check_int("particles", particles, minimum=1)
@@ -92,11 +98,13 @@ class ParticleSwarm(Strategy):
         self.max_velocity = check_float("max_velocity", max_velocity, low=0.0, high=1.0, low_open=True)
         self.band = check_float("band", band, low=0.0, high=1.0, high_open=True)
         self.start_uniform = check_bool("start_uniform", start_uniform)
+        self.starts = check_starts(starts, problem.dim)
         span = problem.upper - problem.lower
         self._vmax = self.max_velocity * span
         start = problem.lower + self.rng.random((self.particles, problem.dim)) * span
-        if self.start_uniform:
-            start[0] = problem.uniform()
+        hand_set = ([problem.uniform()] if self.start_uniform else []) + self.starts
+        for i, x in enumerate(hand_set[: self.particles]):
+            start[i] = x
         self._positions = self._distinct(start)
         self._velocities = self.rng.uniform(-1.0, 1.0, (self.particles, problem.dim)) * self._vmax
         self._personal = self._positions.copy()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
-from autoprune.search.base import Strategy, check_float, check_int, register_strategy
+from autoprune.search.base import Strategy, check_float, check_int, check_starts, register_strategy
 from autoprune.search.problem import Fitness, Problem, nearest_on_grid
 
 #: Neighbour draws tried per step before the walk is declared stuck (every one gave the current point).
@@ -39,7 +40,8 @@ class SimulatedAnnealing(Strategy):
     first half of the draws, are neighbours already evaluated (a revisit spends an evaluation for
     nothing). In macs mode a neighbour above the ceiling has its pruned fraction scaled onto it and is
     rounded down onto the grid (:meth:`Problem.project`), and that point is the candidate; a feasible
-    one is taken as it is.
+    one is taken as it is. ``starts`` (hand-set patterns of pruning from the method, each scaled onto the
+    budget) are evaluated with the uniform structure in the first ask, and the walk starts from the best.
     (With single moves only, ``swap=0``, a walk on the cost ceiling can only trade width through the
     projection, and on the toy problems of the tests it stalls below random search; half swaps fix that.)
     Metropolis acceptance: a better or equal score is always accepted, a worse one with probability
@@ -58,6 +60,7 @@ class SimulatedAnnealing(Strategy):
         iterations: int = 200,
         grid: int = 17,
         swap: float = 0.5,
+        starts: Sequence[Sequence[float]] = (),
     ) -> None:
         """Set up the annealing.
 
@@ -70,6 +73,8 @@ class SimulatedAnnealing(Strategy):
             grid: Number of evenly spaced values per dimension when ``problem.choices`` is None (>= 2).
             swap: Probability that a neighbour is a swap (one dimension +1, another -1) rather than a
                 single +-1 move, in [0, 1].
+            starts: Hand-set keep vectors evaluated with the uniform structure in the first ask (each
+                projected onto the budget and the grid); the walk starts from the best of them.
         """
         super().__init__(problem, seed=seed)
         self.t0 = check_float("t0", t0, low=0.0)
@@ -78,7 +83,13 @@ class SimulatedAnnealing(Strategy):
         self.grid = check_int("grid", grid, minimum=2)
         self.swap = check_float("swap", swap, low=0.0, high=1.0)
         self._values = problem.grid(self.grid)
+        self.starts = check_starts(starts, problem.dim)
         self._x = problem.project(problem.uniform(), band=1.0, grid=self._values)
+        self._first: list[np.ndarray] = [self._x]
+        for x in self.starts:
+            point = problem.project(problem.scale_pruning(x), band=1.0, grid=self._values)
+            if not any(np.array_equal(point, y) for y in self._first):
+                self._first.append(point)
         self._index = self._indices(self._x)
         self._score: float | None = None
         self._candidate: tuple[np.ndarray, np.ndarray] | None = None
@@ -102,7 +113,7 @@ class SimulatedAnnealing(Strategy):
 
     def _ask(self) -> list[np.ndarray]:
         if self._score is None:
-            return [self._x]
+            return list(self._first)
         fallback = None
         for draw in range(_MAX_DRAWS):
             index = self._neighbour()
@@ -139,7 +150,9 @@ class SimulatedAnnealing(Strategy):
 
     def _tell(self, xs: list[np.ndarray], results: list[Fitness], scores: list[float]) -> None:
         if self._score is None:
-            self._score = scores[0]
+            best = int(np.argmax(scores))
+            self._x, self._score = xs[best].copy(), scores[best]
+            self._index = self._indices(self._x)
             return
         assert self._candidate is not None
         delta = scores[0] - self._score

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-from autoprune.search.base import Strategy, check_bool, check_float, check_int, register_strategy
+from autoprune.search.base import Strategy, check_bool, check_float, check_int, check_starts, register_strategy
 from autoprune.search.problem import Fitness, Problem
 
 #: Keeps the vigilant sparrows' step finite when a sparrow's score equals the worst.
@@ -56,7 +58,7 @@ class SparrowSearch(Strategy):
       set (:meth:`Problem.project`).
     * *the initial flock*: with ``start_uniform`` (default) the first sparrow is the uniform structure
       (one keep ratio everywhere at the ceiling, rounded down onto the constraint set: the hand-set
-      baseline), the others are uniform in the box.
+      baseline), the next ones the ``starts`` the method gives, the others uniform in the box.
     * *repeats*: a candidate that repeats a structure already proposed is nudged to a nearby new one
       (:meth:`Strategy.fresh`).
 
@@ -77,6 +79,7 @@ class SparrowSearch(Strategy):
         iterations: int = 50,
         band: float = 0.05,
         start_uniform: bool = True,
+        starts: Sequence[Sequence[float]] = (),
     ) -> None:
         """Set up the flock.
 
@@ -91,6 +94,7 @@ class SparrowSearch(Strategy):
             band: Relative width of the band below the cost ceiling within which positions are
                 evaluated as they are, in [0, 1) (0: every position is moved onto the ceiling).
             start_uniform: Whether the first sparrow starts at the uniform structure.
+            starts: Hand-set keep vectors the next sparrows start from (projected like every position).
         """
         super().__init__(problem, seed=seed)
         self.population = check_int("population", population, minimum=2)
@@ -100,14 +104,16 @@ class SparrowSearch(Strategy):
         self.iterations = check_int("iterations", iterations, minimum=1)
         self.band = check_float("band", band, low=0.0, high=1.0, high_open=True)
         self.start_uniform = check_bool("start_uniform", start_uniform)
+        self.starts = check_starts(starts, problem.dim)
         self._n_producers = max(1, round(self.producers * self.population))
         self._n_vigilant = round(self.vigilant * self.population)
         self._span = problem.upper - problem.lower
         self._memory = np.zeros((self.population, problem.dim))
         self._memory_scores = np.full(self.population, -np.inf)
         start = self.rng.random((self.population, problem.dim))
-        if self.start_uniform:
-            start[0] = self._normalised(problem.uniform())
+        hand_set = ([problem.uniform()] if self.start_uniform else []) + self.starts
+        for i, x in enumerate(hand_set[: self.population]):
+            start[i] = self._normalised(problem.clip(x))
         self._batch = self._candidates(start)
         self._owners = list(range(self.population))
         self._phase = "initial"

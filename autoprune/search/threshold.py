@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from autoprune.errors import AutopruneError, unknown_name
-from autoprune.search.base import Strategy, check_float, check_int, register_strategy
+from autoprune.search.base import Strategy, check_bool, check_float, check_int, register_strategy
 from autoprune.search.problem import Fitness, Problem
 
 
@@ -60,6 +60,11 @@ class Threshold(Strategy):
     (paper 1). ``rule="adaptive"`` is a per-layer threshold ``mu_i + a * sigma_i`` with one global
     ``a``: every layer standardised, which prunes layers alike when their distributions are alike.
 
+    With ``per_cost``, each layer's values are divided by the cost of one of its channels (the change
+    of ``problem.cost`` for one channel more or less, at the uniform structure): a threshold on value
+    per unit of cost, the order in which a greedy knapsack removes channels (a channel that saves much
+    cost goes before an equally valued one that saves little).
+
     Our choices where the papers are silent: keep ratios are clipped to ``[lower, upper]`` and snapped;
     each family is enumerated exactly (every score is a breakpoint) and reduced to its distinct snapped
     candidates, ordered from least to most pruning (cost is monotone along it). Every candidate is thus
@@ -95,6 +100,7 @@ class Threshold(Strategy):
         scores: Sequence[np.ndarray] | None = None,
         rule: str = "adaptive",
         exponents: Sequence[float] = (1.0,),
+        per_cost: bool = False,
         probes: int = 4,
         steps: int = 8,
     ) -> None:
@@ -107,6 +113,7 @@ class Threshold(Strategy):
             rule: ``"global"``, ``"adaptive"`` or ``"relative"`` (GDP).
             exponents: ``rule="relative"`` only: the values of ``beta`` tried, each in [0, 1], one family
                 each.
+            per_cost: Divide each layer's values by the cost of one of its channels (below).
             probes: macs mode: extra candidates evaluated beyond the bisection answer, per family (>= 0).
             steps: drop mode: most evaluations of the bisection, per family (>= 1).
         """
@@ -115,17 +122,38 @@ class Threshold(Strategy):
             raise unknown_name("threshold rule", str(rule), list(RULES))
         self.rule = rule
         self.exponents = _check_exponents(exponents)
+        self.per_cost = check_bool("per_cost", per_cost)
         self.probes = check_int("probes", probes, minimum=0)
         self.steps = check_int("steps", steps, minimum=1)
         layers = self._check_scores(scores)
         used = self.exponents if rule == "relative" else (0.0,)
-        self.paths = [self._family([np.sort(RULES[rule](layer, beta)) for layer in layers]) for beta in used]
+        unit = self.channel_costs([layer.size for layer in layers]) if self.per_cost else np.ones(len(layers))
+        self.paths = [self._family([np.sort(RULES[rule](layer, beta) / c)
+                                    for layer, c in zip(layers, unit, strict=True)]) for beta in used]
         self.path = self.paths[0]
         self._family_index = 0
         self._seen: dict[int, bool] = {}
         self._low, self._high = 0, len(self.path)
         self._answer_asked = False
         self._mid = 0
+
+    def channel_costs(self, channels: Sequence[int]) -> np.ndarray:
+        """Per dimension, the cost one channel adds at the uniform structure (``problem.uniform()``): the cost
+        change of one channel more or less there (the larger where the two differ), floored at a tiny
+        positive value."""
+        problem = self.problem
+        point = problem.uniform()
+        base = float(problem.cost(point))
+        out = np.empty(problem.dim)
+        for i, n in enumerate(channels):
+            changes = []
+            for step in (-1.0 / n, 1.0 / n):
+                moved = point.copy()
+                moved[i] = np.clip(moved[i] + step, problem.lower[i], problem.upper[i])
+                if moved[i] != point[i]:
+                    changes.append(abs(float(problem.cost(moved)) - base) / abs(moved[i] - point[i]) / n)
+            out[i] = max(max(changes, default=0.0), 1e-12)
+        return out
 
     def _check_scores(self, scores: Sequence[np.ndarray] | None) -> list[np.ndarray]:
         if scores is None:

@@ -1,0 +1,217 @@
+"""Search quality: the structure each method chooses, judged after one shared fine-tuning loop.
+
+For every seed and method: the structure is chosen by the engine with ``finetune=None``
+(``autoprune.api.execute``), then fine-tuned by the same loop for every method, and measured on the test
+split. A method's own extra training (``Plan.extra_training_epochs``, e.g. ``slim``'s sparsity epochs) is
+subtracted from the shared fine-tuning epochs, so that every network is trained as long. The script
+also records how much each search explored: the distinct structures it evaluated and how far apart they
+were (the engine's ``SearchStats.distinct_structures`` / ``.spread``, and the mean pairwise L1 distance
+between the distinct channel-fraction vectors, computed here from the history).
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/search_quality.py resnet20 --seeds 0 1 2 --methods l1 random pso ssa
+    .venv/bin/python benchmarks/search_quality.py lenet5 --seeds 0 --methods random gdp
+
+Each finished (seed, method) is written to ``benchmarks/results/search_quality/<preset>/runs/`` as JSON
+at once (a re-run skips it unless ``--force``); ``summary.md`` and ``summary.json`` next to it are
+rewritten from every run present after each one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger("search_quality")
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "search_quality"
+PAPER_METHODS = ("otp", "pso", "sa", "ssa", "gdp")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One benchmark: base model, data and schedule (as the issue fixes them)."""
+
+    model_path: str
+    dataset: str
+    data_dir: str
+    limit: int | None
+    macs_reduction: float
+    budget: int
+    finetune_epochs: int
+    distill: float
+    methods: tuple[str, ...]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+PRESETS = {
+    "resnet20": Preset("/work/bench/resnet20_c10q.pt", "cifar10", "/tmp/c10", 10000, 0.6, 40, 3, 0.0,
+                       ("l1", "random", "pso", "ssa", "otp", "gdp", "sa")),
+    "lenet5": Preset("/work/bench/lenet5_mnist.pt", "mnist", "/work/shared/data/mnist", None, 0.9, 40, 16, 0.5,
+                     ("l1", "random", "pso", "ssa", "otp", "gdp", "sa")),
+}
+
+
+def distinct_spread(history: list[Any], channels: np.ndarray) -> dict[str, float]:
+    """Distinct structures and the mean pairwise L1 distance of their channel fractions (per group)."""
+    structures = sorted({tuple(row.counts) for row in history})
+    fractions = np.array(structures, dtype=float) / channels if structures else np.zeros((0, len(channels)))
+    pairs = [float(np.abs(a - b).mean()) for a, b in itertools.combinations(fractions, 2)]
+    return {"distinct": len(structures), "mean_pairwise_l1": float(np.mean(pairs)) if pairs else 0.0}
+
+
+def run_one(preset: Preset, seed: int, method: str, budget: int, method_options: dict[str, Any],
+            finetune_epochs: int | None = None) -> dict[str, Any]:
+    """Choose a structure with ``method``, fine-tune it with the shared loop, measure it on the test split."""
+    from autoprune.api import execute
+    from autoprune.engine.config import PruneConfig, Target
+    from autoprune.engine.prune import Data
+    from autoprune.engine.train import TrainConfig, evaluate, fit
+    from autoprune.methods import create_method
+    from autoprune.runs.inputs import load_inputs
+
+    cpu = torch.device("cpu")
+    inputs = load_inputs(preset.model_path, dataset=preset.dataset, data_dir=preset.data_dir, val_fraction=0.1,
+                         limit=preset.limit, seed=seed, batch_size=128, device=cpu)
+    data = inputs.data
+    config = PruneConfig(method=method, target=Target(macs_reduction=preset.macs_reduction), budget=budget,
+                         val_samples=1000, finetune=None, seed=seed, method_options=method_options,
+                         latency_batch=1, latency_repeats=1)
+    started = time.perf_counter()
+    result = execute(inputs.model, inputs.example_inputs, config, create_method(method, method_options),
+                     Data(train=data.train, val=data.val, test=data.test), device=cpu)
+    search_seconds = time.perf_counter() - started
+    extra = int(result.search.notes.get("extra_training_epochs", 0))
+    epochs = max(0, (preset.finetune_epochs if finetune_epochs is None else finetune_epochs) - extra)
+    model = result.model
+    started = time.perf_counter()
+    fit(model, data.train, TrainConfig(epochs=epochs, lr=0.01, batch_size=128, distill=preset.distill, seed=seed),
+        teacher=inputs.model if preset.distill > 0 else None, progress=False)
+    finetune_seconds = time.perf_counter() - started
+    test = evaluate(model, data.test).accuracy
+    space_channels = np.array([w.before for w in result.widths], dtype=float)
+    stats = result.search
+    return {
+        "seed": seed, "method": method, "budget": budget, "method_options": method_options,
+        "base_test": result.base.accuracy, "pruned_test_before_finetune": result.pruned.accuracy,
+        "test": test, "delta_points": 100 * (test - result.base.accuracy),
+        "macs_reduction": 1 - result.pruned.macs / result.base.macs,
+        "finetune_epochs": epochs, "extra_training_epochs": extra,
+        "widths": [[w.name, w.before, w.after] for w in result.widths],
+        "search": {"strategy": stats.strategy, "evaluations": stats.evaluations,
+                   "distinct_structures": stats.distinct_structures, "spread": stats.spread,
+                   "best_val": stats.best.accuracy, "base_val": stats.base_score, "notes": stats.notes,
+                   **distinct_spread(list(result.history), space_channels)},
+        "warnings": list(result.warnings),
+        "seconds": {"search": search_seconds, "finetune": finetune_seconds},
+    }
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:+.2f}"
+    return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values):.2f}"
+
+
+def summarise(folder: Path, preset_name: str, preset: Preset) -> None:
+    """Rewrite ``summary.json`` / ``summary.md`` from every run file in ``folder/runs``."""
+    runs = [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*.json"))]
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_method.setdefault(run["method"], []).append(run)
+    rows = []
+    for method, items in sorted(by_method.items(), key=lambda kv: -statistics.mean(r["delta_points"] for r in kv[1])):
+        rows.append({
+            "method": method, "seeds": sorted(r["seed"] for r in items),
+            "delta_points": [r["delta_points"] for r in sorted(items, key=lambda r: r["seed"])],
+            "mean_delta": statistics.mean(r["delta_points"] for r in items),
+            "distinct": [r["search"]["distinct"] for r in items],
+            "spread_l1": [round(r["search"]["mean_pairwise_l1"], 4) for r in items],
+            "evaluations": [r["search"]["evaluations"] for r in items],
+        })
+    (folder / "summary.json").write_text(json.dumps({"preset": preset_name, "rows": rows}, indent=1))
+    lines = [f"# Search quality: {preset_name}", "",
+             f"{preset.dataset}, MACs reduction {preset.macs_reduction}, budget {preset.budget}, "
+             f"{preset.finetune_epochs} shared fine-tuning epochs (distill {preset.distill}); "
+             "test accuracy change in points vs the base (mean ± std over seeds).", "",
+             "| method | seeds | Δ test (points) | per seed | distinct structures | mean pairwise L1 | evaluations |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['method']} | {row['seeds']} | {_fmt(row['delta_points'])} | "
+                     f"{', '.join(f'{d:+.2f}' for d in row['delta_points'])} | {row['distinct']} | "
+                     f"{row['spread_l1']} | {row['evaluations']} |")
+    lines += ["", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+              f"load average at writing {os.getloadavg()[0]:.1f}; commit {_commit()}."]
+    (folder / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("preset", choices=sorted(PRESETS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=None)
+    parser.add_argument("--budget", type=int, default=None)
+    parser.add_argument("--option", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                        help="a method option (JSON value), e.g. pso:particles=8")
+    parser.add_argument("--finetune-epochs", type=int, default=None,
+                        help="override the preset's shared fine-tuning epochs (a proxy; tag the folder)")
+    parser.add_argument("--model-path", default=None, help="another base model file than the preset's (tag the folder)")
+    parser.add_argument("--tag", default="", help="suffix of the results folder (variants of an experiment)")
+    parser.add_argument("--force", action="store_true", help="re-run finished (seed, method) pairs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    preset = PRESETS[args.preset]
+    if args.finetune_epochs is not None:
+        preset = Preset(**{**preset.__dict__, "finetune_epochs": args.finetune_epochs})
+    if args.model_path:
+        preset = Preset(**{**preset.__dict__, "model_path": args.model_path})
+    budget = args.budget or preset.budget
+    options: dict[str, dict[str, Any]] = {}
+    for item in args.option:
+        method, _, assignment = item.partition(":")
+        key, _, value = assignment.partition("=")
+        options.setdefault(method, {})[key] = json.loads(value)
+    folder = RESULTS / (args.preset + (f"_{args.tag}" if args.tag else ""))
+    (folder / "runs").mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        for method in args.methods or preset.methods:
+            path = folder / "runs" / f"seed{seed}_{method}.json"
+            if path.exists() and not args.force:
+                log.info("skip %s (done)", path.name)
+                continue
+            log.info("seed %d, method %s, budget %d", seed, method, budget)
+            row = run_one(preset, seed, method, budget, options.get(method, {}), args.finetune_epochs)
+            path.write_text(json.dumps(row, indent=1))
+            log.info("%s: %.2f points (distinct %d, %s)", path.name, row["delta_points"], row["search"]["distinct"],
+                     row["seconds"])
+            summarise(folder, args.preset, preset)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
