@@ -195,7 +195,10 @@ def batch_of(example_inputs: Inputs, batch_size: int, device: torch.device | str
     if batch_size < 1:
         raise AutopruneError(f"batch size must be >= 1, got {batch_size}")
     if isinstance(example_inputs, tuple | list):
-        return type(example_inputs)(_batch_one(x, batch_size, device) for x in example_inputs)
+        items = [_batch_one(x, batch_size, device) for x in example_inputs]
+        if hasattr(example_inputs, "_fields"):  # a namedtuple takes its fields as arguments
+            return type(example_inputs)(*items)
+        return type(example_inputs)(items)
     if not isinstance(example_inputs, torch.Tensor):
         raise AutopruneError(f"example inputs must be a tensor or a tuple of tensors, got "
                              f"{type(example_inputs).__name__}")

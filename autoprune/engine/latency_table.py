@@ -10,24 +10,41 @@ points, exact at them) plus the *remainder*: the full model's measured latency m
 layers at full width (the classifier, pooling, additions, Python overhead and whatever the layers do
 differently inside the model than alone).
 
-Choices, measured on ResNet-20 (``benchmarks/latency_table.py``, results in
-``benchmarks/results/latency_table/``):
+Choices, measured on ResNet-20 (``benchmarks/latency_table.py``; results and the exploration behind
+these choices in ``benchmarks/results/latency_table/``):
 
 * Each timed layer is a *block*: the convolution with the BatchNorm that reads its output and the
   activation module after that (when present as modules), because their cost also shrinks with the
-  channel count; leaving them in the constant remainder over-predicts pruned networks.
-* Grid: widths ``C * GRID_FRACTIONS`` (rounded, >= 1), plus the narrowest width the space allows; a
-  dimension the space never changes (the network's input channels, the classifier's outputs) is not
-  gridded. Bilinear interpolation is exact for a cost proportional to in x out channels, so the grid
-  only has to follow the steps of the kernels' vectorisation; 9 x 9 points per distinct layer keeps the
-  build of ResNet-20 at batch 64 under a minute on 2 cores.
+  channel count (batch 64, CPU time: Spearman 0.94 against 0.92 for the convolution alone, median
+  relative error 19.5% against 26.5%).
+* Grid: widths ``C * GRID_FRACTIONS`` (1/16, 1/8, 1/4, 1/2, 3/4, 1; rounded, >= 1) plus the narrowest
+  width the space allows, per prunable dimension: 6 x 6 points per distinct layer; a dimension the
+  space never changes (the network's input channels, the classifier's outputs) is not gridded.
+  Measured latency is smooth in the width (no steps at multiples of 8 on the Xeon we used), and
+  bilinear interpolation is exact for a cost proportional to in x out channels.
 * Distinct layer configurations (ResNet stages repeat them) are timed once.
+* Every timed run is preceded by one untimed *settling* run of the same block: inside a network a
+  layer's input was just written by the layer before it; timed cold, after dozens of other grid
+  points, small blocks looked up to 1.5x slower than they run in the network.
+* The *remainder* is not constant: residual additions, the activations after them and pooling work
+  on as many channels as the pruned layers write. Two uniformly pruned whole networks (keep 0.25 and
+  0.5) are timed during the build and the remainder is a line in the activation volume through the
+  full model's remainder (:attr:`LatencyTable.remainder_slope_ms`), so the full model stays exact.
 * Load from other processes drifts during the build, so every configuration's grid is timed in
   interleaved rounds *together with the full model*, and each grid value is the median over rounds of
   (layer time / full-model time of the same round), times the median full-model time of the whole
   build: a machine that got busier half-way scales both sides of a round alike, and the table stays
   consistent with itself. A configuration whose ratios still spread more than
   :data:`~autoprune.engine.latency.MAX_RELATIVE_SPREAD` is timed again once and the samples pooled.
+
+What a table cannot see: with glibc's default malloc a CPU forward pass page-faults on fresh memory
+for many of its activations, how many depending chaotically on the sequence of tensor sizes (ResNet-20,
+batch 64: 0 to 16k faults per pass, up to a quarter of its latency, different for two pruned networks
+of similar size), while a block timed alone reuses its memory. That biased predictions of pruned
+networks low by about 20% in our measurements; with
+:func:`~autoprune.engine.latency.steady_allocator` (or jemalloc / tcmalloc, as tuned CPU deployments
+use) the bias disappeared (median relative error 5.7%). Time tables and speed-ups under the allocator
+the model will be deployed with.
 
 The table is cached as JSON (:meth:`LatencyTable.load_or_build`) under a key hashing everything it
 depends on; after the build :meth:`LatencyTable.predict` is plain numpy and Python (no torch).
@@ -432,8 +449,9 @@ class TableOptions:
 class LatencyTable:
     """Predicted latency (ms) of the network a keep vector describes, from per-layer timings.
 
-    Build it with :meth:`build` or, cached, :meth:`load_or_build`; then :meth:`predict` costs a few
-    microseconds per keep vector and uses no torch.
+    Build it with :meth:`build` or, cached, :meth:`load_or_build`; then :meth:`predict` uses no torch
+    (about 0.1-0.2 ms per keep vector, as much as two :meth:`PruningSpace.relative_macs` calls) and
+    :meth:`predict_many` scores an (N, groups) array of candidates at once (about 20 us each).
     """
 
     def __init__(self, space: PruningSpace, entries: Sequence[_Entry], layers: dict[str, int], full_ms: float,
@@ -457,8 +475,8 @@ class LatencyTable:
         self.remainder_ms = self.full_ms - self.layers_full_ms
         self.remainder_slope_ms = self._fit_remainder()
         if self.remainder_ms < 0:
-            log.warning("the model's layers timed alone take %.3f ms, more than the whole model (%.3f ms): "
-                        "predictions of pruned networks will be low", self.layers_full_ms, self.full_ms)
+            log.info("the model's layers timed alone take %.3f ms, more than the whole model (%.3f ms)",
+                     self.layers_full_ms, self.full_ms)
 
     def _fit_remainder(self) -> float:
         """Slope of the remainder in the activation volume, fitted through the full model's remainder.
