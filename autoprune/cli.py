@@ -259,6 +259,9 @@ def _read_config(path: str) -> dict[str, Any]:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise AutopruneError(f"cannot read --config {path!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise AutopruneError(f"--config {path!r} is not a text file; give a YAML file of settings, "
+                             "e.g. 'macs_reduction: 0.6'") from None
     except yaml.YAMLError as exc:
         raise AutopruneError(f"--config {path!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
     if data is None:

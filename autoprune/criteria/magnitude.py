@@ -80,9 +80,10 @@ class GroupL1Criterion(Criterion):
                     weight = module.weight.detach().double().cpu()
                     if member.dim == "out":
                         total += channel_rows(weight, group.channels, f"weight of {member.module}").abs().sum(1)
-                    elif getattr(module, "groups", 1) == 1:
-                        columns = weight.transpose(0, 1)  # (in, out, ...): input channels first
-                        rows = channel_rows(columns, group.channels * member.ratio, f"input of {member.module}")
+                    elif getattr(module, "groups", 1) == 1 and member.start >= 0:
+                        width = group.channels * member.ratio  # a concatenation's reader: its slice of inputs
+                        columns = weight.transpose(0, 1)[member.start:member.start + width]  # input channels first
+                        rows = channel_rows(columns, width, f"input of {member.module}")
                         total += rows.abs().sum(1).view(group.channels, member.ratio).sum(1)
                 out.append(total)
         return finish(out, space, self.name)

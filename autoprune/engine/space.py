@@ -57,11 +57,15 @@ class Member:
         dim: ``"out"`` (the module's output channels) or ``"in"`` (its input channels).
         ratio: module channels per group channel along that dim (e.g. 16 for a linear layer that reads
             a flattened 4x4 feature map).
+        start: the first of the module's channels along that dim that the group covers: 0 unless the
+            module reads a concatenation (its second input starts after the first one's channels), or
+            ``-1`` where the group's channels are not one contiguous run of the module's.
     """
 
     module: str
     dim: str
     ratio: int
+    start: int = 0
 
 
 @dataclass(frozen=True)
@@ -414,7 +418,9 @@ def _groups_from_graph(graph: tp.DependencyGraph, names: dict[nn.Module, str], i
             if len(idxs) % channels:
                 raise AutopruneError(f"unsupported coupling in {name!r}: {len(idxs)} channels for a group "
                                      f"of {channels}")
-            members.append(Member(name, dim, len(idxs) // channels))
+            indices = sorted(int(i) for i in idxs)
+            contiguous = indices == list(range(indices[0], indices[0] + len(indices))) if indices else False
+            members.append(Member(name, dim, len(idxs) // channels, indices[0] if contiguous else -1))
         if root is None or root in seen_roots:
             continue
         if not any(m.dim == "in" and m.module != root for m in members):
