@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scores", help="comma-separated labels of the scores to measure (default: the benchmark's)")
     parser.add_argument("--out", help="output directory (default benchmarks/results/score_fidelity/<bench>_seed<seed>)")
     parser.add_argument("--model", help="base model file (default: the benchmark's)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="measure every score again (keeps the fine-tuned accuracies): timings in one quiet run")
     parser.add_argument("--limit", type=int, help="smoke tests only: fewer images (results not comparable)")
     parser.add_argument("--epochs", type=int, help="smoke tests only: fewer fine-tuning epochs (not comparable)")
     args = parser.parse_args(argv)
@@ -250,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                               "kind": "uniform" if i == 0 else ("squeezed" if i <= max(1, args.n // 4) else "random"),
                               "scores": {}})
 
+    if args.rescore:
+        for k in keys:
+            rows[k]["scores"] = {}
     # 1. the scores, through the engine's evaluator (one per score, as a search would build it)
     for spec in specs:
         todo = [k for k in keys if spec.label not in rows[k]["scores"]]
@@ -261,15 +266,16 @@ def main(argv: list[str] | None = None) -> int:
         evaluator.measure(problem.clip(0.5 * (problem.lower + problem.upper)))  # warm-up (first backward: ~10 s)
         for k in todo:
             keep = np.asarray(rows[k]["keep"])
-            begun = time.perf_counter()
+            begun, cpu = time.perf_counter(), time.process_time()
             fitness = evaluator(keep)
-            seconds = time.perf_counter() - begun
             rows[k]["scores"][spec.label] = {"value": fitness.ranking, "accuracy": fitness.accuracy,
-                                             "seconds": seconds}
+                                             "seconds": time.perf_counter() - begun,
+                                             "cpu_seconds": time.process_time() - cpu}
         write_rows(path, rows)
         loads.append(os.getloadavg()[0])
-        log.info("score %-18s %6.2f s per candidate", spec.label,
-                 np.mean([rows[k]["scores"][spec.label]["seconds"] for k in keys]))
+        log.info("score %-18s %6.2f s (%.2f CPU s) per candidate", spec.label,
+                 np.mean([rows[k]["scores"][spec.label]["seconds"] for k in keys]),
+                 np.mean([rows[k]["scores"][spec.label]["cpu_seconds"] for k in keys]))
 
     # 2. the benchmark fine-tuning of every structure, then its test accuracy
     schedule = TrainConfig(epochs=bench.epochs, lr=0.01, batch_size=128, distill=bench.distill, seed=args.seed)
@@ -277,11 +283,12 @@ def main(argv: list[str] | None = None) -> int:
         if "test_accuracy" in rows[k]:
             continue
         loads.append(os.getloadavg()[0])
-        begun = time.perf_counter()
+        begun, cpu = time.perf_counter(), time.process_time()
         pruned = setup.space.apply(plan.model, np.asarray(rows[k]["keep"]), plan.scores)
         fit(pruned, data.train, schedule, teacher=setup.base if schedule.distill > 0 else None, progress=False)
         rows[k]["test_accuracy"] = evaluate(pruned, data.test, seed=args.seed).accuracy
         rows[k]["finetune_seconds"] = time.perf_counter() - begun
+        rows[k]["finetune_cpu_seconds"] = time.process_time() - cpu
         rows[k]["load"] = loads[-1]
         write_rows(path, rows)
         log.info("structure %d/%d %s: test accuracy %.2f%% (%.0f s, load %.1f)", n + 1, len(keys), k,
@@ -321,6 +328,7 @@ def run_selection(cheap: Spec, keys: list[str], rows: dict[str, dict[str, Any]],
                           score=create_score(cheap.score, cheap.options), train=setup.train, seed=seed)
     fidelity: Callable[[int], Any] = lambda steps: selection_score(evaluator.candidate_score, steps)  # noqa: E731
     candidates = [np.asarray(rows[keys[i]]["keep"]) for i in chosen]
+    cpu = time.process_time()
     first = selection_steps(evaluator.candidate_score, SELECT_STEPS_FOR_BENCH)
     result = successive_halving(candidates, lambda keep, steps: evaluator.measure(keep, fidelity(steps)),
                                 evaluator.key, steps=first, eta=SELECT_ETA, metric=fidelity(1).metric)
@@ -328,13 +336,16 @@ def run_selection(cheap: Spec, keys: list[str], rows: dict[str, dict[str, Any]],
     ranked = [chosen[i] for i in result.order] + [i for i in order if i not in chosen]
     position = {i: len(ranked) - r for r, i in enumerate(ranked)}
     composite = [float(position[i]) for i in range(len(keys))]
+    cpu = time.process_time() - cpu
     pick = chosen[result.index]
     rank = 1 + sorted(final, reverse=True).index(final[pick])
     cheap_seconds = float(np.sum([rows[k]["scores"][cheap.label]["seconds"] for k in keys]))
+    cheap_cpu = float(np.sum([rows[k]["scores"][cheap.label].get("cpu_seconds", np.nan) for k in keys]))
     return {"cheap": cheap.label, "top": DEFAULT_SELECT_TOP_FOR_BENCH, "steps": first,
             "eta": SELECT_ETA, "rungs": [asdict(r) for r in result.rungs], "pick": pick, "pick_key": keys[pick],
             "pick_regret": 100 * (max(final) - final[pick]), "pick_rank": rank, "selection_seconds": result.seconds,
-            "seconds_per_candidate": (cheap_seconds + result.seconds) / len(keys),
+            "seconds_per_candidate": (cheap_seconds + result.seconds) / len(keys), "selection_cpu_seconds": cpu,
+            "cpu_seconds_per_candidate": (cheap_cpu + cpu) / len(keys),
             **correlation(composite, final)}
 
 
@@ -353,6 +364,8 @@ def summarise(bench: Bench, args: argparse.Namespace, specs: list[Spec], keys: l
             "score": spec.score, "options": spec.options, "resolved": concrete[spec.label],
             **correlation(values, final),
             "seconds_per_candidate": float(np.mean([rows[k]["scores"][spec.label]["seconds"] for k in keys])),
+            "cpu_seconds_per_candidate": float(np.mean([rows[k]["scores"][spec.label].get("cpu_seconds", np.nan)
+                                                        for k in keys])),
             "pick_regret": pick_regret(values, final)}
     ft = [rows[k]["finetune_seconds"] for k in keys]
     return {
@@ -386,22 +399,23 @@ def markdown(s: dict[str, Any]) -> str:
         f"{s['load_average_1min']['max']:.1f} (median {s['load_average_1min']['median']:.1f}); commit {m['commit']}, "
         f"torch {m['torch']}; wall time {s['wall_seconds'] / 60:.0f} min.",
         "",
-        "| score | Kendall tau | Spearman rho | s / candidate | regret of its pick (points) |",
-        "|---|---|---|---|---|",
+        "| score | Kendall tau | Spearman rho | CPU s / candidate | wall s / candidate | regret of its pick (points) |",
+        "|---|---|---|---|---|---|",
     ]
     for label, r in s["scores"].items():
         if r["score"] == "auto":
             label = f"auto (= {r['resolved']['name']}, {r['resolved'].get('steps', '')} steps)" \
                 if "steps" in r["resolved"] else f"auto (= {r['resolved']['name']})"
         lines.append(f"| {label} | {r['tau']:.3f} (p={r['tau_p']:.2g}) | {r['rho']:.3f} | "
-                     f"{r['seconds_per_candidate']:.2f} | {r['pick_regret']:.2f} |")
+                     f"{r['cpu_seconds_per_candidate']:.2f} | {r['seconds_per_candidate']:.2f} | "
+                     f"{r['pick_regret']:.2f} |")
     for label, r in s["selections"].items():
         if "same_as" in r:
-            lines.append(f"| {label} | = {r['same_as']} | | | |")
+            lines.append(f"| {label} | = {r['same_as']} | | | | |")
             continue
         lines.append(f"| {label}: top {r['top']} + uniform, {r['steps']} steps x{r['eta']} | {r['tau']:.3f} | "
-                     f"{r['rho']:.3f} | {r['seconds_per_candidate']:.2f} | {r['pick_regret']:.2f} "
-                     f"(rank {r['pick_rank']}) |")
+                     f"{r['rho']:.3f} | {r['cpu_seconds_per_candidate']:.2f} | {r['seconds_per_candidate']:.2f} | "
+                     f"{r['pick_regret']:.2f} (rank {r['pick_rank']}) |")
     d = s["default"]
     lines += ["", f"Default: score `{d['score']}`, select_top {d['select_top']}, select_steps {d['select_steps']}.",
               "Selection rows: tau over the selection's order (survivors first, then the cheap score's); "

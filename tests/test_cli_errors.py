@@ -230,7 +230,8 @@ CASES = [
     ("prune-unknown-method", [*R, "--method", "nosuch"], ERROR, "valid methods: gdp, global, l1"),
     ("prune-option-syntax", [*R, "--method-option", "particles"], USAGE, "expected key=value"),
     ("prune-option-unknown", [*R, "--method", "pso", "--method-option", "particle=20"], ERROR,
-     "unknown option 'particle' for method 'pso'; valid options: band, iterations, particles, start_streams, start_uniform"),
+     "unknown option 'particle' for method 'pso'; valid options: band, iterations, particles, start_streams, "
+     "start_uniform"),
     ("prune-option-renamed", [*R, "--method", "slim", "--method-option", "lambda=0.001"], ERROR,
      "unknown option 'lambda' for method 'slim'; valid options: epochs, sparsity"),
     ("prune-option-for-a-method-without-options", [*R, "--method", "l1", "--method-option", "x=1"], ERROR,
