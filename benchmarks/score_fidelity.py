@@ -358,11 +358,14 @@ def summarise(bench: Bench, args: argparse.Namespace, specs: list[Spec], keys: l
               rows: dict[str, dict[str, Any]], final: list[float], selections: dict[str, Any], loads: list[float],
               seconds: float, concrete: dict[str, dict[str, Any]]) -> dict[str, Any]:
     per_score = {}
+    unsqueezed = [i for i, k in enumerate(keys) if rows[k]["kind"] != "squeezed"]
     for spec in specs:
         values = [rows[k]["scores"][spec.label]["value"] for k in keys]
+        inner = correlation([values[i] for i in unsqueezed], [final[i] for i in unsqueezed])
         per_score[spec.label] = {
             "score": spec.score, "options": spec.options, "resolved": concrete[spec.label],
             **correlation(values, final),
+            "tau_without_squeezed": inner["tau"], "rho_without_squeezed": inner["rho"],
             "seconds_per_candidate": float(np.mean([rows[k]["scores"][spec.label]["seconds"] for k in keys])),
             "cpu_seconds_per_candidate": float(np.mean([rows[k]["scores"][spec.label].get("cpu_seconds", np.nan)
                                                         for k in keys])),
@@ -399,22 +402,24 @@ def markdown(s: dict[str, Any]) -> str:
         f"{s['load_average_1min']['max']:.1f} (median {s['load_average_1min']['median']:.1f}); commit {m['commit']}, "
         f"torch {m['torch']}; wall time {s['wall_seconds'] / 60:.0f} min.",
         "",
-        "| score | Kendall tau | Spearman rho | CPU s / candidate | wall s / candidate | regret of its pick (points) |",
-        "|---|---|---|---|---|---|",
+        "| score | Kendall tau | Spearman rho | tau / rho without the squeezed | CPU s / candidate | "
+        "wall s / candidate | regret of its pick (points) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, r in s["scores"].items():
         if r["score"] == "auto":
             label = f"auto (= {r['resolved']['name']}, {r['resolved'].get('steps', '')} steps)" \
                 if "steps" in r["resolved"] else f"auto (= {r['resolved']['name']})"
         lines.append(f"| {label} | {r['tau']:.3f} (p={r['tau_p']:.2g}) | {r['rho']:.3f} | "
+                     f"{r['tau_without_squeezed']:.3f} / {r['rho_without_squeezed']:.3f} | "
                      f"{r['cpu_seconds_per_candidate']:.2f} | {r['seconds_per_candidate']:.2f} | "
                      f"{r['pick_regret']:.2f} |")
     for label, r in s["selections"].items():
         if "same_as" in r:
-            lines.append(f"| {label} | = {r['same_as']} | | | | |")
+            lines.append(f"| {label} | = {r['same_as']} | | | | | |")
             continue
         lines.append(f"| {label}: top {r['top']} + uniform, {r['steps']} steps x{r['eta']} | {r['tau']:.3f} | "
-                     f"{r['rho']:.3f} | {r['cpu_seconds_per_candidate']:.2f} | {r['seconds_per_candidate']:.2f} | "
+                     f"{r['rho']:.3f} | | {r['cpu_seconds_per_candidate']:.2f} | {r['seconds_per_candidate']:.2f} | "
                      f"{r['pick_regret']:.2f} (rank {r['pick_rank']}) |")
     d = s["default"]
     lines += ["", f"Default: score `{d['score']}`, select_top {d['select_top']}, select_steps {d['select_steps']}.",

@@ -138,7 +138,8 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
                          ignored=config.ignored_layers)
     check_reachable(space, config)
     if data.val is None and data.score_fn is None:
-        raise AutopruneError("candidates are scored on validation data: pass val_loader= (or score_fn=)")
+        raise AutopruneError("autoprune scores the base model, every candidate and the pruned model on validation "
+                             "data: pass val_loader= (or score_fn=)")
     val = take(data.val, config.val_samples, seed=config.seed, key=VAL_KEY, device=device,
                what="the validation loader") if data.val is not None else []
     if data.val is not None and not val:
