@@ -45,7 +45,7 @@ from autoprune.engine.latency_table import (
     validate,
 )
 from autoprune.engine.space import PruningSpace
-from autoprune.io.artifact import write_json, write_text
+from autoprune.io.files import write_json, write_text
 from autoprune.models import create_model
 
 log = logging.getLogger("latency_table")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from autoprune.errors import AutopruneError
-from autoprune.io import artifact, files
+from autoprune.io import files
 
 
 def shutil_usage(total: int, used: int, free: int):
@@ -50,13 +50,6 @@ def test_writes_are_complete_with_normal_permissions(tmp_path):
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "t.md").stat().st_mode) == 0o666 & ~mask  # not mkstemp's 0600
     assert leftovers(tmp_path) == [] and leftovers(tmp_path / "a" / "b") == []
-
-
-def test_artifact_reexports_the_same_helpers():
-    assert artifact.atomic_path is files.atomic_path
-    assert artifact.write_json is files.write_json
-    assert artifact.write_text is files.write_text
-    assert artifact.write_with is files.write_with
 
 
 # ---- failures ----------------------------------------------------------------------------------------

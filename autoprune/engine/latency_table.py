@@ -89,7 +89,7 @@ from autoprune.engine.latency import (
 )
 from autoprune.engine.space import PruningSpace
 from autoprune.errors import AutopruneError
-from autoprune.io.artifact import write_json
+from autoprune.io.files import write_json
 
 log = logging.getLogger(__name__)
 
