@@ -161,6 +161,14 @@ def test_auto_is_kl_with_batchnorm_finetune_without_and_bn_with_a_score_fn(case)
     assert with_fn.search.notes["score"]["name"] == "bn"
 
 
+def test_auto_without_training_data_ranks_by_accuracy_instead_of_failing(case):
+    assert create_score("auto").resolve(case["plain"], trainable=False).name == "bn"
+    result = autoprune.prune(case["plain"], case["example"], val_loader=case["val"], score="auto", **RUN)
+    assert result.search.notes["score"]["name"] == "bn"
+    with pytest.raises(AutopruneError, match="fine-tunes every candidate on training data"):
+        autoprune.prune(case["plain"], case["example"], val_loader=case["val"], score="finetune", **RUN)
+
+
 def test_finetune_score_without_training_data_says_so(case):
     with pytest.raises(AutopruneError, match="fine-tunes every candidate on training data: pass train_loader="):
         autoprune.prune(case["bn"], case["example"], val_loader=case["val"], score="finetune", **RUN)

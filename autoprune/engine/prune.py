@@ -155,7 +155,7 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
 
 def _score_training_batches(config: PruneConfig, data: Data, model: nn.Module, device: torch.device) -> list[Batch]:
     """The training batches the candidate score and the selection fine-tune on (none for the other scores)."""
-    score = resolve_score(config.score, config.score_options, model, data.score_fn)
+    score = resolve_score(config.score, config.score_options, model, data.score_fn, trainable=data.train is not None)
     selecting = config.select_top > 1 and config.target.macs_reduction is not None and data.score_fn is None
     samples = max(score.train_samples, selection_score(score, 1).train_samples if selecting else 0)
     if samples == 0:
@@ -222,7 +222,8 @@ def search(setup: Setup, plan: Plan, config: PruneConfig, method: Method, data: 
     """Run the plan's strategy on the evaluator; new evaluations go to the callbacks, ``recorded`` ones are replayed."""
     space = setup.space
     evaluator = Evaluator(plan.model, space, plan.scores, setup.val, setup.calibration, score_fn=data.score_fn,
-                          score=resolve_score(config.score, config.score_options, plan.model, data.score_fn),
+                          score=resolve_score(config.score, config.score_options, plan.model, data.score_fn,
+                                              trainable=bool(setup.train)),
                           train=setup.train, seed=config.seed)
     evaluator.physical = choose_physical(evaluator)
     for row in recorded:

@@ -442,8 +442,9 @@ class ShortFinetune(CandidateScore):
 class Automatic(CandidateScore):
     """The score that suits the network: ``kl`` where it has BatchNorm (adaptive BatchNorm is the cheap
     adaptation that makes its candidates comparable), ``finetune`` with ``steps`` steps where it has none (a
-    short distilled fine-tune is the only adaptation such a network has), ``bn`` with a caller's ``score_fn``
-    (the metrics that read logits do not apply). Resolved once per run, by :meth:`resolve`.
+    short distilled fine-tune is the only adaptation such a network has; ``bn``, i.e. plain accuracy, when
+    the run has no training data to fine-tune on), ``bn`` with a caller's ``score_fn`` (the metrics that
+    read logits do not apply). Resolved once per run, by :meth:`resolve`.
 
     Args:
         steps: fine-tuning steps per candidate for a network without BatchNorm.
@@ -452,13 +453,13 @@ class Automatic(CandidateScore):
     def __init__(self, *, steps: int = 30) -> None:
         self.steps = check_int("steps", steps, minimum=1, maximum=1_000_000)
 
-    def resolve(self, model: nn.Module, score_fn: ScoreFn | None = None) -> CandidateScore:
-        """The concrete score for ``model``."""
+    def resolve(self, model: nn.Module, score_fn: ScoreFn | None = None, *, trainable: bool = True) -> CandidateScore:
+        """The concrete score for ``model``; ``trainable``: whether the run holds training data to fine-tune on."""
         if score_fn is not None:
             return AdaptiveBN()
         if any(isinstance(m, _BN_TYPES) and m.track_running_stats for m in model.modules()):
             return Divergence()
-        return ShortFinetune(steps=self.steps)
+        return ShortFinetune(steps=self.steps) if trainable else AdaptiveBN()
 
     def adapt(self, model: nn.Module, data: ScoreData, seed: int) -> bool:
         raise AutopruneError("the auto score is resolved for a model first (Automatic.resolve)")
@@ -475,11 +476,12 @@ class Automatic(CandidateScore):
 
 
 def resolve_score(spec: str | CandidateScore, options: dict[str, Any] | None, model: nn.Module,
-                  score_fn: ScoreFn | None = None) -> CandidateScore:
-    """The score a run uses on ``model``: :func:`create_score`, with ``auto`` resolved for the model."""
+                  score_fn: ScoreFn | None = None, *, trainable: bool = True) -> CandidateScore:
+    """The score a run uses on ``model``: :func:`create_score`, with ``auto`` resolved for the model (and for
+    whether the run has training data: without it, ``auto`` cannot fine-tune and falls back to ``bn``)."""
     score = create_score(spec, options)
     if isinstance(score, Automatic):
-        score = score.resolve(model, score_fn)
+        score = score.resolve(model, score_fn, trainable=trainable)
         log.info("score auto: %s for this model", score.describe())
     score.check(score_fn)
     return score
