@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -277,6 +278,21 @@ def test_ray_missing_is_one_line(evaluator, monkeypatch):
     with pytest.raises(AutopruneError) as info:
         create_executor(config, evaluator())
     assert str(info.value) == RAY_MISSING
+
+
+@pytest.mark.parametrize(("address", "message"), [
+    ("127.0.0.1:1", "cannot connect to Ray at '127.0.0.1:1' (Connection refused); start a cluster with"),
+    ("ray://127.0.0.1:1", "cannot connect to Ray at 'ray://127.0.0.1:1' (Connection refused)"),
+    ("headnode", "ray_address 'headnode' is not HOST:PORT (or ray://HOST:PORT)"),
+])
+def test_an_unreachable_ray_address_fails_at_once_in_one_line(evaluator, address, message):
+    pytest.importorskip("ray")
+    config = PruneConfig(method="pso", target=Target(macs_reduction=0.5), workers=2, ray_address=address)
+    started = time.monotonic()
+    with pytest.raises(AutopruneError) as info:
+        create_executor(config, evaluator())
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert time.monotonic() - started < 30  # ray.init alone retries an unreachable address for minutes
 
 
 # ---- Ray ------------------------------------------------------------------------------------------------------

@@ -408,6 +408,8 @@ class RayExecutor(Executor):
         ray = self._ray
         if ray.is_initialized():
             return False
+        if address not in (None, "local", "auto"):
+            _check_reachable(address)
         try:
             if address in (None, "local"):
                 ray.init(num_cpus=self.workers, include_dashboard=False, logging_level=logging.WARNING)
@@ -485,3 +487,20 @@ class BatchEvaluation:
             log.info("strategy %s asks one candidate at a time; %d workers cannot speed it up", self.strategy,
                      self.executor.workers)
         return self.executor.map(keeps)
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in one line, within ``timeout`` seconds, when nothing listens at a Ray ``host:port`` address
+    (``ray.init`` itself retries an unreachable address for minutes)."""
+    import socket
+
+    host_port = address.split("://", 1)[-1]
+    host, sep, port = host_port.rpartition(":")
+    if not sep or not port.isdigit():
+        raise AutopruneError(f"ray_address {address!r} is not HOST:PORT (or ray://HOST:PORT); give the head node's "
+                             "address, 'auto' (a cluster started on this machine) or 'local'")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise AutopruneError(f"cannot connect to Ray at {address!r} ({exc.strerror or exc}); start a cluster with "
+                             "`ray start --head`, or use ray_address='local'") from None
