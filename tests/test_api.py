@@ -515,6 +515,27 @@ def test_bad_arguments_give_one_line_naming_the_problem(cases, change, named):
     assert named in one_line(err)
 
 
+def _relabelled(case: Case, relabel) -> DataLoader:
+    inputs, targets = next(iter(DataLoader(case.val_ds, batch_size=len(case.val_ds))))
+    return DataLoader(TensorDataset(inputs, relabel(targets)), batch_size=32)
+
+
+@pytest.mark.parametrize(("loader", "relabel", "named"), [
+    ("val_loader", lambda t: t + CLASSES, f"a target class lies outside 0..{CLASSES - 1}"),
+    ("val_loader", lambda t: t.float(), "the targets are float32; a classifier's targets are integer class indices"),
+    ("train_loader", lambda t: t - 1, f"a target class lies outside 0..{CLASSES - 1} (got -1.."),
+    ("val_loader", lambda t: t[:, None], "the targets have shape (32, 1) for outputs (32, 3)"),
+])
+def test_targets_that_are_not_class_indices_are_one_line(cases, loader, relabel, named):
+    case = cases["sequential"]
+    train, val = case.loaders()
+    loaders = {"train_loader": train, "val_loader": val, loader: _relabelled(case, relabel)}
+    with pytest.raises(AutopruneError) as err:
+        autoprune.prune(case.trained(), case.example, method="l1", macs_reduction=REDUCTION, budget=2,
+                        finetune=autoprune.TrainConfig(epochs=1), **loaders, **FAST)
+    assert named in one_line(err)
+
+
 def test_ignored_layers_keep_their_width(cases):
     case = cases["sequential"]
     model = case.trained()

@@ -182,9 +182,26 @@ def limited(batches: Iterable[Batch], max_batches: int | None) -> Iterable[Batch
 Metric = Callable[[Any, Any], tuple[float, int]]
 
 
-def correct_predictions(outputs: Any, targets: Any) -> tuple[float, int]:
-    """Top-1 hits and samples of a classification batch (outputs: logits ``(B, K)``, targets: ``(B,)``)."""
+def check_class_targets(outputs: Any, targets: Any) -> None:
+    """Raise one line unless ``outputs`` are logits ``(B, K)`` and ``targets`` integer class indices ``(B,)`` in
+    ``[0, K)`` (what accuracy and cross-entropy read)."""
     if not isinstance(outputs, torch.Tensor) or outputs.dim() < 2 or not isinstance(targets, torch.Tensor):
         raise AutopruneError("accuracy needs logits (B, classes) and integer class targets (B,); for other tasks "
                              "pass score_fn=callable(model) -> float")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise AutopruneError(f"the targets are {str(targets.dtype).removeprefix('torch.')}; a classifier's targets "
+                             "are integer class indices (B,): convert them with .long() (for other tasks pass "
+                             "score_fn=)")
+    if targets.shape != outputs.shape[:1] + outputs.shape[2:]:  # (B,), or (B, H, W) for (B, K, H, W) outputs
+        raise AutopruneError(f"the targets have shape {tuple(targets.shape)} for outputs {tuple(outputs.shape)}; "
+                             "expected one class index per sample (B,)")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= outputs.shape[1]):
+        raise AutopruneError(f"a target class lies outside 0..{outputs.shape[1] - 1} (got "
+                             f"{int(targets.min())}..{int(targets.max())}) for a model with {outputs.shape[1]} "
+                             "outputs; check the labels (or the model's number of classes)")
+
+
+def correct_predictions(outputs: Any, targets: Any) -> tuple[float, int]:
+    """Top-1 hits and samples of a classification batch (outputs: logits ``(B, K)``, targets: ``(B,)``)."""
+    check_class_targets(outputs, targets)
     return float((outputs.argmax(1) == targets).sum()), int(targets.shape[0])

@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoprune.checks import check_choice, check_float, check_int
-from autoprune.engine.batches import Batch, Inputs, forward, seed_for
+from autoprune.engine.batches import Batch, Inputs, check_class_targets, forward, seed_for
 from autoprune.engine.train import distillation_loss, lr_at, subnormals_flushed
 from autoprune.errors import AutopruneError
 from autoprune.registry import Registry
@@ -253,6 +253,7 @@ def distill_steps(model: nn.Module, data: ScoreData, *, steps: int, lr: float, d
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, steps, lr)
             outputs = forward(model, inputs)
+            check_class_targets(outputs, targets)
             loss = F.cross_entropy(outputs, targets) if distill < 1 else outputs.new_zeros(())
             if teacher is not None:
                 loss = (1 - distill) * loss + distill * distillation_loss(outputs, teacher[i], temperature)

@@ -26,7 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from autoprune.engine.batches import correct_predictions, count_batches, forward, iterate, to_device
+from autoprune.engine.batches import (
+    check_class_targets,
+    correct_predictions,
+    count_batches,
+    forward,
+    iterate,
+    to_device,
+)
 from autoprune.engine.distributed import RankSlice, all_reduce_sum, unwrap, world, wrap_for_training
 from autoprune.errors import AutopruneError, Interrupted
 from autoprune.io.files import atomic_path
@@ -204,6 +211,8 @@ def _steps_per_epoch(loader: Iterable[Any], seed: int) -> int:
 def _training_loss(trained: nn.Module, model: nn.Module, inputs: Any, targets: Any, config: TrainConfig,
                    teacher: nn.Module | None, regularizer: Regularizer | None, loss_fn: LossFn | None) -> torch.Tensor:
     outputs = forward(trained, inputs)
+    if loss_fn is None:
+        check_class_targets(outputs, targets)
     loss = loss_fn(outputs, targets) if loss_fn is not None else F.cross_entropy(outputs, targets)
     if teacher is not None:
         with torch.no_grad():
