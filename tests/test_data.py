@@ -167,6 +167,14 @@ def test_unknown_dataset_lists_valid_names() -> None:
     assert "'imagenet'" in msg and "mnist" in msg and "cifar10" in msg
 
 
+def test_an_archive_given_as_data_dir_says_extract_it(tmp_path) -> None:
+    archive = tmp_path / "cifar10-jpeg.zip"
+    archive.write_bytes(b"PK\x05\x06" + bytes(18))
+    with pytest.raises(AutopruneError) as e:
+        load_dataset("cifar10", archive)
+    assert "is an archive; extract it first" in one_line_error(e)
+
+
 def test_dataset_info_validates_lengths() -> None:
     with pytest.raises(AutopruneError, match="class names"):
         DatasetInfo("x", 3, 1, (8, 8), (0.5,), (0.2,), ("a", "b"))

@@ -105,6 +105,11 @@ def load_dataset(
                 f"--data-dir is required for dataset {name!r}; point it at the folder holding its files{hint}"
             )
         path = Path(data_dir).expanduser()
+        if path.is_file() and path.suffix.lower() in (".zip", ".gz", ".tgz", ".tar"):
+            raise AutopruneError(
+                f"data directory {str(path)!r} for dataset {name!r} is an archive; extract it first (e.g. "
+                f"`python -m zipfile -e {path.name} DIR` or `tar xzf {path.name}`) and pass the folder"
+            )
         if not path.is_dir():
             raise AutopruneError(
                 f"data directory {str(path)!r} for dataset {name!r} does not exist or is not a directory; "
