@@ -146,7 +146,8 @@ def summarise(folder: Path, preset_name: str, preset: Preset) -> None:
             "spread_l1": [round(r["search"]["mean_pairwise_l1"], 4) for r in items],
             "evaluations": [r["search"]["evaluations"] for r in items],
         })
-    (folder / "summary.json").write_text(json.dumps({"preset": preset_name, "rows": rows}, indent=1))
+    (folder / "summary.json").write_text(json.dumps({"preset": preset_name, "rows": rows,
+                                                     "paired": paired_comparisons(by_method)}, indent=1))
     lines = [f"# Search quality: {preset_name}", "",
              f"{preset.dataset}, MACs reduction {preset.macs_reduction}, budget {preset.budget}, "
              f"{preset.finetune_epochs} shared fine-tuning epochs (distill {preset.distill}); "
@@ -157,9 +158,45 @@ def summarise(folder: Path, preset_name: str, preset: Preset) -> None:
         lines.append(f"| {row['method']} | {row['seeds']} | {_fmt(row['delta_points'])} | "
                      f"{', '.join(f'{d:+.2f}' for d in row['delta_points'])} | {row['distinct']} | "
                      f"{row['spread_l1']} | {row['evaluations']} |")
-    lines += ["", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-              f"load average at writing {os.getloadavg()[0]:.1f}; commit {_commit()}."]
+    paired = paired_comparisons(by_method)
+    if paired:
+        lines += ["", "Paired by seed (same seed: same data split, validation sample and fine-tuning order): "
+                  "method minus baseline, in points; p from a two-sided paired t-test (3 seeds: weak evidence).",
+                  "", "| method | vs | mean difference ± std | per seed | wins | p |", "|---|---|---|---|---|---|"]
+        for c in paired:
+            lines.append(f"| {c['method']} | {c['baseline']} | {_fmt(c['differences'])} | "
+                         f"{', '.join(f'{d:+.2f}' for d in c['differences'])} | {c['wins']}/{len(c['differences'])} | "
+                         f"{c['p']:.3f} |")
+    base_test = runs[0]["base_test"] if runs else float("nan")
+    lines += ["", f"Base model `{preset.model_path}` (not committed), test accuracy {100 * base_test:.2f}%. "
+              f"Command: `.venv/bin/python benchmarks/search_quality.py {preset_name} --seeds "
+              f"{' '.join(map(str, sorted({r['seed'] for r in runs})))} --methods {' '.join(m for m in by_method)}` "
+              "(each (seed, method) one run file; the table is rewritten from all of them).",
+              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only, 1 torch "
+              "thread per run (OMP_NUM_THREADS=1), two benchmark processes side by side; load average at writing "
+              f"{os.getloadavg()[0]:.1f}; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+              f"commit {_commit()}."]
     (folder / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def paired_comparisons(by_method: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Each method against ``random`` and ``l1`` over the seeds both ran: differences, wins, paired t-test."""
+    from scipy import stats
+
+    out = []
+    for baseline in ("random", "l1"):
+        base = {r["seed"]: r["delta_points"] for r in by_method.get(baseline, [])}
+        for method, items in sorted(by_method.items()):
+            if method == baseline:
+                continue
+            pairs = sorted((r["seed"], r["delta_points"] - base[r["seed"]]) for r in items if r["seed"] in base)
+            if len(pairs) < 2:
+                continue
+            differences = [d for _, d in pairs]
+            p = float(stats.ttest_1samp(differences, 0.0).pvalue) if statistics.pstdev(differences) > 0 else 0.0
+            out.append({"method": method, "baseline": baseline, "seeds": [s for s, _ in pairs],
+                        "differences": differences, "wins": sum(d > 0 for d in differences), "p": p})
+    return out
 
 
 def _commit() -> str:

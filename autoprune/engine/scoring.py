@@ -84,7 +84,7 @@ ScoreFn = Callable[[nn.Module], float]
 METRICS = ("accuracy", "loss", "kl")
 
 #: The default candidate score and selection (chosen by ``benchmarks/score_fidelity.py``: see above).
-DEFAULT_SCORE = "bn"
+DEFAULT_SCORE = "auto"
 DEFAULT_SELECT_TOP = 0
 DEFAULT_SELECT_STEPS = 20
 #: Successive halving keeps the best ``1/SELECT_ETA`` of each rung and gives them ``SELECT_ETA`` times the steps.
