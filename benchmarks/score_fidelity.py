@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="base model file (default: the benchmark's)")
     parser.add_argument("--rescore", action="store_true",
                         help="measure every score again (keeps the fine-tuned accuracies): timings in one quiet run")
+    parser.add_argument("--no-selection", action="store_true",
+                        help="leave out the successive-halving selection (its fine-tunes cost minutes per score)")
     parser.add_argument("--limit", type=int, help="smoke tests only: fewer images (results not comparable)")
     parser.add_argument("--epochs", type=int, help="smoke tests only: fewer fine-tuning epochs (not comparable)")
     args = parser.parse_args(argv)
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     final = [rows[k]["test_accuracy"] for k in keys]
     selections = {}
     resolved: dict[str, str] = {}  # a cheap score that resolves to one already run (auto = kl with BatchNorm): skip
-    for cheap in [s for s in specs if s.label in SELECTION_CHEAP]:
+    for cheap in [s for s in specs if s.label in SELECTION_CHEAP and not args.no_selection]:
         same = json.dumps(resolve_score(cheap.score, cheap.options, plan.model).describe(), sort_keys=True)
         if same in resolved:
             selections[f"halving({cheap.label})"] = {"same_as": f"halving({resolved[same]})"}
