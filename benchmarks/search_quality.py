@@ -168,6 +168,8 @@ def summarise(folder: Path, preset_name: str, preset: Preset) -> None:
                          f"{', '.join(f'{d:+.2f}' for d in c['differences'])} | {c['wins']}/{len(c['differences'])} | "
                          f"{c['p']:.3f} |")
     base_test = runs[0]["base_test"] if runs else float("nan")
+    used = sorted({json.dumps(r["search"]["notes"].get("score"), sort_keys=True) for r in runs})
+    lines += ["", f"Candidate score of the searches: {', '.join(f'`{u}`' for u in used)}."]
     lines += ["", f"Base model `{preset.model_path}` (not committed), test accuracy {100 * base_test:.2f}%. "
               f"Command: `.venv/bin/python benchmarks/search_quality.py {preset_name} --seeds "
               f"{' '.join(map(str, sorted({r['seed'] for r in runs})))} --methods {' '.join(m for m in by_method)}` "
