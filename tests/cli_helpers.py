@@ -29,7 +29,7 @@ from autoprune.cli import main
 #: history wrongly would diverge), enough evaluations to interrupt in the middle, two short fine-tuning epochs.
 PRUNE_FAST = ["--dataset", "synthetic", "--method", "pso", "--method-option", "particles=6", "--budget", "240",
               "--macs-reduction", "0.5", "--finetune-epochs", "2", "--batch-size", "32", "--latency-batch", "8",
-              "--threads", "1", "--seed", "3", "--quiet"]
+              "--threads", "1", "--seed", "3", "--score", "bn", "--quiet"]
 
 _CACHE: dict[tuple[str, str], Any] = {}
 
