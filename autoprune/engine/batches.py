@@ -195,10 +195,13 @@ def check_class_targets(outputs: Any, targets: Any) -> None:
     if targets.shape != outputs.shape[:1] + outputs.shape[2:]:  # (B,), or (B, H, W) for (B, K, H, W) outputs
         raise AutopruneError(f"the targets have shape {tuple(targets.shape)} for outputs {tuple(outputs.shape)}; "
                              "expected one class index per sample (B,)")
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= outputs.shape[1]):
-        raise AutopruneError(f"a target class lies outside 0..{outputs.shape[1] - 1} (got "
-                             f"{int(targets.min())}..{int(targets.max())}) for a model with {outputs.shape[1]} "
-                             "outputs; check the labels (or the model's number of classes)")
+    if not targets.numel():
+        return
+    low, high = torch.stack(torch.aminmax(targets)).tolist()  # one device sync per batch, not two
+    if low < 0 or high >= outputs.shape[1]:
+        raise AutopruneError(f"a target class lies outside 0..{outputs.shape[1] - 1} (got {low}..{high}) for a "
+                             f"model with {outputs.shape[1]} outputs; check the labels (or the model's number of "
+                             "classes)")
 
 
 def correct_predictions(outputs: Any, targets: Any) -> tuple[float, int]:
