@@ -35,6 +35,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from other_tools import RECIPES, tp_prune
+from other_tools import widths as tool_widths
+from torch_pruning import __version__ as tp_version
 
 log = logging.getLogger("search_quality")
 
@@ -78,6 +81,8 @@ def distinct_spread(history: list[Any], channels: np.ndarray) -> dict[str, float
 def run_one(preset: Preset, seed: int, method: str, budget: int, method_options: dict[str, Any],
             finetune_epochs: int | None = None) -> dict[str, Any]:
     """Choose a structure with ``method``, fine-tune it with the shared loop, measure it on the test split."""
+    if method in RECIPES:
+        return run_other_tool(preset, seed, method, finetune_epochs)
     from autoprune.api import execute
     from autoprune.engine.config import PruneConfig, Target
     from autoprune.engine.prune import Data
@@ -122,6 +127,39 @@ def run_one(preset: Preset, seed: int, method: str, budget: int, method_options:
     }
 
 
+def run_other_tool(preset: Preset, seed: int, recipe: str, finetune_epochs: int | None = None) -> dict[str, Any]:
+    """Another tool's hand-free recipe (:mod:`other_tools`) on the same base, then the same shared fine-tuning."""
+    from autoprune.engine.train import TrainConfig, evaluate, fit
+    from autoprune.runs.inputs import load_inputs
+
+    cpu = torch.device("cpu")
+    inputs = load_inputs(preset.model_path, dataset=preset.dataset, data_dir=preset.data_dir, val_fraction=0.1,
+                         limit=preset.limit, seed=seed, batch_size=128, device=cpu)
+    data = inputs.data
+    torch.manual_seed(seed)
+    base_test = evaluate(inputs.model, data.test).accuracy
+    started = time.perf_counter()
+    model, info = tp_prune(inputs.model, inputs.example_inputs, recipe, preset.macs_reduction,
+                           num_classes=inputs.splits.info.num_classes, train_batches=data.train)
+    search_seconds = time.perf_counter() - started
+    before = evaluate(model, data.test).accuracy
+    epochs = preset.finetune_epochs if finetune_epochs is None else finetune_epochs
+    started = time.perf_counter()
+    fit(model, data.train, TrainConfig(epochs=epochs, lr=0.01, batch_size=128, distill=preset.distill, seed=seed),
+        teacher=inputs.model if preset.distill > 0 else None, progress=False)
+    finetune_seconds = time.perf_counter() - started
+    test = evaluate(model, data.test).accuracy
+    return {
+        "seed": seed, "method": recipe, "budget": 0, "method_options": {}, "tool": f"torch-pruning {tp_version}",
+        "base_test": base_test, "pruned_test_before_finetune": before, "test": test,
+        "delta_points": 100 * (test - base_test), "macs_reduction": info["macs_reduction"],
+        "finetune_epochs": epochs, "extra_training_epochs": 0, "widths": tool_widths(inputs.model, model),
+        "search": {"strategy": "torch-pruning progressive global pruning", "evaluations": 0,
+                   "distinct_structures": 1, "spread": 0.0, "notes": info, "distinct": 1, "mean_pairwise_l1": 0.0},
+        "warnings": [], "seconds": {"search": search_seconds, "finetune": finetune_seconds},
+    }
+
+
 def _fmt(values: list[float]) -> str:
     if not values:
         return "-"
@@ -145,6 +183,7 @@ def summarise(folder: Path, preset_name: str, preset: Preset) -> None:
             "distinct": [r["search"]["distinct"] for r in items],
             "spread_l1": [round(r["search"]["mean_pairwise_l1"], 4) for r in items],
             "evaluations": [r["search"]["evaluations"] for r in items],
+            "macs_reduction": [round(r["macs_reduction"], 4) for r in sorted(items, key=lambda r: r["seed"])],
         })
     (folder / "summary.json").write_text(json.dumps({"preset": preset_name, "rows": rows,
                                                      "paired": paired_comparisons(by_method)}, indent=1))
@@ -152,11 +191,13 @@ def summarise(folder: Path, preset_name: str, preset: Preset) -> None:
              f"{preset.dataset}, MACs reduction {preset.macs_reduction}, budget {preset.budget}, "
              f"{preset.finetune_epochs} shared fine-tuning epochs (distill {preset.distill}); "
              "test accuracy change in points vs the base (mean ± std over seeds).", "",
-             "| method | seeds | Δ test (points) | per seed | distinct structures | mean pairwise L1 | evaluations |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | seeds | Δ test (points) | per seed | MACs removed | distinct structures | mean pairwise L1 "
+             "| evaluations |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['method']} | {row['seeds']} | {_fmt(row['delta_points'])} | "
-                     f"{', '.join(f'{d:+.2f}' for d in row['delta_points'])} | {row['distinct']} | "
+                     f"{', '.join(f'{d:+.2f}' for d in row['delta_points'])} | "
+                     f"{', '.join(f'{100 * m:.1f}%' for m in row['macs_reduction'])} | {row['distinct']} | "
                      f"{row['spread_l1']} | {row['evaluations']} |")
     paired = paired_comparisons(by_method)
     if paired:
@@ -168,7 +209,12 @@ def summarise(folder: Path, preset_name: str, preset: Preset) -> None:
                          f"{', '.join(f'{d:+.2f}' for d in c['differences'])} | {c['wins']}/{len(c['differences'])} | "
                          f"{c['p']:.3f} |")
     base_test = runs[0]["base_test"] if runs else float("nan")
-    used = sorted({json.dumps(r["search"]["notes"].get("score"), sort_keys=True) for r in runs})
+    used = sorted({json.dumps(r["search"]["notes"].get("score"), sort_keys=True) for r in runs
+                   if r["method"] not in RECIPES})
+    tools = sorted({r["tool"] for r in runs if r["method"] in RECIPES})
+    if tools:
+        lines += ["", f"`tp-*` rows: another tool's hand-free recipe on the same base and the same shared fine-tuning "
+                  f"({', '.join(tools)}; progressive global pruning to the MACs target, `benchmarks/other_tools.py`)."]
     lines += ["", f"Candidate score of the searches: {', '.join(f'`{u}`' for u in used)}."]
     lines += ["", f"Base model `{preset.model_path}` (not committed), test accuracy {100 * base_test:.2f}%. "
               f"Command: `.venv/bin/python benchmarks/search_quality.py {preset_name} --seeds "
@@ -182,14 +228,15 @@ def summarise(folder: Path, preset_name: str, preset: Preset) -> None:
 
 
 def paired_comparisons(by_method: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Each method against ``random`` and ``l1`` over the seeds both ran: differences, wins, paired t-test."""
+    """Each method against ``random`` and ``l1``, and each paper method against every other tool's recipe, over
+    the seeds both ran: differences, wins, paired t-test."""
     from scipy import stats
 
     out = []
-    for baseline in ("random", "l1"):
+    for baseline in ("random", "l1", *sorted(m for m in by_method if m in RECIPES)):
         base = {r["seed"]: r["delta_points"] for r in by_method.get(baseline, [])}
         for method, items in sorted(by_method.items()):
-            if method == baseline:
+            if method == baseline or (baseline in RECIPES and method not in PAPER_METHODS):
                 continue
             pairs = sorted((r["seed"], r["delta_points"] - base[r["seed"]]) for r in items if r["seed"] in base)
             if len(pairs) < 2:

@@ -28,10 +28,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import autoprune
+import autoprune.engine.executor as executor_module
 from autoprune.engine.config import PruneConfig, Target
 from autoprune.engine.evaluate import Evaluator
 from autoprune.engine.executor import (
     FAULT_ENV,
+    MAX_RESTARTS,
     RAY_MISSING,
     SCORE_FN_NOT_PICKLABLE,
     BatchEvaluation,
@@ -118,11 +120,16 @@ def serial(case):
     return result
 
 
-def kill_on(monkeypatch, tmp_path, serial, index: int = 1):
-    """Arm the fault hook: the worker that first evaluates history row ``index`` of the serial run dies."""
+def kill_on(monkeypatch, tmp_path, serial, index: int = 1, times: int = 1):
+    """Arm the fault hook: the first ``times`` workers that evaluate history row ``index`` of the serial run die."""
     marker = tmp_path / "killed"
-    monkeypatch.setenv(FAULT_ENV, json.dumps({"marker": str(marker), "counts": list(serial.history[index].counts)}))
+    monkeypatch.setenv(FAULT_ENV, json.dumps({"marker": str(marker), "counts": list(serial.history[index].counts),
+                                              "times": times}))
     return marker
+
+
+def deaths(marker) -> int:
+    return len(list(marker.parent.glob(marker.name + "*")))
 
 
 # ---- process pool ---------------------------------------------------------------------------------------
@@ -155,6 +162,15 @@ class StopAfter(autoprune.Callback):
 
     def should_stop(self) -> bool:
         return self.seen >= self.n
+
+
+def test_pool_worker_dying_on_every_restart_fails_in_one_line(case, serial, monkeypatch, tmp_path):
+    marker = kill_on(monkeypatch, tmp_path, serial, times=MAX_RESTARTS + 5)
+    with pytest.raises(AutopruneError) as info:
+        prune(case, workers=2)
+    assert str(info.value).startswith(f"worker processes died {MAX_RESTARTS + 1} times evaluating one batch")
+    assert deaths(marker) == MAX_RESTARTS + 1  # the pool gave up after its restarts, it did not loop
+    assert multiprocessing.active_children() == []
 
 
 def test_pool_run_stopped_mid_batch_resumes_to_the_serial_result(case, serial, tmp_path):
@@ -317,6 +333,18 @@ def test_ray_actor_killed_mid_batch_gives_the_serial_result(case, serial, ray_in
     result = prune(case, workers=2, ray_address="local")
     assert marker.exists()
     assert_same_run(result, serial)
+
+
+def test_ray_actor_dead_after_its_restarts_fails_in_one_line(case, serial, ray_instance, monkeypatch, tmp_path):
+    # no restarts allowed (each restart costs this machine tens of seconds): the first death leaves the actor dead,
+    # and its task, which Ray retries without limit while the actor can restart, must fail rather than wait
+    monkeypatch.setattr(executor_module, "MAX_RESTARTS", 0)
+    marker = kill_on(monkeypatch, tmp_path, serial, index=3, times=5)
+    with pytest.raises(AutopruneError) as info:
+        prune(case, workers=2, ray_address="local")
+    assert str(info.value).startswith("a Ray worker died more than 0 times evaluating candidates")
+    assert "\n" not in str(info.value)
+    assert deaths(marker) == 1
 
 
 def test_ray_refuses_an_unpicklable_score_fn(case, ray_instance):

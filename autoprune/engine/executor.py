@@ -91,15 +91,18 @@ def pin_threads(threads: int) -> None:
 
 @dataclass(frozen=True)
 class Fault:
-    """Test-only: kill the worker process that first starts evaluating the candidate with ``counts``.
+    """Test-only: kill the worker process that starts evaluating the candidate with ``counts``, ``times`` times.
 
     Attributes:
-        marker: a file created (exclusively) just before the kill, so only one worker ever dies.
+        marker: a file created (exclusively) just before the first kill (``marker.2``, ... before the later
+            ones), so exactly ``times`` workers die, whoever evaluates the candidate.
         counts: the channel counts of the candidate.
+        times: how many workers die for it (1: one; more than the executor's restarts: the run must fail).
     """
 
     marker: str
     counts: tuple[int, ...]
+    times: int = 1
 
     @classmethod
     def from_env(cls) -> Fault | None:
@@ -108,17 +111,19 @@ class Fault:
         if not text:
             return None
         data = json.loads(text)
-        return cls(str(data["marker"]), tuple(int(c) for c in data["counts"]))
+        return cls(str(data["marker"]), tuple(int(c) for c in data["counts"]), int(data.get("times", 1)))
 
     def strike(self, key: tuple[int, ...]) -> None:
-        """SIGKILL this process if ``key`` is the candidate and nobody has died for it yet."""
+        """SIGKILL this process if ``key`` is the candidate and fewer than ``times`` workers died for it."""
         if key != self.counts:
             return
-        try:
-            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return
-        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+        for death in range(1, self.times + 1):
+            try:
+                os.close(os.open(self.marker if death == 1 else f"{self.marker}.{death}",
+                                 os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+            os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
 class Worker:
@@ -389,15 +394,21 @@ class RayExecutor(Executor):
         state = worker_state(evaluator)
         self._ray = ray
         self._actors: list[Any] = []
+        self._payload: Any = None
         self._started = self._connect(address)
         try:
             try:
-                ref = ray.put(state)
+                # held for the executor's life: a restarted actor runs __init__ again with this reference, and Ray
+                # frees the object once the driver drops its last one (the restart then fails to construct)
+                self._payload = ray.put(state)
             except Exception as exc:
                 raise AutopruneError(f"the model or its data cannot be sent to Ray workers ({_first_line(exc)}); "
                                      "use workers=1") from exc
-            actor = ray.remote(Worker).options(num_cpus=1, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
-            self._actors = [actor.remote(ref, threads, fault) for _ in range(workers)]
+            # restarts are bounded; task retries are not (-1): a task sent while its actor restarts fails fast and
+            # uses up a retry (ray-project/ray#44719), so a small count can lose a task the restart would have
+            # served. Once the restarts are used up the actor is dead and its tasks fail with RayActorError.
+            actor = ray.remote(Worker).options(num_cpus=1, max_restarts=MAX_RESTARTS, max_task_retries=-1)
+            self._actors = [actor.remote(self._payload, threads, fault) for _ in range(workers)]
             self._pool = ActorPool(self._actors)
         except BaseException:
             self.close(failed=True)
@@ -435,6 +446,7 @@ class RayExecutor(Executor):
                 with contextlib.suppress(Exception):
                     self._ray.kill(actor)
             self._actors = []
+            self._payload = None
             if self._started:
                 self._started = False
                 self._ray.shutdown()

@@ -39,6 +39,7 @@ from autoprune.engine.measure import cost_of, serialized_size
 from autoprune.engine.result import Evaluation, FinetuneStats, LayerWidth, ModelStats, PruneResult, SearchStats
 from autoprune.engine.scoring import (
     SELECT_ETA,
+    CandidateScore,
     Selection,
     resolve_score,
     selection_score,
@@ -86,6 +87,7 @@ class Setup:
     calibration: list[Inputs]
     base_score: float
     chance: float | None
+    score: CandidateScore
     train: list[Batch] = field(default_factory=list)
     latency: LatencyTable | None = None
 
@@ -147,15 +149,16 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
     calibration = [] if data.train is None else [
         x for x, _ in take(data.train, config.calibration_samples, seed=config.seed, key=CALIBRATION_KEY,
                            device=device, what="the training loader")]
-    train = _score_training_batches(config, data, base, device)
+    score = resolve_score(config.score, config.score_options, base, data.score_fn, trainable=data.train is not None)
+    train = _score_training_batches(config, score, data, device)
     base_score = measure_score(base, val, data.score_fn)
     chance = None if data.score_fn is not None else _chance_level(val)
-    return Setup(base, example, space, device, val, calibration, base_score, chance, train)
+    return Setup(base, example, space, device, val, calibration, base_score, chance, score, train)
 
 
-def _score_training_batches(config: PruneConfig, data: Data, model: nn.Module, device: torch.device) -> list[Batch]:
+def _score_training_batches(config: PruneConfig, score: CandidateScore, data: Data,
+                            device: torch.device) -> list[Batch]:
     """The training batches the candidate score and the selection fine-tune on (none for the other scores)."""
-    score = resolve_score(config.score, config.score_options, model, data.score_fn, trainable=data.train is not None)
     selecting = config.select_top > 1 and config.target.macs_reduction is not None and data.score_fn is None
     samples = max(score.train_samples, selection_score(score, 1).train_samples if selecting else 0)
     if samples == 0:
@@ -222,9 +225,7 @@ def search(setup: Setup, plan: Plan, config: PruneConfig, method: Method, data: 
     """Run the plan's strategy on the evaluator; new evaluations go to the callbacks, ``recorded`` ones are replayed."""
     space = setup.space
     evaluator = Evaluator(plan.model, space, plan.scores, setup.val, setup.calibration, score_fn=data.score_fn,
-                          score=resolve_score(config.score, config.score_options, plan.model, data.score_fn,
-                                              trainable=bool(setup.train)),
-                          train=setup.train, seed=config.seed)
+                          score=setup.score, train=setup.train, seed=config.seed)
     evaluator.physical = choose_physical(evaluator)
     for row in recorded:
         evaluator.prefill(row.counts, Fitness(row.accuracy, row.macs, row.params, row.value))
