@@ -1,4 +1,5 @@
-"""Other tools' hand-free recipes on the same base model: Torch-Pruning's progressive global pruning.
+"""Other tools' hand-free recipes on the same base model: Torch-Pruning's progressive global pruning and
+NVIDIA ModelOpt's FastNAS width search.
 
 Torch-Pruning (the library users know, and our own pruning back end) has no width search; its benchmark
 script (``benchmarks/main.py``, ``prune_to_target_macs``) reaches a MACs target without hand-set ratios by
@@ -15,6 +16,16 @@ its automatic width choice, and the recipe we compare against. The recipes here:
 
 ``tp_prune`` changes a copy of the model and stops at the first step that reaches the target, as measured by
 Torch-Pruning's own counter (the counter our targets use).
+
+``mo-fastnas`` is another toolkit's automatic width search: ModelOpt's ``mtp.prune(mode="fastnas")`` (its
+recommended mode for vision models) with ``constraints={"flops": f"{1 - reduction:.0%}"}``, the same validation
+sample our searches score on as ``score_func``, and 50 batches of 16 training images for its BatchNorm
+calibration (FastNAS re-estimates BatchNorm from a queue of 50 batches and skips it with fewer; our searches
+use 512 images). FastNAS measures every layer's sensitivity at each width choice, then searches the
+per-layer widths that meet the constraint. Its default width step is a multiple of 32 channels, which leaves
+ResNet-20's 16-channel stage and LeNet-5 unprunable; we set ``channel_divisor`` / ``feature_divisor`` to 1, the
+granularity of our own space. ModelOpt is not a dependency of autoprune: install it beside the benchmark
+(``pip install nvidia-modelopt torchprofile==0.0.4``; ModelOpt 0.47 needs torchprofile's 0.0.x API).
 """
 
 from __future__ import annotations
@@ -28,7 +39,8 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-RECIPES = ("tp-l1", "tp-group-norm", "tp-lamp", "tp-taylor")
+TP_RECIPES = ("tp-l1", "tp-group-norm", "tp-lamp", "tp-taylor")
+RECIPES = (*TP_RECIPES, "mo-fastnas")
 ITERATIVE_STEPS = 400
 
 
@@ -41,7 +53,7 @@ def _importance(recipe: str) -> Any:
         return tp.importance.LAMPImportance(p=2)
     if recipe == "tp-taylor":
         return tp.importance.GroupTaylorImportance()
-    raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(TP_RECIPES)}")
 
 
 def _output_layers(model: nn.Module, num_classes: int) -> list[nn.Module]:
@@ -79,6 +91,32 @@ def tp_prune(model: nn.Module, example_inputs: torch.Tensor, recipe: str, macs_r
     pruned.zero_grad(set_to_none=True)
     return pruned, {"recipe": recipe, "steps": steps, "iterative_steps": ITERATIVE_STEPS,
                     "macs_reduction": 1 - macs / base_macs, "global_pruning": True}
+
+
+def fastnas_prune(model: nn.Module, example_inputs: torch.Tensor, macs_reduction: float, *,
+                  score_func: Any, calibration: list[torch.Tensor],
+                  checkpoint: str) -> tuple[nn.Module, dict[str, Any]]:
+    """ModelOpt FastNAS on a copy of ``model``: the subnet with at most ``1 - macs_reduction`` of its FLOPs."""
+    try:
+        import modelopt
+        import modelopt.torch.prune as mtp
+    except ImportError as exc:
+        raise SystemExit(f"mo-fastnas needs NVIDIA ModelOpt ({exc}); pip install nvidia-modelopt "
+                         "torchprofile==0.0.4") from exc
+    pruned = copy.deepcopy(model).eval()
+    base_macs, _ = tp.utils.count_ops_and_params(pruned, example_inputs)
+    config = mtp.fastnas.FastNASConfig()
+    for kind, key in (("nn.Conv2d", "channel_divisor"), ("nn.BatchNorm2d", "feature_divisor"),
+                      ("nn.Linear", "feature_divisor"), ("nn.BatchNorm1d", "feature_divisor")):
+        config[kind]["*"][key] = 1
+    limit = f"{100 * (1 - macs_reduction):g}%"
+    pruned, _ = mtp.prune(pruned, mode=[("fastnas", config)], constraints={"flops": limit},
+                          dummy_input=example_inputs,
+                          config={"data_loader": calibration, "collect_func": lambda batch: batch,
+                                  "score_func": score_func, "checkpoint": checkpoint, "verbose": False})
+    macs, _ = tp.utils.count_ops_and_params(pruned, example_inputs)
+    return pruned, {"recipe": "mo-fastnas", "tool": f"nvidia-modelopt {modelopt.__version__}", "flops_limit": limit,
+                    "divisor": 1, "macs_reduction": 1 - macs / base_macs}
 
 
 def widths(base: nn.Module, pruned: nn.Module) -> list[list[Any]]:

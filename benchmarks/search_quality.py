@@ -28,6 +28,7 @@ import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from other_tools import RECIPES, tp_prune
+from other_tools import RECIPES, fastnas_prune, tp_prune
 from other_tools import widths as tool_widths
 from torch_pruning import __version__ as tp_version
 
@@ -129,6 +130,8 @@ def run_one(preset: Preset, seed: int, method: str, budget: int, method_options:
 
 def run_other_tool(preset: Preset, seed: int, recipe: str, finetune_epochs: int | None = None) -> dict[str, Any]:
     """Another tool's hand-free recipe (:mod:`other_tools`) on the same base, then the same shared fine-tuning."""
+    from autoprune.engine.batches import take
+    from autoprune.engine.prune import CALIBRATION_KEY, VAL_KEY
     from autoprune.engine.train import TrainConfig, evaluate, fit
     from autoprune.runs.inputs import load_inputs
 
@@ -139,8 +142,21 @@ def run_other_tool(preset: Preset, seed: int, recipe: str, finetune_epochs: int 
     torch.manual_seed(seed)
     base_test = evaluate(inputs.model, data.test).accuracy
     started = time.perf_counter()
-    model, info = tp_prune(inputs.model, inputs.example_inputs, recipe, preset.macs_reduction,
-                           num_classes=inputs.splits.info.num_classes, train_batches=data.train)
+    if recipe == "mo-fastnas":
+        val = take(data.val, 1000, seed=seed, key=VAL_KEY, device=cpu, what="val")
+        # FastNAS calibrates BatchNorm on a queue of 50 batches (fewer: it skips calibration); 50 x 16 images
+        images = torch.cat([x for x, _ in take(data.train, 800, seed=seed, key=CALIBRATION_KEY, device=cpu,
+                                               what="train")])
+        calibration = list(images.split(16))
+        with tempfile.TemporaryDirectory() as scratch:
+            model, info = fastnas_prune(inputs.model, inputs.example_inputs, preset.macs_reduction,
+                                        score_func=lambda m: evaluate(m, val, shared=False).accuracy,
+                                        calibration=calibration, checkpoint=f"{scratch}/fastnas.pth")
+        tool = info["tool"]
+    else:
+        model, info = tp_prune(inputs.model, inputs.example_inputs, recipe, preset.macs_reduction,
+                               num_classes=inputs.splits.info.num_classes, train_batches=data.train)
+        tool = f"torch-pruning {tp_version}"
     search_seconds = time.perf_counter() - started
     before = evaluate(model, data.test).accuracy
     epochs = preset.finetune_epochs if finetune_epochs is None else finetune_epochs
@@ -150,11 +166,11 @@ def run_other_tool(preset: Preset, seed: int, recipe: str, finetune_epochs: int 
     finetune_seconds = time.perf_counter() - started
     test = evaluate(model, data.test).accuracy
     return {
-        "seed": seed, "method": recipe, "budget": 0, "method_options": {}, "tool": f"torch-pruning {tp_version}",
+        "seed": seed, "method": recipe, "budget": 0, "method_options": {}, "tool": tool,
         "base_test": base_test, "pruned_test_before_finetune": before, "test": test,
         "delta_points": 100 * (test - base_test), "macs_reduction": info["macs_reduction"],
         "finetune_epochs": epochs, "extra_training_epochs": 0, "widths": tool_widths(inputs.model, model),
-        "search": {"strategy": "torch-pruning progressive global pruning", "evaluations": 0,
+        "search": {"strategy": info["recipe"], "evaluations": 0,
                    "distinct_structures": 1, "spread": 0.0, "notes": info, "distinct": 1, "mean_pairwise_l1": 0.0},
         "warnings": [], "seconds": {"search": search_seconds, "finetune": finetune_seconds},
     }
@@ -213,8 +229,9 @@ def summarise(folder: Path, preset_name: str, preset: Preset) -> None:
                    if r["method"] not in RECIPES})
     tools = sorted({r["tool"] for r in runs if r["method"] in RECIPES})
     if tools:
-        lines += ["", f"`tp-*` rows: another tool's hand-free recipe on the same base and the same shared fine-tuning "
-                  f"({', '.join(tools)}; progressive global pruning to the MACs target, `benchmarks/other_tools.py`)."]
+        lines += ["", f"`tp-*` and `mo-*` rows: other tools' hand-free recipes on the same base and the same shared "
+                  f"fine-tuning ({', '.join(tools)}; Torch-Pruning's progressive global pruning to the MACs target, "
+                  "ModelOpt's FastNAS width search; `benchmarks/other_tools.py`)."]
     lines += ["", f"Candidate score of the searches: {', '.join(f'`{u}`' for u in used)}."]
     lines += ["", f"Base model `{preset.model_path}` (not committed), test accuracy {100 * base_test:.2f}%. "
               f"Command: `.venv/bin/python benchmarks/search_quality.py {preset_name} --seeds "

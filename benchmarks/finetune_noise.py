@@ -1,0 +1,93 @@
+"""Fine-tuning noise: one chosen structure, fine-tuned by the shared loop under several fine-tuning seeds.
+
+``search_quality.py`` fine-tunes each (seed, method) structure once, with the run's seed; the spread of its
+table mixes the search's choice with the luck of one fine-tuning run. This script separates them: the
+structure ``method`` chooses for ``--seed`` (same data split and search as ``search_quality.py``) is
+fine-tuned with each of ``--finetune-seeds`` (the order of the training batches), and the spread of the
+test accuracies is the fine-tuning noise of that structure.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/finetune_noise.py lenet5 --method ssa --seed 2 --finetune-seeds 2 100 101 102
+
+Writes ``benchmarks/results/finetune_noise/<preset>_<method>_seed<seed>.json`` and prints the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from search_quality import PRESETS, RESULTS
+
+log = logging.getLogger("finetune_noise")
+OUT = RESULTS.parent / "finetune_noise"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("preset", choices=sorted(PRESETS))
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and the search")
+    parser.add_argument("--finetune-seeds", type=int, nargs="+", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from autoprune.api import execute
+    from autoprune.engine.config import PruneConfig, Target
+    from autoprune.engine.prune import Data
+    from autoprune.engine.train import TrainConfig, evaluate, fit
+    from autoprune.methods import create_method
+    from autoprune.runs.inputs import load_inputs
+
+    preset = PRESETS[args.preset]
+    cpu = torch.device("cpu")
+    inputs = load_inputs(preset.model_path, dataset=preset.dataset, data_dir=preset.data_dir, val_fraction=0.1,
+                         limit=preset.limit, seed=args.seed, batch_size=128, device=cpu)
+    data = inputs.data
+    config = PruneConfig(method=args.method, target=Target(macs_reduction=preset.macs_reduction),
+                         budget=preset.budget, val_samples=1000, finetune=None, seed=args.seed,
+                         latency_batch=1, latency_repeats=1)
+    result = execute(inputs.model, inputs.example_inputs, config, create_method(args.method, {}),
+                     Data(train=data.train, val=data.val, test=data.test), device=cpu)
+    extra = int(result.search.notes.get("extra_training_epochs", 0))
+    rows = []
+    for finetune_seed in args.finetune_seeds:
+        model = copy.deepcopy(result.model)
+        started = time.perf_counter()
+        fit(model, data.train, TrainConfig(epochs=preset.finetune_epochs - extra, lr=0.01, batch_size=128,
+                                           distill=preset.distill, seed=finetune_seed),
+            teacher=inputs.model if preset.distill > 0 else None, progress=False)
+        test = evaluate(model, data.test).accuracy
+        rows.append({"finetune_seed": finetune_seed, "test": test,
+                     "delta_points": 100 * (test - result.base.accuracy), "seconds": time.perf_counter() - started})
+        log.info("fine-tuning seed %d: %.2f%% (%+.2f points)", finetune_seed, 100 * test, rows[-1]["delta_points"])
+    deltas = [r["delta_points"] for r in rows]
+    summary = {
+        "preset": args.preset, "method": args.method, "seed": args.seed,
+        "widths": [[w.name, w.before, w.after] for w in result.widths],
+        "macs_reduction": 1 - result.pruned.macs / result.base.macs, "base_test": result.base.accuracy,
+        "runs": rows, "mean_delta": statistics.mean(deltas),
+        "std_delta": statistics.stdev(deltas) if len(deltas) > 1 else 0.0,
+        "range_delta": max(deltas) - min(deltas),
+        "command": "benchmarks/finetune_noise.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only",
+        "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{args.preset}_{args.method}_seed{args.seed}.json"
+    path.write_text(json.dumps(summary, indent=1))
+    log.info("%s: %+.2f ± %.2f points over %d fine-tuning seeds (range %.2f); %s", path.name, summary["mean_delta"],
+             summary["std_delta"], len(rows), summary["range_delta"], summary["widths"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
