@@ -125,6 +125,15 @@ def test_measure_latency_interleaves_rounds_and_makes_inputs_per_batch_size():
     assert all(not grad for *_, grad, _ in log)  # no gradients
 
 
+def test_too_few_rounds_are_reported_as_too_few_not_as_noise(caplog):
+    log: list = []
+    measure_latency([Recorder("a", log)], torch.rand(1, 3), batch_sizes=(1,), warmup=0, repeats=2)
+    messages = [r.getMessage() for r in caplog.records
+                if r.levelname == "WARNING" and "latency of model" in r.getMessage()]
+    assert messages == ["latency of model 0 at batch 1 rests on 2 timed round(s), fewer than 5: not a measurement to "
+                        "quote; raise latency_repeats (--latency-repeats)"]
+
+
 def test_measure_latency_restores_modes_and_threads_even_on_error():
     before = torch.get_num_threads()
     log: list = []

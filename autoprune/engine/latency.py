@@ -424,7 +424,13 @@ def measure_latency(models: Sequence[nn.Module], example_inputs: Inputs, *, batc
             m.train(mode)
     for i, result in enumerate(results):
         for b, t in result.items():
-            if not t.reliable:
+            if t.reliable:
+                continue
+            if t.n < MIN_RELIABLE_SAMPLES:
+                log.warning("latency of model %d at batch %d rests on %d timed round(s), fewer than %d: not a "
+                            "measurement to quote; raise latency_repeats (--latency-repeats)", i, b, t.n,
+                            MIN_RELIABLE_SAMPLES)
+            else:
                 log.warning("latency of model %d at batch %d is noisy (median %.3f ms, IQR %.0f%% of it); "
                             "re-measure on a quieter machine or with more repeats", i, b, t.median_ms,
                             100 * t.relative_spread)
