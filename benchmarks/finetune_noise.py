@@ -3,7 +3,8 @@
 ``search_quality.py`` fine-tunes each (seed, method) structure once, with the run's seed; the spread of its
 table mixes the search's choice with the luck of one fine-tuning run. This script separates them: the
 structure ``method`` chooses for ``--seed`` (same data split and search as ``search_quality.py``) is
-fine-tuned with each of ``--finetune-seeds`` (the order of the training batches), and the spread of the
+fine-tuned with each of ``--finetune-seeds`` (the order and augmentation of the training batches; the run's
+own seed reproduces ``search_quality.py``), and the spread of the
 test accuracies is the fine-tuning noise of that structure.
 
 Usage (from the repository root)::
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for finetune_seed in args.finetune_seeds:
         model = copy.deepcopy(result.model)
+        data.train.seed = finetune_seed  # the batch order and augmentation of each epoch (BatchLoader's own seed)
         started = time.perf_counter()
         fit(model, data.train, TrainConfig(epochs=preset.finetune_epochs - extra, lr=0.01, batch_size=128,
                                            distill=preset.distill, seed=finetune_seed),
