@@ -383,7 +383,8 @@ def summarise(bench: Bench, args: argparse.Namespace, specs: list[Spec], keys: l
         "load_average_1min": {"min": min(loads), "median": float(np.median(loads)), "max": max(loads)},
         "machine": machine(), "wall_seconds": seconds,
         "command": f".venv/bin/python benchmarks/score_fidelity.py {args.bench} --n {args.n} --seed {args.seed} "
-                   f"--threads {args.threads}",
+                   f"--threads {args.threads}" + (f" --scores {args.scores}" if args.scores else "")
+                   + (" --no-selection" if args.no_selection else ""),
     }
 
 
