@@ -110,7 +110,8 @@ def _add_pruning(p: argparse.ArgumentParser) -> None:
                    help="method option, e.g. particles=20 (repeatable; `autoprune methods` lists them)")
     s.add_argument("--score", help="how candidates are scored during the search: none, bn (adaptive BatchNorm, "
                                    "accuracy), loss, kl (divergence from the unpruned model), finetune (a short "
-                                   "distilled fine-tune of each), auto (default: kl; bn with a score_fn)")
+                                   "distilled fine-tune of each), auto (default: kl with BatchNorm, finetune "
+                                   "without)")
     s.add_argument("--val-samples", type=_pos_int, help="validation images used to score candidates (default all)")
     s.add_argument("--calibration-samples", type=_nonneg_int, default=512,
                    help="training images for BatchNorm re-estimation of each candidate (default 512)")

@@ -148,22 +148,23 @@ def test_scores_that_read_logits_refuse_a_score_fn(case):
         prune(case, score="kl", score_fn=lambda model: 0.5)
 
 
-def test_auto_is_kl_with_or_without_batchnorm_and_bn_with_a_score_fn(case):
-    auto = create_score("auto")
-    assert auto.resolve(case["bn"]).name == "kl" and auto.resolve(case["plain"]).name == "kl"
+def test_auto_is_kl_with_batchnorm_finetune_without_and_bn_with_a_score_fn(case):
+    auto = create_score("auto", {"steps": 7})
+    assert auto.resolve(case["bn"]).name == "kl"
+    tuned = auto.resolve(case["plain"])
+    assert tuned.name == "finetune" and tuned.steps == 7 and tuned.adapts
     assert auto.resolve(case["plain"], score_fn=lambda model: 0.5).name == "bn"
-    result = prune(case, "plain", score="auto")
-    assert result.search.notes["score"]["name"] == "kl"
-    assert all(row.value is not None for row in result.history)  # ranked by the divergence, not by accuracy
+    result = prune(case, "plain", score="auto", score_options={"steps": 3})
+    assert result.search.notes["score"] == {**tuned.describe(), "steps": 3}
+    assert all(row.value is not None for row in result.history)
     with_fn = prune(case, "plain", score="auto", score_fn=lambda model: 0.5)  # no error: auto falls back to bn
     assert with_fn.search.notes["score"]["name"] == "bn"
-    with pytest.raises(AutopruneError, match="unknown option 'steps'"):
-        create_score("auto", {"steps": 7})
 
 
-def test_auto_needs_no_training_data(case):
+def test_auto_without_training_data_ranks_by_accuracy_instead_of_failing(case):
+    assert create_score("auto").resolve(case["plain"], trainable=False).name == "bn"
     result = autoprune.prune(case["plain"], case["example"], val_loader=case["val"], score="auto", **RUN)
-    assert result.search.notes["score"]["name"] == "kl"
+    assert result.search.notes["score"]["name"] == "bn"
     with pytest.raises(AutopruneError, match="fine-tunes every candidate on training data"):
         autoprune.prune(case["plain"], case["example"], val_loader=case["val"], score="finetune", **RUN)
 

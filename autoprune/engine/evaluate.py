@@ -115,7 +115,7 @@ class Evaluator:
         self._model = copy.deepcopy(model).eval()
         for p in self._model.parameters():
             p.requires_grad_(False)
-        self.candidate_score = resolve_score(score, None, model, score_fn)
+        self.candidate_score = resolve_score(score, None, model, score_fn, trainable=bool(train))
         self.seed = seed
         self.data = ScoreData(self._model, self.val, self.calibration, list(train), score_fn, seed)
         self._bn_state = {k: v.clone() for k, v in self._model.state_dict().items() if _is_bn_buffer(k, self._model)}

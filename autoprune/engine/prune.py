@@ -149,7 +149,7 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
     calibration = [] if data.train is None else [
         x for x, _ in take(data.train, config.calibration_samples, seed=config.seed, key=CALIBRATION_KEY,
                            device=device, what="the training loader")]
-    score = resolve_score(config.score, config.score_options, base, data.score_fn)
+    score = resolve_score(config.score, config.score_options, base, data.score_fn, trainable=data.train is not None)
     train = _score_training_batches(config, score, data, device)
     base_score = measure_score(base, val, data.score_fn)
     chance = None if data.score_fn is not None else _chance_level(val)
