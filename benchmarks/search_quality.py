@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         options.setdefault(method, {})[key] = json.loads(value)
     folder = RESULTS / (args.preset + (f"_{args.tag}" if args.tag else ""))
     (folder / "runs").mkdir(parents=True, exist_ok=True)
+    failed = 0
     for seed in args.seeds:
         for method in args.methods or preset.methods:
             path = folder / "runs" / f"seed{seed}_{method}.json"
@@ -308,12 +309,18 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("skip %s (done)", path.name)
                 continue
             log.info("seed %d, method %s, budget %d", seed, method, budget)
-            row = run_one(preset, seed, method, budget, options.get(method, {}), args.finetune_epochs)
+            try:
+                row = run_one(preset, seed, method, budget, options.get(method, {}), args.finetune_epochs)
+            except Exception as exc:  # e.g. another tool refusing the target: record nothing, go on with the rest
+                log.error("seed %d, method %s failed, no run file written: %s: %s", seed, method,
+                          type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+                failed += 1
+                continue
             path.write_text(json.dumps(row, indent=1))
             log.info("%s: %.2f points (distinct %d, %s)", path.name, row["delta_points"], row["search"]["distinct"],
                      row["seconds"])
             summarise(folder, args.preset, preset)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
