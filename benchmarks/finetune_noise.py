@@ -26,8 +26,7 @@ import statistics
 import sys
 import time
 
-import torch
-from search_quality import PRESETS, RESULTS
+from search_quality import PRESETS, RESULTS, choose, load, shared_finetune
 
 log = logging.getLogger("finetune_noise")
 OUT = RESULTS.parent / "finetune_noise"
@@ -41,35 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-seeds", type=int, nargs="+", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from autoprune.api import execute
-    from autoprune.engine.config import PruneConfig, Target
-    from autoprune.engine.prune import Data
-    from autoprune.engine.train import TrainConfig, evaluate, fit
-    from autoprune.methods import create_method
-    from autoprune.runs.inputs import load_inputs
+    from autoprune.engine.train import evaluate
 
     preset = PRESETS[args.preset]
-    cpu = torch.device("cpu")
-    inputs = load_inputs(preset.model_path, dataset=preset.dataset, data_dir=preset.data_dir, val_fraction=0.1,
-                         limit=preset.limit, seed=args.seed, batch_size=128, device=cpu)
-    data = inputs.data
-    config = PruneConfig(method=args.method, target=Target(macs_reduction=preset.macs_reduction),
-                         budget=preset.budget, val_samples=1000, finetune=None, seed=args.seed,
-                         latency_batch=1, latency_repeats=1)
-    result = execute(inputs.model, inputs.example_inputs, config, create_method(args.method, {}),
-                     Data(train=data.train, val=data.val, test=data.test), device=cpu)
+    inputs = load(preset, args.seed)
+    result = choose(preset, inputs, args.seed, args.method, preset.budget, {})
     extra = int(result.search.notes.get("extra_training_epochs", 0))
     rows = []
     for finetune_seed in args.finetune_seeds:
         model = copy.deepcopy(result.model)
-        data.train.seed = finetune_seed  # the batch order and augmentation of each epoch (BatchLoader's own seed)
-        started = time.perf_counter()
-        fit(model, data.train, TrainConfig(epochs=preset.finetune_epochs - extra, lr=0.01, batch_size=128,
-                                           distill=preset.distill, seed=finetune_seed),
-            teacher=inputs.model if preset.distill > 0 else None, progress=False)
-        test = evaluate(model, data.test).accuracy
+        seconds = shared_finetune(model, inputs, preset, preset.finetune_epochs - extra, finetune_seed)
+        test = evaluate(model, inputs.data.test).accuracy
         rows.append({"finetune_seed": finetune_seed, "test": test,
-                     "delta_points": 100 * (test - result.base.accuracy), "seconds": time.perf_counter() - started})
+                     "delta_points": 100 * (test - result.base.accuracy), "seconds": seconds})
         log.info("fine-tuning seed %d: %.2f%% (%+.2f points)", finetune_seed, 100 * test, rows[-1]["delta_points"])
     deltas = [r["delta_points"] for r in rows]
     summary = {

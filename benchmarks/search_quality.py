@@ -45,6 +45,8 @@ log = logging.getLogger("search_quality")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "search_quality"
 PAPER_METHODS = ("otp", "pso", "sa", "ssa", "gdp")
+#: validation samples the searches score candidates on (FastNAS's ``score_func`` gets the same sample)
+VAL_SAMPLES = 1000
 
 
 @dataclass(frozen=True)
@@ -79,37 +81,59 @@ def distinct_spread(history: list[Any], channels: np.ndarray) -> dict[str, float
     return {"distinct": len(structures), "mean_pairwise_l1": float(np.mean(pairs)) if pairs else 0.0}
 
 
+def load(preset: Preset, seed: int) -> Any:
+    """The preset's base model and data, split and shuffled by ``seed`` (``autoprune.runs.inputs.RunInputs``)."""
+    from autoprune.runs.inputs import load_inputs
+
+    return load_inputs(preset.model_path, dataset=preset.dataset, data_dir=preset.data_dir, val_fraction=0.1,
+                       limit=preset.limit, seed=seed, batch_size=128, device=torch.device("cpu"))
+
+
+def choose(preset: Preset, inputs: Any, seed: int, method: str, budget: int,
+           method_options: dict[str, Any]) -> Any:
+    """The structure ``method`` chooses, with the weights it produced (``finetune=None``): a ``PruneResult``."""
+    from autoprune.api import execute
+    from autoprune.engine.config import PruneConfig, Target
+    from autoprune.engine.prune import Data
+    from autoprune.methods import create_method
+
+    data = inputs.data
+    config = PruneConfig(method=method, target=Target(macs_reduction=preset.macs_reduction), budget=budget,
+                         val_samples=VAL_SAMPLES, finetune=None, seed=seed, method_options=method_options,
+                         latency_batch=1, latency_repeats=1)
+    return execute(inputs.model, inputs.example_inputs, config, create_method(method, method_options),
+                   Data(train=data.train, val=data.val, test=data.test), device=torch.device("cpu"))
+
+
+def shared_finetune(model: torch.nn.Module, inputs: Any, preset: Preset, epochs: int, seed: int) -> float:
+    """The one fine-tuning loop every structure gets (``seed``: the order and augmentation of its batches);
+    returns its seconds."""
+    from autoprune.engine.train import TrainConfig, fit
+
+    inputs.data.train.seed = seed  # BatchLoader draws each epoch's order from its own seed
+    started = time.perf_counter()
+    fit(model, inputs.data.train, TrainConfig(epochs=epochs, lr=0.01, batch_size=128, distill=preset.distill,
+                                              seed=seed),
+        teacher=inputs.model if preset.distill > 0 else None, progress=False)
+    return time.perf_counter() - started
+
+
 def run_one(preset: Preset, seed: int, method: str, budget: int, method_options: dict[str, Any],
             finetune_epochs: int | None = None) -> dict[str, Any]:
     """Choose a structure with ``method``, fine-tune it with the shared loop, measure it on the test split."""
     if method in RECIPES:
         return run_other_tool(preset, seed, method, finetune_epochs)
-    from autoprune.api import execute
-    from autoprune.engine.config import PruneConfig, Target
-    from autoprune.engine.prune import Data
-    from autoprune.engine.train import TrainConfig, evaluate, fit
-    from autoprune.methods import create_method
-    from autoprune.runs.inputs import load_inputs
+    from autoprune.engine.train import evaluate
 
-    cpu = torch.device("cpu")
-    inputs = load_inputs(preset.model_path, dataset=preset.dataset, data_dir=preset.data_dir, val_fraction=0.1,
-                         limit=preset.limit, seed=seed, batch_size=128, device=cpu)
-    data = inputs.data
-    config = PruneConfig(method=method, target=Target(macs_reduction=preset.macs_reduction), budget=budget,
-                         val_samples=1000, finetune=None, seed=seed, method_options=method_options,
-                         latency_batch=1, latency_repeats=1)
+    inputs = load(preset, seed)
     started = time.perf_counter()
-    result = execute(inputs.model, inputs.example_inputs, config, create_method(method, method_options),
-                     Data(train=data.train, val=data.val, test=data.test), device=cpu)
+    result = choose(preset, inputs, seed, method, budget, method_options)
     search_seconds = time.perf_counter() - started
     extra = int(result.search.notes.get("extra_training_epochs", 0))
     epochs = max(0, (preset.finetune_epochs if finetune_epochs is None else finetune_epochs) - extra)
     model = result.model
-    started = time.perf_counter()
-    fit(model, data.train, TrainConfig(epochs=epochs, lr=0.01, batch_size=128, distill=preset.distill, seed=seed),
-        teacher=inputs.model if preset.distill > 0 else None, progress=False)
-    finetune_seconds = time.perf_counter() - started
-    test = evaluate(model, data.test).accuracy
+    finetune_seconds = shared_finetune(model, inputs, preset, epochs, seed)
+    test = evaluate(model, inputs.data.test).accuracy
     space_channels = np.array([w.before for w in result.widths], dtype=float)
     stats = result.search
     return {
@@ -132,18 +156,17 @@ def run_other_tool(preset: Preset, seed: int, recipe: str, finetune_epochs: int 
     """Another tool's hand-free recipe (:mod:`other_tools`) on the same base, then the same shared fine-tuning."""
     from autoprune.engine.batches import take
     from autoprune.engine.prune import CALIBRATION_KEY, VAL_KEY
-    from autoprune.engine.train import TrainConfig, evaluate, fit
-    from autoprune.runs.inputs import load_inputs
+    from autoprune.engine.train import evaluate
 
     cpu = torch.device("cpu")
-    inputs = load_inputs(preset.model_path, dataset=preset.dataset, data_dir=preset.data_dir, val_fraction=0.1,
-                         limit=preset.limit, seed=seed, batch_size=128, device=cpu)
+    inputs = load(preset, seed)
     data = inputs.data
     torch.manual_seed(seed)
     base_test = evaluate(inputs.model, data.test).accuracy
     started = time.perf_counter()
     if recipe == "mo-fastnas":
-        val = take(data.val, 1000, seed=seed, key=VAL_KEY, device=cpu, what="val")
+        # the validation sample our searches score on (the engine's own draw)
+        val = take(data.val, VAL_SAMPLES, seed=seed, key=VAL_KEY, device=cpu, what="val")
         # FastNAS calibrates BatchNorm on a queue of 50 batches (fewer: it skips calibration); 50 x 16 images
         images = torch.cat([x for x, _ in take(data.train, 800, seed=seed, key=CALIBRATION_KEY, device=cpu,
                                                what="train")])
@@ -160,10 +183,7 @@ def run_other_tool(preset: Preset, seed: int, recipe: str, finetune_epochs: int 
     search_seconds = time.perf_counter() - started
     before = evaluate(model, data.test).accuracy
     epochs = preset.finetune_epochs if finetune_epochs is None else finetune_epochs
-    started = time.perf_counter()
-    fit(model, data.train, TrainConfig(epochs=epochs, lr=0.01, batch_size=128, distill=preset.distill, seed=seed),
-        teacher=inputs.model if preset.distill > 0 else None, progress=False)
-    finetune_seconds = time.perf_counter() - started
+    finetune_seconds = shared_finetune(model, inputs, preset, epochs, seed)
     test = evaluate(model, data.test).accuracy
     return {
         "seed": seed, "method": recipe, "budget": 0, "method_options": {}, "tool": tool,
