@@ -1,8 +1,9 @@
 """Contract tests of the public Python API: ``autoprune.prune`` / ``PruneResult`` / ``autoprune.load`` /
 ``autoprune.export_onnx`` on user-defined ``nn.Module``s fed by plain ``DataLoader``s.
 
-Every registered method runs on six small architectures (a Sequential CNN, a residual net, a depthwise-
-separable net, a two-branch ``torch.cat`` net, a two-input model and a model fed standardised data), each
+Every registered method runs on seven small architectures (a Sequential CNN, a residual net, a depthwise-
+separable net, a two-branch ``torch.cat`` net, a two-input model, a model fed standardised data and one with
+GroupNorm and grouped convolutions), each
 trained briefly here by a plain user loop on a learnable toy task. Then the behaviours of the call's
 arguments (fine-tuning, score_fn, targets, method objects and options, errors, ignored layers, round_to,
 callbacks, run directories, resume, determinism, the caller's RNG state) and a standalone user script.
@@ -137,6 +138,22 @@ class StandardisedNet(nn.Module):
         return self.fc(self.hidden(self.body(x).mean((2, 3))))
 
 
+class BlockedNet(nn.Module):
+    """(g) GroupNorm and grouped (not depthwise) convolutions: kept counts must be whole blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16)
+        self.c2, self.b2 = nn.Conv2d(16, 24, 3, padding=1, groups=4), nn.BatchNorm2d(24)
+        self.c3, self.n3 = nn.Conv2d(24, 24, 1, groups=2), nn.GroupNorm(6, 24)
+        self.fc = nn.Linear(24, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.n1(self.c1(x)))
+        x = F.relu(self.b2(self.c2(x)))
+        return self.fc(F.relu(self.n3(self.c3(x))).mean((2, 3)))
+
+
 class PairDataset(Dataset):
     """Samples ``((image, extra), target)``: the default collate gives ``[[images, extras], targets]``."""
 
@@ -168,6 +185,8 @@ class Case:
         self.name, self.build, self.slim_ok = name, build, slim_ok
         self.train_ds, self.val_ds, self.example = train_ds, val_ds, example
         self.state: dict[str, torch.Tensor] = {}
+        # GroupNorm nets come out of 50% pruning further down (its groups' statistics change): 4 epochs, not 1
+        self.finetune = autoprune.TrainConfig(epochs=4, lr=0.01) if name == "blocked" else FINETUNE
 
     def loaders(self) -> tuple[DataLoader, DataLoader]:
         return (DataLoader(self.train_ds, batch_size=32, shuffle=True),
@@ -201,8 +220,9 @@ def make_case(name: str) -> Case:
         return Case(name, StandardisedNet, True, TensorDataset(x[:n_train], y[:n_train]),
                     TensorDataset(x[n_train:], y[n_train:]), x[:2])
     build, slim_ok = {"sequential": (sequential_cnn, True), "residual": (ResidualNet, True),
-                      "separable": (SeparableNet, True), "concat": (ConcatNet, False)}[name]
-    x, y = toy_images(n_train + n_val, {"sequential": 1, "residual": 2, "separable": 3, "concat": 4}[name])
+                      "separable": (SeparableNet, True), "concat": (ConcatNet, False),
+                      "blocked": (BlockedNet, False)}[name]
+    x, y = toy_images(n_train + n_val, {"sequential": 1, "residual": 2, "separable": 3, "concat": 4, "blocked": 8}[name])
     return Case(name, build, slim_ok, TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:]),
                 x[:2])
 
@@ -232,7 +252,7 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
     return hits / total
 
 
-ARCHS = ["sequential", "residual", "separable", "concat", "two_input", "standardised"]
+ARCHS = ["sequential", "residual", "separable", "concat", "two_input", "standardised", "blocked"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -305,7 +325,7 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
 def prune(case: Case, model: nn.Module | None = None, **kwargs) -> autoprune.PruneResult:
     train, val = case.loaders()
     settings = {"method": "l1", "macs_reduction": REDUCTION, "train_loader": train, "val_loader": val,
-                "finetune": FINETUNE, "budget": BUDGET, **FAST, **kwargs}
+                "finetune": case.finetune, "budget": BUDGET, **FAST, **kwargs}
     return autoprune.prune(case.trained() if model is None else model, case.example, **settings)
 
 
@@ -455,6 +475,52 @@ def test_score_fn_replaces_accuracy_and_needs_no_val_loader(cases):
     assert result.search.base_score == pytest.approx(expected_base, rel=1e-5)
     assert result.base.accuracy == pytest.approx(expected_base, rel=1e-5)
     assert result.pruned.accuracy == pytest.approx(score(result.model), rel=1e-5)
+
+
+class DictOutputNet(nn.Module):
+    """A model whose forward returns a dict (detection- or multi-head-style outputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(3, 8), conv_bn(8, 16))
+        self.fc = nn.Linear(16, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.fc(self.body(x).mean((2, 3)))}
+
+
+def test_outputs_that_are_not_logits_need_the_callers_loop_and_say_so_before_the_search(cases):
+    case = cases["sequential"]
+    train, val = case.loaders()
+    torch.manual_seed(0)
+    model = DictOutputNet().eval()
+
+    def score(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float(sum(int((m(x)["logits"].argmax(1) == y).sum()) for x, y in val)) / len(case.val_ds)
+
+    def finetune(m: nn.Module) -> None:
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        for x, y in train:
+            opt.zero_grad()
+            F.cross_entropy(m(x)["logits"], y).backward()
+            opt.step()
+
+    common = {"macs_reduction": REDUCTION, "train_loader": train, "score_fn": score, "budget": BUDGET, **FAST}
+    recorder = Recorder()
+    with pytest.raises(AutopruneError) as err:  # the built-in fine-tuning reads logits: said before any search
+        autoprune.prune(model, case.example, method="pso", method_options=QUICK_OPTIONS["pso"],
+                        finetune=FINETUNE, callbacks=[recorder], **common)
+    assert "fine-tuning needs logits" in one_line(err) and "the model gave dict" in str(err.value)
+    assert "finetune=your_function(model)" in str(err.value) and not recorder.evaluations
+    with pytest.raises(AutopruneError) as err:  # a gradient criterion reads logits too
+        autoprune.prune(model, case.example, method="gdp", method_options=QUICK_OPTIONS["gdp"], finetune=finetune,
+                        **common)
+    assert "a gradient-based channel criterion needs logits" in one_line(err)
+    assert "(l1, global, random, pso, ssa)" in str(err.value)
+    result = autoprune.prune(model, case.example, method="pso", method_options=QUICK_OPTIONS["pso"],
+                             finetune=finetune, **common)
+    assert result.finetune.custom and result.pruned.accuracy == pytest.approx(score(result.model))
 
 
 def test_max_drop_target(cases):

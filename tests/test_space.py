@@ -101,3 +101,76 @@ def test_bad_keep_vectors_are_clear_errors():
         space.counts([0.5])
     with pytest.raises(AutopruneError, match="NaN"):
         space.counts([0.5, float("nan"), 1, 1])
+
+
+class _Blocked(torch.nn.Module):
+    """A GroupNorm after a plain convolution, a grouped (not depthwise) convolution, a GroupNorm after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.c1, self.n1 = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16)
+        self.c2, self.b2 = nn.Conv2d(16, 24, 3, padding=1, groups=4), nn.BatchNorm2d(24)
+        self.c3, self.n3 = nn.Conv2d(24, 24, 1, groups=2), nn.GroupNorm(6, 24)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.n1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        x = torch.relu(self.n3(self.c3(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_groupnorm_and_grouped_convolutions_keep_whole_blocks():
+    torch.manual_seed(0)
+    model, x = _Blocked().eval(), torch.randn(2, 3, 8, 8)
+    space = PruningSpace(model, x[:1])
+    by_root = {g.root: g for g in space.groups}
+    # c1's 16 channels: GroupNorm(4) and c2's 4 input groups; c2's 24: its 4 groups and c3's 2 (lcm 4); c3: 6 and 2
+    assert (by_root["c1"].chunks, by_root["c2"].chunks, by_root["c3"].chunks) == (4, 4, 6)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        keep = space.snap(rng.uniform(space.lower, 1.0))
+        counts = space.counts(keep)
+        assert all(c % g.chunks == 0 for c, g in zip(counts, space.groups, strict=True))
+        scores = [torch.rand(g.channels) for g in space.groups]
+        removed = space.removed_channels(keep, scores)
+        for g, idx in zip(space.groups, removed, strict=True):  # the same positions in every block
+            size = g.channels // g.chunks
+            blocks = [sorted(int(i) % size for i in idx if i // size == b) for b in range(g.chunks)]
+            assert all(b == blocks[0] for b in blocks)
+        pruned = space.apply(model, keep, scores)
+        assert pruned(x).shape == (2, 10)
+        assert (pruned.n1.num_groups, pruned.c2.groups, pruned.c3.groups, pruned.n3.num_groups) == (4, 4, 2, 6)
+        assert counted_cost(pruned, x[:1]) == space.cost(keep)
+    # a kept output channel of the grouped convolution keeps its weights on the inputs of its own group
+    keep = space.snap([0.5 if g.root == "c1" else 1.0 for g in space.groups])
+    scores = [torch.arange(g.channels, dtype=torch.float32) for g in space.groups]
+    pruned = space.apply(model, keep, scores)
+    kept_inputs = [2, 3, 6, 7, 10, 11, 14, 15]  # the top half of each of c1's 4 blocks of 4
+    assert space.removed_channels(keep, scores)[[g.root for g in space.groups].index("c1")].tolist() == [
+        0, 1, 4, 5, 8, 9, 12, 13]
+    original = model.c2.weight.detach()  # (24, 4, 3, 3): output o reads inputs 4 * (o // 6) ...
+    for o in range(24):
+        group_inputs = [i - 4 * (o // 6) for i in kept_inputs if i // 4 == o // 6]
+        torch.testing.assert_close(pruned.c2.weight[o], original[o, group_inputs])
+
+
+def test_groupnorm_over_a_concatenation_is_kept_whole():
+    class Concat(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.Conv2d(3, 6, 3, padding=1)
+            self.n = torch.nn.GroupNorm(4, 12)
+            self.c = torch.nn.Conv2d(12, 8, 3, padding=1)
+            self.head = torch.nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.n(torch.cat([self.a(x), self.b(x)], 1)))
+            return self.head(torch.relu(self.c(y)).mean((2, 3)))
+
+    model, x = Concat().eval(), torch.randn(2, 3, 8, 8)
+    space = PruningSpace(model, x[:1])
+    assert [g.root for g in space.groups] == ["c"]  # a and b feed one GroupNorm whose groups straddle them
+    pruned = space.apply(model, space.snap([0.5]), [torch.rand(8)])
+    assert pruned(x).shape == (2, 10)

@@ -12,7 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autoprune.engine.batches import Inputs, batch_size_of, describe_shape, forward, split_batch, to_device
+from autoprune.engine.batches import (
+    METHOD_TRAINING_FIX,
+    Inputs,
+    batch_size_of,
+    check_class_targets,
+    describe_shape,
+    forward,
+    split_batch,
+    to_device,
+)
 from autoprune.engine.space import PruningSpace
 from autoprune.errors import AutopruneError
 
@@ -139,7 +148,9 @@ def repeat_batch(inputs: Inputs, copies: int) -> Inputs:
 
 def loss(model: nn.Module, inputs: Inputs, labels: Tensor, *, reduction: str = "mean") -> Tensor:
     """Cross-entropy of the model's logits against the labels."""
-    return F.cross_entropy(forward(model, inputs), labels, reduction=reduction)
+    outputs = forward(model, inputs)
+    check_class_targets(outputs, labels, what="a gradient-based channel criterion", fix=METHOD_TRAINING_FIX)
+    return F.cross_entropy(outputs, labels, reduction=reduction)
 
 
 def finish(scores: Sequence[Tensor], space: PruningSpace, criterion: str) -> list[Tensor]:

@@ -182,16 +182,25 @@ def limited(batches: Iterable[Batch], max_batches: int | None) -> Iterable[Batch
 Metric = Callable[[Any, Any], tuple[float, int]]
 
 
-def check_class_targets(outputs: Any, targets: Any) -> None:
+#: What :func:`check_class_targets` suggests where the built-in fine-tuning (cross-entropy) meets other outputs.
+TRAINING_FIX = ("the built-in fine-tuning trains with cross-entropy on them: for other tasks pass "
+                "finetune=your_function(model) (your own loop) or finetune=None")
+#: ... and where a method's own training or a gradient criterion does.
+METHOD_TRAINING_FIX = ("this method trains with cross-entropy: for other tasks use one whose channel criterion reads "
+                       "only the weights (l1, global, random, pso, ssa)")
+
+
+def check_class_targets(outputs: Any, targets: Any, *, what: str = "accuracy",
+                        fix: str = "for other tasks pass score_fn=callable(model) -> float") -> None:
     """Raise one line unless ``outputs`` are logits ``(B, K)`` and ``targets`` integer class indices ``(B,)`` in
-    ``[0, K)`` (what accuracy and cross-entropy read)."""
+    ``[0, K)`` (what accuracy and cross-entropy read); ``what`` needs them, ``fix`` says what to do otherwise."""
     if not isinstance(outputs, torch.Tensor) or outputs.dim() < 2 or not isinstance(targets, torch.Tensor):
-        raise AutopruneError("accuracy needs logits (B, classes) and integer class targets (B,); for other tasks "
-                             "pass score_fn=callable(model) -> float")
+        got = type(outputs).__name__ if not isinstance(outputs, torch.Tensor) else f"shape {tuple(outputs.shape)}"
+        raise AutopruneError(f"{what} needs logits (B, classes) and integer class targets (B,), the model gave "
+                             f"{got}; {fix}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise AutopruneError(f"the targets are {str(targets.dtype).removeprefix('torch.')}; a classifier's targets "
-                             "are integer class indices (B,): convert them with .long() (for other tasks pass "
-                             "score_fn=)")
+                             f"are integer class indices (B,): convert them with .long() ({fix})")
     if targets.shape != outputs.shape[:1] + outputs.shape[2:]:  # (B,), or (B, H, W) for (B, K, H, W) outputs
         raise AutopruneError(f"the targets have shape {tuple(targets.shape)} for outputs {tuple(outputs.shape)}; "
                              "expected one class index per sample (B,)")

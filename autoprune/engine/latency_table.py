@@ -537,7 +537,7 @@ class LatencyTable:
             raise AutopruneError("keep vector contains NaN or inf")
         channels = np.array([g.channels for g in groups], dtype=np.float64)
         lowest = np.array([g.min_keep for g in groups], dtype=np.float64)
-        step = self.space.round_to
+        step = np.array([g.step for g in groups], dtype=np.float64)
         return np.minimum(channels, np.maximum(lowest, np.round(keeps * channels / step) * step))
 
     # ---- building -------------------------------------------------------------------------------

@@ -25,7 +25,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import autoprune
-from autoprune.engine.batches import Batch, Inputs, as_inputs, describe_shape, first_sample, forward, take, to_device
+from autoprune.engine.batches import (
+    TRAINING_FIX,
+    Batch,
+    Inputs,
+    as_inputs,
+    check_class_targets,
+    describe_shape,
+    first_sample,
+    forward,
+    take,
+    to_device,
+)
 from autoprune.engine.callbacks import CallbackList
 from autoprune.engine.config import PruneConfig
 from autoprune.engine.distributed import on_main, world
@@ -361,9 +372,6 @@ def finetune(pruned: nn.Module, setup: Setup, config: PruneConfig, data: Data, f
     settings = config.finetune
     if settings is None or settings.epochs == 0:
         return FinetuneStats(epochs=0, seconds=0.0)
-    if data.train is None:
-        raise AutopruneError("fine-tuning needs training data: pass train_loader=, or finetune=None to get the "
-                             "pruned model without fine-tuning (or finetune=your_function(model))")
     settings = replace(settings, seed=config.seed, epochs=max(0, settings.epochs - extra_epochs))
     if settings.epochs == 0:
         return FinetuneStats(epochs=0, seconds=0.0)
@@ -375,6 +383,23 @@ def finetune(pruned: nn.Module, setup: Setup, config: PruneConfig, data: Data, f
         raise SearchInterrupted("interrupted during fine-tuning (finished epochs are checkpointed)") from exc
     return FinetuneStats(epochs=settings.epochs, seconds=time.perf_counter() - started, lr=settings.lr,
                          distill=settings.distill)
+
+
+def check_finetune(setup: Setup, config: PruneConfig, data: Data, finetune_fn: FinetuneFn | None) -> None:
+    """Before any search: the built-in fine-tuning has training data, and the model's outputs on it are what its
+    cross-entropy reads (logits and integer class targets)."""
+    if finetune_fn is not None or config.finetune is None or config.finetune.epochs == 0:
+        return
+    if data.train is None:
+        raise AutopruneError("fine-tuning needs training data: pass train_loader=, or finetune=None to get the "
+                             "pruned model without fine-tuning (or finetune=your_function(model))")
+    batch = take(data.train, 1, seed=config.seed, key=CALIBRATION_KEY, device=setup.device, what="the training loader")
+    if not batch:
+        raise AutopruneError("the training loader yielded no samples; pass a non-empty train_loader (or finetune=None)")
+    inputs, targets = batch[0]
+    with torch.no_grad():
+        outputs = forward(setup.base, inputs)
+    check_class_targets(outputs, targets, what="fine-tuning", fix=TRAINING_FIX)
 
 
 def _final_score(model: nn.Module, setup: Setup, data: Data, seed: int, *, shared: bool = True) -> float:
@@ -498,6 +523,7 @@ def run(model: nn.Module, example_inputs: Any, config: PruneConfig, method: Meth
     callbacks = callbacks or CallbackList()
     here = world()
     setup = prepare(model, example_inputs, config, data, device)
+    check_finetune(setup, config, data, finetune_fn)
     decided: list[Decision] = []  # rank 0's decision; its pruned model (or its error) reaches every rank
 
     def decide_on_main() -> nn.Module:

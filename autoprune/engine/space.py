@@ -34,7 +34,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -70,13 +70,22 @@ class Member:
 
 @dataclass(frozen=True)
 class Group:
-    """A set of coupled channels that share one keep ratio."""
+    """A set of coupled channels that share one keep ratio.
+
+    ``chunks > 1`` where a member splits the channels into equal blocks that must stay equal (a
+    ``GroupNorm``'s groups, a grouped, not depthwise, convolution's groups): as in Torch-Pruning, a channel
+    position is kept or removed in every block at once (the blocks' scores averaged), so each block keeps
+    the same channels and the layer keeps its number of groups. ``step``: kept counts are multiples of it
+    (the least common multiple of ``round_to`` and ``chunks``) or the full width.
+    """
 
     index: int  # position in the keep vector
     root: str
     channels: int
     min_keep: int
     members: tuple[Member, ...]
+    chunks: int = 1
+    step: int = 1
 
     @property
     def name(self) -> str:
@@ -156,7 +165,7 @@ class PruningSpace:
         found = sorted(_groups_from_graph(graph, names, set(ignored), round_to, min_ratio, min_channels),
                        key=lambda g: order[g.root])
         self.groups: tuple[Group, ...] = tuple(
-            Group(i, g.root, g.channels, g.min_keep, g.members) for i, g in enumerate(found))
+            replace(g, index=i) for i, g in enumerate(found))
         if not self.groups:
             raise AutopruneError("the model has no prunable channels (no convolution or linear layer "
                                  "feeds another one)")
@@ -186,7 +195,7 @@ class PruningSpace:
         return np.ones(len(self.groups))
 
     def counts(self, keep: Sequence[float] | np.ndarray) -> np.ndarray:
-        """Channels kept per group for a keep vector (rounded to ``round_to``, minimum width applied)."""
+        """Channels kept per group for a keep vector (rounded to the group's ``step``, minimum width applied)."""
         keep = np.asarray(keep, dtype=np.float64)
         if keep.shape != (len(self.groups),):
             raise AutopruneError(f"keep vector has {keep.size} entries, the space has {len(self.groups)} groups")
@@ -194,14 +203,14 @@ class PruningSpace:
             raise AutopruneError("keep vector contains NaN or inf")
         out = np.empty(len(self.groups), dtype=np.int64)
         for i, (g, r) in enumerate(zip(self.groups, keep, strict=True)):
-            k = int(round(float(r) * g.channels / self.round_to)) * self.round_to
+            k = int(round(float(r) * g.channels / g.step)) * g.step
             out[i] = min(g.channels, max(g.min_keep, k))
         return out
 
     def snap_one(self, index: int, ratios: Sequence[float] | np.ndarray) -> np.ndarray:
         """Snap candidate keep ratios of one group (a constraint set, say) to its allowed widths."""
         g = self.groups[index]
-        k = np.round(np.asarray(ratios, dtype=np.float64) * g.channels / self.round_to) * self.round_to
+        k = np.round(np.asarray(ratios, dtype=np.float64) * g.channels / g.step) * g.step
         return np.clip(k, g.min_keep, g.channels) / g.channels
 
     def snap(self, keep: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -263,7 +272,8 @@ class PruningSpace:
 
     def removed_channels(self, keep: Sequence[float] | np.ndarray,
                          scores: Sequence[np.ndarray | torch.Tensor]) -> list[np.ndarray]:
-        """Indices of the channels each group drops: its lowest-scored ones (ties broken by index)."""
+        """Indices of the channels each group drops: its lowest-scored ones (ties broken by index); in a group of
+        ``chunks`` blocks, the lowest-scored positions by their mean score over the blocks, in every block."""
         counts = self.counts(keep)
         if len(scores) != len(self.groups):
             raise AutopruneError(f"got scores for {len(scores)} groups, the space has {len(self.groups)}")
@@ -273,8 +283,13 @@ class PruningSpace:
             if s.shape != (g.channels,):
                 raise AutopruneError(f"scores for group {g.name!r} have shape {s.shape}, expected ({g.channels},)")
             s = np.nan_to_num(s, nan=-np.inf)
-            order = np.lexsort((np.arange(g.channels), s))  # ascending score, then index
-            out.append(np.sort(order[: g.channels - int(k)]))
+            size = g.channels // g.chunks
+            if g.chunks > 1:
+                with np.errstate(invalid="ignore"):
+                    s = np.nan_to_num(s.reshape(g.chunks, size).mean(axis=0), nan=-np.inf)
+            order = np.lexsort((np.arange(size), s))  # ascending score, then index
+            positions = order[: (g.channels - int(k)) // g.chunks]
+            out.append(np.sort((np.arange(g.chunks)[:, None] * size + positions[None, :]).ravel()))
         return out
 
     # ---- masking ------------------------------------------------------------------------------
@@ -427,10 +442,34 @@ def _groups_from_graph(graph: tp.DependencyGraph, names: dict[nn.Module, str], i
             continue  # nothing reads these channels: model outputs (the classifier)
         if any(m.dim == "out" and m.ratio != 1 for m in members):
             continue  # outputs written in pieces (e.g. split); not supported, kept whole
+        chunks = _chunks(tp_group, graph, channels)
+        if chunks is None:
+            continue  # blocks that do not line up with the group's channels (e.g. a GroupNorm over a concatenation)
         seen_roots.add(root)
+        step = math.lcm(round_to, chunks)
         floor = max(min_channels, math.ceil(min_ratio * channels))
-        floor = min(channels, math.ceil(floor / round_to) * round_to)
-        yield Group(-1, root, channels, floor, _dedupe(members))
+        floor = min(channels, math.ceil(floor / step) * step)
+        yield Group(-1, root, channels, floor, _dedupe(members), chunks, step)
+
+
+def _chunks(tp_group: tp.Group, graph: tp.DependencyGraph, channels: int) -> int | None:
+    """The equal blocks a group's channels must keep (1: none), or ``None`` where a blocked layer covers other
+    channels than exactly the group's (not supported: the group is kept whole)."""
+    chunks = 1
+    for dep, idxs in tp_group:
+        module = dep.target.module
+        if isinstance(module, nn.GroupNorm):
+            blocks, width = module.num_groups, module.num_channels
+        elif isinstance(module, _COMPUTE_TYPES[:3]) and module.groups > 1 and not (
+                module.groups == module.in_channels == module.out_channels):
+            blocks = module.groups
+            width = module.out_channels if graph.is_out_channel_pruning_fn(dep.handler) else module.in_channels
+        else:
+            continue
+        if width != channels or len(idxs) != channels or channels % blocks:
+            return None
+        chunks = math.lcm(chunks, blocks)
+    return chunks if channels % chunks == 0 else None
 
 
 def _dedupe(members: list[Member]) -> tuple[Member, ...]:

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from autoprune.engine.batches import (
+    TRAINING_FIX,
     check_class_targets,
     correct_predictions,
     count_batches,
@@ -209,10 +210,11 @@ def _steps_per_epoch(loader: Iterable[Any], seed: int) -> int:
 
 
 def _training_loss(trained: nn.Module, model: nn.Module, inputs: Any, targets: Any, config: TrainConfig,
-                   teacher: nn.Module | None, regularizer: Regularizer | None, loss_fn: LossFn | None) -> torch.Tensor:
+                   teacher: nn.Module | None, regularizer: Regularizer | None, loss_fn: LossFn | None,
+                   targets_fix: str = TRAINING_FIX) -> torch.Tensor:
     outputs = forward(trained, inputs)
     if loss_fn is None:
-        check_class_targets(outputs, targets)
+        check_class_targets(outputs, targets, what="training", fix=targets_fix)
     loss = loss_fn(outputs, targets) if loss_fn is not None else F.cross_entropy(outputs, targets)
     if teacher is not None:
         with torch.no_grad():
@@ -226,7 +228,7 @@ def _training_loss(trained: nn.Module, model: nn.Module, inputs: Any, targets: A
 
 @subnormals_flushed()
 def fit(model: nn.Module, loader: Iterable[Any], config: TrainConfig, *, teacher: nn.Module | None = None,
-        regularizer: Regularizer | None = None, loss_fn: LossFn | None = None,
+        regularizer: Regularizer | None = None, loss_fn: LossFn | None = None, targets_fix: str = TRAINING_FIX,
         checkpoint: str | os.PathLike[str] | None = None, progress: bool = True, desc: str = "train",
         stop_requested: Callable[[], bool] | None = None,
         on_epoch: Callable[[int, int], None] | None = None) -> TrainLog:
@@ -239,6 +241,7 @@ def fit(model: nn.Module, loader: Iterable[Any], config: TrainConfig, *, teacher
         teacher: when given and ``config.distill > 0``, the model distilled from (kept in eval mode).
         regularizer: an extra loss term computed from the model.
         loss_fn: ``loss_fn(outputs, targets)``; default cross-entropy on logits.
+        targets_fix: what the error says to do when the default loss meets outputs that are not logits.
         checkpoint: a file updated atomically after every epoch; if it exists, training resumes from it.
         progress: show progress bars.
         desc: label of the progress bar.
@@ -263,7 +266,8 @@ def fit(model: nn.Module, loader: Iterable[Any], config: TrainConfig, *, teacher
     trained = wrap_for_training(model, here)
     try:
         last_loss = _epochs(model, trained, loader, config, optimizer, start_epoch, steps_per_epoch, teacher=teacher,
-                            regularizer=regularizer, loss_fn=loss_fn, checkpoint=checkpoint if here.main else None,
+                            regularizer=regularizer, loss_fn=loss_fn, targets_fix=targets_fix,
+                            checkpoint=checkpoint if here.main else None,
                             progress=progress and here.main, desc=desc, stop_requested=stop_requested,
                             on_epoch=on_epoch)
     finally:
@@ -274,7 +278,8 @@ def fit(model: nn.Module, loader: Iterable[Any], config: TrainConfig, *, teacher
 
 def _epochs(model: nn.Module, trained: nn.Module, loader: Iterable[Any], config: TrainConfig,
             optimizer: torch.optim.Optimizer, start_epoch: int, steps_per_epoch: int, *, teacher: nn.Module | None,
-            regularizer: Regularizer | None, loss_fn: LossFn | None, checkpoint: str | os.PathLike[str] | None,
+            regularizer: Regularizer | None, loss_fn: LossFn | None, targets_fix: str,
+            checkpoint: str | os.PathLike[str] | None,
             progress: bool, desc: str, stop_requested: Callable[[], bool] | None,
             on_epoch: Callable[[int, int], None] | None) -> float:
     """The epoch loop of :func:`fit` (``trained`` is ``model``, or ``model`` under DistributedDataParallel)."""
@@ -291,7 +296,7 @@ def _epochs(model: nn.Module, trained: nn.Module, loader: Iterable[Any], config:
             lr = lr_at(min(epoch * steps_per_epoch + i, total - 1), total, config.lr, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = _training_loss(trained, model, inputs, targets, config, teacher, regularizer, loss_fn)
+            loss = _training_loss(trained, model, inputs, targets, config, teacher, regularizer, loss_fn, targets_fix)
             if not torch.isfinite(loss):
                 raise AutopruneError(f"training diverged: loss is {float(loss.detach())} at epoch {epoch + 1}, "
                                      f"step {i + 1} (learning rate {lr:.4g}); lower the learning rate or check "

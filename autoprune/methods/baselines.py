@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from autoprune.checks import check_float, check_int
+from autoprune.engine.batches import METHOD_TRAINING_FIX
 from autoprune.engine.train import fit
 from autoprune.errors import AutopruneError
 from autoprune.methods.base import Method, MethodContext, Plan, criterion_scores, normalized, register_method
@@ -122,7 +123,8 @@ class Slim(Method):
                                  "has none (use l1, global or a search method for this model)")
         model = copy.deepcopy(ctx.model)
         fit(model, ctx.loader(self.name, "sparsity training"), ctx.training(self.epochs),
-            regularizer=bn_l1_penalty(self.sparsity), progress=ctx.progress, desc="sparsity training")
+            targets_fix=METHOD_TRAINING_FIX, regularizer=bn_l1_penalty(self.sparsity), progress=ctx.progress,
+            desc="sparsity training")
         scores = criterion_scores(ctx, "bn_scale", model, method=self.name)
         return Plan(model, scores, "threshold", {"scores": [s.numpy() for s in scores], "rule": "global"},
                     notes={"sparsity": self.sparsity, "sparsity_epochs": self.epochs},

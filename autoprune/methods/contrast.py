@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from autoprune.checks import check_float, check_int
+from autoprune.engine.batches import METHOD_TRAINING_FIX
 from autoprune.engine.space import PruningSpace
 from autoprune.engine.train import fit
 from autoprune.methods.base import Method, MethodContext, Plan, ShardLoader, register_method, residual_start
@@ -220,7 +221,8 @@ class SA(Method):
         for k in range(self.networks):
             net = copy.deepcopy(ctx.model)
             fit(net, ShardLoader(loader, k, self.networks), ctx.training(self.epochs, seed=ctx.seed + k),
-                regularizer=polarization_penalty(ctx.space, self.polarization, self.t), progress=ctx.progress,
+                targets_fix=METHOD_TRAINING_FIX, regularizer=polarization_penalty(ctx.space, self.polarization, self.t),
+                progress=ctx.progress,
                 desc=f"polarise net {k + 1}/{self.networks}")
             with torch.no_grad():
                 factors = [s.detach().abs().cpu().double() for s in scale_factors(net, ctx.space)]
