@@ -222,7 +222,8 @@ def make_case(name: str) -> Case:
     build, slim_ok = {"sequential": (sequential_cnn, True), "residual": (ResidualNet, True),
                       "separable": (SeparableNet, True), "concat": (ConcatNet, False),
                       "blocked": (BlockedNet, False)}[name]
-    x, y = toy_images(n_train + n_val, {"sequential": 1, "residual": 2, "separable": 3, "concat": 4, "blocked": 8}[name])
+    seeds = {"sequential": 1, "residual": 2, "separable": 3, "concat": 4, "blocked": 8}
+    x, y = toy_images(n_train + n_val, seeds[name])
     return Case(name, build, slim_ok, TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:]),
                 x[:2])
 

@@ -127,6 +127,22 @@ def test_the_lock_is_released_when_the_block_raises(tmp_path):
         pass
 
 
+def test_directories_it_created_are_removed_when_left_empty_and_kept_otherwise(tmp_path):
+    with pytest.raises(RuntimeError), lock_output(tmp_path / "a" / "b" / "out", kind="directory"):
+        raise RuntimeError("the run failed before writing anything")
+    assert not (tmp_path / "a").exists()  # every directory it made, innermost first
+    with lock_output(tmp_path / "c" / "model.pt", kind="file"):
+        pass
+    assert not (tmp_path / "c").exists()
+    with lock_output(tmp_path / "d" / "out", kind="directory") as held:
+        (held.path / "report.md").write_text("written")
+    assert (tmp_path / "d" / "out" / "report.md").exists() and not (tmp_path / "d" / "out" / LOCK_NAME).exists()
+    (tmp_path / "e").mkdir()
+    with lock_output(tmp_path / "e", kind="directory"):
+        pass
+    assert (tmp_path / "e").is_dir()  # there before: kept, even empty
+
+
 def test_clear_directory_keeps_only_the_lock_file(tmp_path):
     out = tmp_path / "run"
     (out / "work" / "deep").mkdir(parents=True)

@@ -67,8 +67,9 @@ def lock_file_for(path: str | os.PathLike[str], kind: Literal["directory", "file
 def lock_output(path: str | os.PathLike[str], *, kind: Literal["directory", "file"]) -> Iterator[OutputLock]:
     """Hold the output ``path`` exclusively for the duration of the block.
 
-    The directory (``kind="directory"``) or the file's parent (``kind="file"``) is created if needed.
-    Raises :class:`AutopruneError` naming the holder if another live process holds the output, or if
+    The directory (``kind="directory"``) or the file's parent (``kind="file"``) is created if needed, and removed
+    again on exit if the block left it empty (a run that failed before writing leaves nothing behind). Raises
+    :class:`AutopruneError` naming the holder if another live process holds the output, or if
     the lock cannot be created. On exit the lock file is removed and the lock released.
     """
     if fcntl is None:  # pragma: no cover - Windows
@@ -80,6 +81,7 @@ def lock_output(path: str | os.PathLike[str], *, kind: Literal["directory", "fil
         raise AutopruneError(f"{label} is a file; give a directory (--out)")
     if kind == "file" and p.is_dir():
         raise AutopruneError(f"{label} is a directory; give a file name (--out)")
+    created = [d for d in (lock_file.parent, *lock_file.parent.parents) if not d.exists()]
     try:
         lock_file.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -107,6 +109,11 @@ def lock_output(path: str | os.PathLike[str], *, kind: Literal["directory", "fil
         os.close(fd)  # releases the flock
         with _held_guard:
             _held.pop(key, None)
+        for directory in created:  # innermost first; stops at the first one that is not empty
+            try:
+                directory.rmdir()
+            except OSError:
+                break
 
 
 def _acquire(lock_file: Path, label: str) -> tuple[int, dict[str, Any] | None]:
