@@ -79,6 +79,12 @@ def prune(model: nn.Module, example_inputs: Any, *, method: str | Method = "pso"
     """
     if not isinstance(model, nn.Module):
         raise AutopruneError(f"model must be an nn.Module, got {type(model).__name__}")
+    if method_options is not None and not isinstance(method_options, Mapping):
+        raise ConfigError("method_options", method_options, "must be a dict of option names to values")
+    if score_fn is not None and not callable(score_fn):
+        raise ConfigError("score_fn", score_fn, "must be a callable(model) -> float")
+    if isinstance(callbacks, Callback) or not isinstance(callbacks, Sequence | set | frozenset):
+        raise ConfigError("callbacks", callbacks, "must be a list of autoprune.Callback instances")
     method_obj = create_method(method, dict(method_options or {}))
     finetune_fn = None if isinstance(finetune, TrainConfig) or finetune is None else finetune
     if finetune_fn is not None and not callable(finetune_fn):

@@ -557,6 +557,35 @@ class HardCodedReshape(nn.Module):
         return self.fc(self.conv(x).reshape(-1, 4 * SIZE * SIZE))
 
 
+class RaisingLoader:
+    """Yields one good batch, then raises ``error`` (a disk or a decoder failing mid-pass)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __iter__(self):
+        yield toy_images(8, 0)
+        raise self.error
+
+
+class NaNLoader:
+    """Validation batches with a NaN pixel in each image."""
+
+    def __iter__(self):
+        x, y = toy_images(16, 0)
+        x[:, 0, 0, 0] = float("nan")
+        yield x, y
+
+
+class NaNOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = sequential_cnn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * float("nan")
+
+
 @pytest.mark.parametrize(("change", "named"), [
     ({"method": "pso", "method_options": {"particle": 3}}, "particle"),
     ({"method": "nope"}, "nope"),
@@ -569,7 +598,17 @@ class HardCodedReshape(nn.Module):
     ({"ignored_layers": [nn.Conv2d(3, 3, 1)]}, "ignored_layers"),
     ({"ignored_layers": ["no.such.layer"]}, "no.such.layer"),
     ({"callbacks": [object()]}, "Callback"),
+    ({"callbacks": autoprune.Callback()}, "callbacks=<"),  # one callback, not a list of them
     ({"val_sample": 10}, "val_sample"),
+    ({"method_options": ["particles", 3]}, "method_options=['particles', 3]: must be a dict"),
+    ({"score_fn": "accuracy"}, "score_fn='accuracy': must be a callable"),
+    ({"score_fn": lambda model: 1 / 0}, "score_fn raised ZeroDivisionError: division by zero"),
+    ({"score_fn": lambda model: "high"}, "score_fn must return a number (higher is better), it returned str 'high'"),
+    ({"score_fn": lambda model: float("nan")}, "score_fn returned nan for the unpruned model"),
+    ({"val_loader": RaisingLoader(OSError("disk gone"))}, "the validation loader raised OSError reading batch 1: disk"),
+    ({"train_loader": RaisingLoader(RuntimeError())}, "the training loader raised RuntimeError reading batch 1: (no"),
+    ({"val_loader": NaNLoader()}, "NaN or infinite outputs on validation batch 0; the inputs hold NaN"),
+    ({"model": NaNOutput()}, "NaN or infinite outputs on validation batch 0; the inputs are finite"),
 ])
 def test_bad_arguments_give_one_line_naming_the_problem(cases, change, named):
     case = cases["sequential"]

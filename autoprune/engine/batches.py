@@ -135,7 +135,18 @@ def iterate(loader: Iterable[Any], *, seed: int, key: int, device: torch.device 
     except TypeError as exc:
         raise AutopruneError(f"{what} is not iterable ({type(loader).__name__}); pass a DataLoader or any "
                              "iterable of (inputs, targets) batches") from exc
-    for i, batch in enumerate(iterator):
+    for i in itertools.count():
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except AutopruneError:
+            raise
+        except Exception as exc:
+            text = str(exc).strip()
+            raise AutopruneError(f"{what} raised {type(exc).__name__} reading batch {i}: "
+                                 f"{text.splitlines()[0] if text else '(no message)'}; fix the loader or its data"
+                                 ) from exc
         inputs, targets = split_batch(batch, f"batch {i} of {what}")
         if device is not None:
             inputs, targets = to_device(inputs, device), to_device(targets, device)

@@ -30,7 +30,14 @@ import torch
 from torch import nn
 
 from autoprune.engine.batches import Batch, Inputs, forward, to_device
-from autoprune.engine.scoring import CandidateScore, Measurement, ScoreData, candidate_seed, resolve_score
+from autoprune.engine.scoring import (
+    CandidateScore,
+    Measurement,
+    ScoreData,
+    call_score_fn,
+    candidate_seed,
+    resolve_score,
+)
 from autoprune.engine.space import PruningSpace
 from autoprune.engine.train import evaluate, model_device
 from autoprune.search import Fitness
@@ -80,8 +87,9 @@ def measure_score(model: nn.Module, val: Sequence[Batch], score_fn: ScoreFn | No
     """The model's validation score: ``score_fn(model)`` if given, else top-1 accuracy on ``val``."""
     if score_fn is not None:
         model.eval()
-        return float(score_fn(model))
+        return call_score_fn(score_fn, model)
     return evaluate(model, list(val)).accuracy
+
 
 
 class Evaluator:

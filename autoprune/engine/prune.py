@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -162,9 +163,29 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
                            device=device, what="the training loader")]
     score = resolve_score(config.score, config.score_options, base, data.score_fn, trainable=data.train is not None)
     train = _score_training_batches(config, score, data, device)
+    _check_finite_outputs(base, val)
     base_score = measure_score(base, val, data.score_fn)
+    if not math.isfinite(base_score):
+        raise AutopruneError(f"score_fn returned {base_score} for the unpruned model; it must return a finite number "
+                             "(higher is better)")
     chance = None if data.score_fn is not None else _chance_level(val)
     return Setup(base, example, space, device, val, calibration, base_score, chance, score, train)
+
+
+@torch.no_grad()
+def _check_finite_outputs(base: nn.Module, val: Sequence[Batch]) -> None:
+    """The unpruned model's outputs on the validation batches are finite (else no score means anything)."""
+    for i, (inputs, _) in enumerate(val):
+        outputs = forward(base, inputs)
+        tensors = [outputs] if isinstance(outputs, torch.Tensor) else [
+            t for t in (outputs.values() if isinstance(outputs, dict) else outputs if isinstance(outputs, tuple | list)
+                        else ()) if isinstance(t, torch.Tensor)]
+        if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors):
+            bad_inputs = any(t.is_floating_point() and not bool(torch.isfinite(t).all())
+                             for t in (inputs if isinstance(inputs, tuple | list) else [inputs]))
+            cause = ("the inputs hold NaN or inf: clean the data" if bad_inputs else
+                     "the inputs are finite: check the model's weights (NaN?) and its numerics")
+            raise AutopruneError(f"the unpruned model gives NaN or infinite outputs on validation batch {i}; {cause}")
 
 
 def _score_training_batches(config: PruneConfig, score: CandidateScore, data: Data,

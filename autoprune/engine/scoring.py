@@ -78,6 +78,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 import time
 import zlib
 from abc import ABC, abstractmethod
@@ -202,6 +203,28 @@ class Measurement:
         return math.exp(-raw) if math.isfinite(raw) else 0.0
 
 
+def call_score_fn(score_fn: ScoreFn, model: nn.Module) -> float:
+    """``score_fn(model)`` as a float; what it raises, or a value that is not a number, is one line naming it."""
+    try:
+        value = score_fn(model)
+    except AutopruneError:
+        raise
+    except Exception as exc:
+        raise AutopruneError(f"score_fn raised {type(exc).__name__}: {_first_line(exc)}; fix score_fn (it is "
+                             "called with each candidate network in eval mode)") from exc
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise AutopruneError(f"score_fn must return a number (higher is better), it returned "
+                             f"{type(value).__name__} {value!r:.60}")
+    return float(value)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
 #: What a failed adaptation (a diverged fine-tune) measures: the worst value of every metric.
 FAILED = Measurement(accuracy=0.0, loss=math.inf, kl=math.inf)
 
@@ -212,7 +235,7 @@ def measure(model: nn.Module, data: ScoreData, *, kl: bool = False) -> Measureme
     """Accuracy and mean cross-entropy on ``data.val`` (and the KL from the unpruned model when ``kl``)."""
     model.eval()
     if data.score_fn is not None:
-        return Measurement(accuracy=float(data.score_fn(model)))
+        return Measurement(accuracy=call_score_fn(data.score_fn, model))
     teacher = data.val_logits() if kl else None
     correct, loss_sum, kl_sum, n = 0.0, 0.0, 0.0, 0
     for i, (inputs, targets) in enumerate(data.val):
