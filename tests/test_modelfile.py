@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -423,6 +424,10 @@ def test_a_plain_pickle_file_is_refused_and_never_run(sandbox):
     one_line_error(lambda: load(path))
     path.write_bytes(pickle.dumps(Exec(f"touch {sandbox}"), protocol=0))
     one_line_error(lambda: load(path))
+    path.write_bytes(pickle.dumps(Exec(f"touch {sandbox}"), protocol=4))  # the unpickler's own words, not its advice
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no "Detected pickle protocol 4" warning on the way
+        one_line_error(lambda: load(path), "(not a PyTorch file: Unsupported operand 149)")
 
 
 # ---- damaged and hostile specs ------------------------------------------------------------------------

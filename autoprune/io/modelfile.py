@@ -29,6 +29,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -217,11 +218,14 @@ def _torch_load(p: Path) -> Any:
     if not p.is_file():
         raise AutopruneError(f"{str(p)!r} is not a regular file (a device, pipe or socket); pass a model file")
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it better
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "global" not in str(exc).lower():  # the safe unpickler met bytes, not a foreign object
             raise AutopruneError(f"cannot read {str(p)!r} as a model file (not a PyTorch file: "
-                                 f"{_first_line(exc)[:60]}); it is truncated, corrupt or of another format") from exc
+                                 f"{_unpickler_detail(exc)[:60]}); it is truncated, corrupt or of another format"
+                                 ) from exc
         raise AutopruneError(f"refusing to load {str(p)!r}: it contains Python objects that could run code "
                              "when unpickled; only autoprune model files (tensors and plain data) are accepted"
                              ) from exc
@@ -231,6 +235,17 @@ def _torch_load(p: Path) -> Any:
     except Exception as exc:  # random bytes fail in many ways (RuntimeError, EOFError, KeyError, BadZipFile, ...)
         raise AutopruneError(f"cannot read {str(p)!r} as a model file ({type(exc).__name__}); it is truncated, "
                              "corrupt or not a PyTorch file") from exc
+
+
+def _unpickler_detail(exc: BaseException) -> str:
+    """What torch's safe unpickler objected to (its message wraps that in paragraphs of advice)."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        detail = next((line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()), "")
+        if detail:
+            return detail
+    return _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:
