@@ -90,8 +90,9 @@ def load(preset: Preset, seed: int) -> Any:
 
 
 def choose(preset: Preset, inputs: Any, seed: int, method: str, budget: int,
-           method_options: dict[str, Any]) -> Any:
-    """The structure ``method`` chooses, with the weights it produced (``finetune=None``): a ``PruneResult``."""
+           method_options: dict[str, Any], engine_options: dict[str, Any] | None = None) -> Any:
+    """The structure ``method`` chooses, with the weights it produced (``finetune=None``): a ``PruneResult``.
+    ``engine_options``: other ``PruneConfig`` fields (e.g. ``score``, ``select_top``), the defaults otherwise."""
     from autoprune.api import execute
     from autoprune.engine.config import PruneConfig, Target
     from autoprune.engine.prune import Data
@@ -100,7 +101,7 @@ def choose(preset: Preset, inputs: Any, seed: int, method: str, budget: int,
     data = inputs.data
     config = PruneConfig(method=method, target=Target(macs_reduction=preset.macs_reduction), budget=budget,
                          val_samples=VAL_SAMPLES, finetune=None, seed=seed, method_options=method_options,
-                         latency_batch=1, latency_repeats=1)
+                         latency_batch=1, latency_repeats=1, **(engine_options or {}))
     return execute(inputs.model, inputs.example_inputs, config, create_method(method, method_options),
                    Data(train=data.train, val=data.val, test=data.test), device=torch.device("cpu"))
 
@@ -119,7 +120,7 @@ def shared_finetune(model: torch.nn.Module, inputs: Any, preset: Preset, epochs:
 
 
 def run_one(preset: Preset, seed: int, method: str, budget: int, method_options: dict[str, Any],
-            finetune_epochs: int | None = None) -> dict[str, Any]:
+            finetune_epochs: int | None = None, engine_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Choose a structure with ``method``, fine-tune it with the shared loop, measure it on the test split."""
     if method in RECIPES:
         return run_other_tool(preset, seed, method, finetune_epochs)
@@ -127,7 +128,7 @@ def run_one(preset: Preset, seed: int, method: str, budget: int, method_options:
 
     inputs = load(preset, seed)
     started = time.perf_counter()
-    result = choose(preset, inputs, seed, method, budget, method_options)
+    result = choose(preset, inputs, seed, method, budget, method_options, engine_options)
     search_seconds = time.perf_counter() - started
     extra = int(result.search.notes.get("extra_training_epochs", 0))
     epochs = max(0, (preset.finetune_epochs if finetune_epochs is None else finetune_epochs) - extra)
@@ -138,7 +139,8 @@ def run_one(preset: Preset, seed: int, method: str, budget: int, method_options:
     stats = result.search
     return {
         "seed": seed, "method": method, "budget": budget, "method_options": method_options,
-        "base_test": result.base.accuracy, "pruned_test_before_finetune": result.pruned.accuracy,
+        "engine_options": engine_options or {}, "base_test": result.base.accuracy,
+        "pruned_test_before_finetune": result.pruned.accuracy,
         "test": test, "delta_points": 100 * (test - result.base.accuracy),
         "macs_reduction": 1 - result.pruned.macs / result.base.macs,
         "finetune_epochs": epochs, "extra_training_epochs": extra,
@@ -204,7 +206,7 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values):.2f}"
 
 
-def summarise(folder: Path, preset_name: str, preset: Preset) -> None:
+def summarise(folder: Path, preset_name: str, preset: Preset, tag: str = "") -> None:
     """Rewrite ``summary.json`` / ``summary.md`` from every run file in ``folder/runs``."""
     runs = [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*.json"))]
     by_method: dict[str, list[dict[str, Any]]] = {}
@@ -226,7 +228,9 @@ def summarise(folder: Path, preset_name: str, preset: Preset) -> None:
     lines = [f"# Search quality: {preset_name}", "",
              f"{preset.dataset}, MACs reduction {preset.macs_reduction}, budget {preset.budget}, "
              f"{preset.finetune_epochs} shared fine-tuning epochs (distill {preset.distill}); "
-             "test accuracy change in points vs the base (mean ± std over seeds).", "",
+             "test accuracy change in points vs the base (mean ± std over seeds)."
+             + "".join(sorted({f" Engine options: {r['engine_options']}." for r in runs if r.get("engine_options")})),
+             "",
              "| method | seeds | Δ test (points) | per seed | MACs removed | distinct structures | mean pairwise L1 "
              "| evaluations |",
              "|---|---|---|---|---|---|---|---|"]
@@ -255,7 +259,10 @@ def summarise(folder: Path, preset_name: str, preset: Preset) -> None:
     lines += ["", f"Candidate score of the searches: {', '.join(f'`{u}`' for u in used)}."]
     lines += ["", f"Base model `{preset.model_path}` (not committed), test accuracy {100 * base_test:.2f}%. "
               f"Command: `.venv/bin/python benchmarks/search_quality.py {preset_name} --seeds "
-              f"{' '.join(map(str, sorted({r['seed'] for r in runs})))} --methods {' '.join(m for m in by_method)}` "
+              f"{' '.join(map(str, sorted({r['seed'] for r in runs})))} --methods {' '.join(m for m in by_method)}"
+              + "".join(sorted({f" --engine {k}={json.dumps(v)}" for r in runs
+                                for k, v in (r.get("engine_options") or {}).items()}))
+              + (f" --tag {tag}" if tag else "") + "` "
               "(each (seed, method) one run file; the table is rewritten from all of them).",
               f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only, 1 torch "
               "thread per run (OMP_NUM_THREADS=1), two benchmark processes side by side; load average at writing "
@@ -301,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=None)
     parser.add_argument("--option", action="append", default=[], metavar="METHOD:KEY=VALUE",
                         help="a method option (JSON value), e.g. pso:particles=8")
+    parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                        help="a PruneConfig field (JSON value) for every method, e.g. select_top=8 (tag the folder)")
     parser.add_argument("--finetune-epochs", type=int, default=None,
                         help="override the preset's shared fine-tuning epochs (a proxy; tag the folder)")
     parser.add_argument("--model-path", default=None, help="another base model file than the preset's (tag the folder)")
@@ -319,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         method, _, assignment = item.partition(":")
         key, _, value = assignment.partition("=")
         options.setdefault(method, {})[key] = json.loads(value)
+    engine_options = {key: json.loads(value) for key, _, value in (item.partition("=") for item in args.engine)}
     folder = RESULTS / (args.preset + (f"_{args.tag}" if args.tag else ""))
     (folder / "runs").mkdir(parents=True, exist_ok=True)
     failed = 0
@@ -330,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             log.info("seed %d, method %s, budget %d", seed, method, budget)
             try:
-                row = run_one(preset, seed, method, budget, options.get(method, {}), args.finetune_epochs)
+                row = run_one(preset, seed, method, budget, options.get(method, {}), args.finetune_epochs,
+                              engine_options)
             except Exception as exc:  # e.g. another tool refusing the target: record nothing, go on with the rest
                 log.error("seed %d, method %s failed, no run file written: %s: %s", seed, method,
                           type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "")
@@ -339,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(json.dumps(row, indent=1))
             log.info("%s: %.2f points (distinct %d, %s)", path.name, row["delta_points"], row["search"]["distinct"],
                      row["seconds"])
-            summarise(folder, args.preset, preset)
+            summarise(folder, args.preset, preset, args.tag)
     return 1 if failed else 0
 
 
