@@ -112,6 +112,11 @@ def _add_pruning(p: argparse.ArgumentParser) -> None:
                                    "accuracy), loss, kl (divergence from the unpruned model), finetune (a short "
                                    "distilled fine-tune of each), auto (default: kl with BatchNorm, finetune "
                                    "without)")
+    s.add_argument("--select-top", type=_nonneg_int, default=None, metavar="K",
+                   help="after the search, fine-tune its K best structures and the uniform one briefly and keep the "
+                        "best by successive halving (default 0: off; it helps weak searches, see README)")
+    s.add_argument("--select-steps", type=_pos_int, default=None, metavar="N",
+                   help="fine-tuning steps of the selection's first rung (default 20)")
     s.add_argument("--val-samples", type=_pos_int, help="validation images used to score candidates (default all)")
     s.add_argument("--calibration-samples", type=_nonneg_int, default=512,
                    help="training images for BatchNorm re-estimation of each candidate (default 512)")
@@ -427,7 +432,9 @@ def prune_config(args: argparse.Namespace, method: str):
         val_samples=args.val_samples, calibration_samples=args.calibration_samples, seed=args.seed,
         latency_batch=args.latency_batch, latency_repeats=args.latency_repeats, threads=args.threads,
         workers=args.workers, ray_address=args.ray_address, threads_per_worker=args.threads_per_worker,
-        **({} if args.score is None else {"score": args.score}))
+        **({} if args.score is None else {"score": args.score}),
+        **({} if args.select_top is None else {"select_top": args.select_top}),
+        **({} if args.select_steps is None else {"select_steps": args.select_steps}))
 
 
 def _resumed(args: argparse.Namespace, run_file: dict[str, Any]) -> None:
@@ -659,7 +666,8 @@ FLAGS = {"macs_reduction": "--macs-reduction", "latency_reduction": "--latency-r
          "latency_repeats": "--latency-repeats", "threads": "--threads", "workers": "--workers",
          "ray_address": "--ray-address", "threads_per_worker": "--threads-per-worker", "lr": "--lr/--finetune-lr",
          "distill": "--distill", "epochs": "--epochs/--finetune-epochs", "batch_size": "--batch-size",
-         "weight_decay": "--weight-decay", "method": "--method", "score": "--score"}
+         "weight_decay": "--weight-decay", "method": "--method", "score": "--score", "select_top": "--select-top",
+         "select_steps": "--select-steps"}
 
 
 def error_line(exc: Exception) -> str:

@@ -10,6 +10,7 @@ the same seed gives the same run; the scores never read the test loader.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -187,6 +188,19 @@ def test_the_cli_takes_every_score_and_refuses_unknown_ones(tmp_path_factory, tm
     code, _, err = run_cli(["prune", *common, "--score", "eagle", "--out", tmp_path / "bad"], capsys)
     assert code != 0
     assert_one_line_error(err, "unknown score 'eagle'; valid scores: auto, bn, finetune, kl, loss, none")
+
+
+def test_the_cli_takes_the_selection_settings(tmp_path_factory, tmp_path, capsys):
+    base = trained_base(tmp_path_factory)
+    common = [base, "--dataset", "synthetic", "--method", "random", "--budget", "3", "--macs-reduction", "0.5",
+              "--finetune-epochs", "0", "--latency-batch", "4", "--latency-repeats", "1", "--quiet"]
+    code, _, err = run_cli(["prune", *common, "--score", "bn", "--select-top", "2", "--select-steps", "3", "--out",
+                            tmp_path / "s"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert (report["config"]["select_top"], report["config"]["select_steps"]) == (2, 3)
+    rungs = report["search"]["selection"]["rungs"]
+    assert rungs[0]["steps"] == 3 and rungs[0]["structures"] >= 2  # the 2 best, and uniform unless among them
 
 
 # ---- what the scores measure ---------------------------------------------------------------------------
