@@ -68,9 +68,14 @@ after the benchmark fine-tuning, over sampled structures at the target, seconds 
 
 Hence the default ``auto``: ``kl`` with BatchNorm (as good as ``bn`` over all structures, better among the
 realistic ones, at the same cost; ten times cheaper than a fine-tune for 0.06 less tau), the 30-step
-fine-tune without it (its searches end best, though its tau over random structures is lower). Selection
-(``select_top``) is off by default: the fine-tunes it adds cost minutes per run on a CPU and its gain was
-not measured on the full benchmark.
+fine-tune without it (its searches end best, though its tau over random structures is lower).
+
+Selection (``select_top``) is off by default. On the search benchmark with ``select_top=8``, 3 seeds
+(``benchmarks/results/search_quality/*_select8``): on ResNet-20 it lifts the random search from -5.29 to
+-4.68 points and leaves the five paper methods where they were (average -4.81 with it, -4.79 without), at
+1.5-3.5 CPU minutes more per run; on LeNet-5 the paper methods average -0.76 with it and -0.69 without,
+within the fine-tuning noise (its 270-step rungs on 2,048 held images favour wide linear layers, which the
+long fine-tune does not reward). It rescues a weak search, not a good one.
 """
 
 from __future__ import annotations
