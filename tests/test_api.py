@@ -609,6 +609,9 @@ class NaNOutput(nn.Module):
     ({"train_loader": RaisingLoader(RuntimeError())}, "the training loader raised RuntimeError reading batch 1: (no"),
     ({"val_loader": NaNLoader()}, "NaN or infinite outputs on validation batch 0; the inputs hold NaN"),
     ({"model": NaNOutput()}, "NaN or infinite outputs on validation batch 0; the inputs are finite"),
+    ({"example_inputs": torch.randn(0, 3, SIZE, SIZE)}, "example_inputs has batch size 0 (shape (0, 3, 16, 16))"),
+    ({"test_loader": []}, "the test loader yielded no samples; pass a non-empty test_loader"),
+    ({"seed": 2**70}, "seed=1180591620717411303424: must be an integer between 0 and"),
 ])
 def test_bad_arguments_give_one_line_naming_the_problem(cases, change, named):
     case = cases["sequential"]

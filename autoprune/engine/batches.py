@@ -33,9 +33,14 @@ def as_inputs(example_inputs: Any, what: str = "example_inputs") -> Inputs:
     if isinstance(example_inputs, torch.Tensor):
         if example_inputs.dim() == 0:
             raise AutopruneError(f"{what} is a 0-d tensor; give a batch, e.g. torch.randn(1, 3, 32, 32)")
+        if example_inputs.shape[0] == 0:
+            raise AutopruneError(f"{what} has batch size 0 (shape {tuple(example_inputs.shape)}); give at least "
+                                 "one sample, e.g. torch.randn(1, 3, 32, 32)")
         return example_inputs
     if isinstance(example_inputs, list | tuple) and example_inputs and all(
             isinstance(t, torch.Tensor) and t.dim() > 0 for t in example_inputs):
+        if any(t.shape[0] == 0 for t in example_inputs):
+            raise AutopruneError(f"{what} has a tensor with batch size 0; give at least one sample in each")
         return tuple(example_inputs)
     raise AutopruneError(f"{what} must be a tensor or a tuple of tensors with a batch dimension, got "
                          f"{type(example_inputs).__name__}")

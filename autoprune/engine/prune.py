@@ -158,6 +158,10 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
                what="the validation loader") if data.val is not None else []
     if data.val is not None and not val:
         raise AutopruneError("the validation loader yielded no samples; pass a non-empty val_loader")
+    if data.test is not None and not take(data.test, 1, seed=config.seed, key=VAL_KEY, device=device,
+                                          what="the test loader"):
+        raise AutopruneError("the test loader yielded no samples; pass a non-empty test_loader (or none: the "
+                             "validation batches are used)")
     calibration = [] if data.train is None else [
         x for x, _ in take(data.train, config.calibration_samples, seed=config.seed, key=CALIBRATION_KEY,
                            device=device, what="the training loader")]
