@@ -32,6 +32,7 @@ from autoprune.engine.batches import (
     Inputs,
     as_inputs,
     check_class_targets,
+    count_batches,
     describe_shape,
     first_sample,
     forward,
@@ -59,7 +60,7 @@ from autoprune.engine.scoring import (
     successive_halving,
 )
 from autoprune.engine.space import PruningSpace
-from autoprune.engine.train import TrainingInterrupted, evaluate, fit, subnormals_flushed
+from autoprune.engine.train import EmptyData, TrainingInterrupted, evaluate, fit, subnormals_flushed
 from autoprune.errors import AutopruneError, Interrupted
 from autoprune.methods import Method, MethodContext, Plan
 from autoprune.search import Fitness, Problem, create_strategy, run_search
@@ -158,10 +159,8 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
                what="the validation loader") if data.val is not None else []
     if data.val is not None and not val:
         raise AutopruneError("the validation loader yielded no samples; pass a non-empty val_loader")
-    if data.test is not None and not take(data.test, 1, seed=config.seed, key=VAL_KEY, device=device,
-                                          what="the test loader"):
-        raise AutopruneError("the test loader yielded no samples; pass a non-empty test_loader (or none: the "
-                             "validation batches are used)")
+    if data.test is not None and count_batches(data.test) == 0:  # its length only: the search never reads it
+        raise AutopruneError(EMPTY_TEST)
     calibration = [] if data.train is None else [
         x for x, _ in take(data.train, config.calibration_samples, seed=config.seed, key=CALIBRATION_KEY,
                            device=device, what="the training loader")]
@@ -427,11 +426,18 @@ def check_finetune(setup: Setup, config: PruneConfig, data: Data, finetune_fn: F
     check_class_targets(outputs, targets, what="fine-tuning", fix=TRAINING_FIX)
 
 
+EMPTY_TEST = ("the test loader yielded no samples; pass a non-empty test_loader (or none: the validation batches "
+              "are used)")
+
+
 def _final_score(model: nn.Module, setup: Setup, data: Data, seed: int, *, shared: bool = True) -> float:
     if data.score_fn is not None:
         return measure_score(model, setup.val, data.score_fn)
     if data.test is not None:
-        return evaluate(model, data.test, seed=seed, shared=shared).accuracy
+        try:
+            return evaluate(model, data.test, seed=seed, shared=shared).accuracy
+        except EmptyData as exc:
+            raise AutopruneError(EMPTY_TEST) from exc
     return evaluate(model, setup.val).accuracy
 
 

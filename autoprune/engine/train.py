@@ -141,6 +141,10 @@ def subnormals_flushed() -> Iterator[None]:
         torch.set_flush_denormal(before)
 
 
+class EmptyData(AutopruneError):
+    """:func:`evaluate` got no samples (the caller can say which loader)."""
+
+
 @subnormals_flushed()
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Iterable[Any], *, seed: int = 0, progress: bool = False,
@@ -174,7 +178,7 @@ def evaluate(model: nn.Module, data: Iterable[Any], *, seed: int = 0, progress: 
         correct, loss_sum, n = all_reduce_sum([correct, loss_sum, float(n)], device)
         n = int(n)
     if n == 0:
-        raise AutopruneError("cannot evaluate on empty data (the loader yielded no samples)")
+        raise EmptyData("cannot evaluate on empty data (the loader yielded no samples)")
     return EvalResult(correct / n, loss_sum / n, n)
 
 
