@@ -672,12 +672,11 @@ FLAGS = {"macs_reduction": "--macs-reduction", "latency_reduction": "--latency-r
 
 def error_line(exc: Exception) -> str:
     """The one line the CLI prints for a user error."""
-    from autoprune.errors import ConfigError
+    from autoprune.errors import ConfigError, first_line
 
     if isinstance(exc, ConfigError) and exc.field in FLAGS:
         return f"{FLAGS[exc.field]} {exc.value!r}: {exc.problem}"
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(exc)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

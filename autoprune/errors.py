@@ -31,6 +31,14 @@ class Interrupted(AutopruneError):
     """A long job stopped on request at a safe point; the message says how to continue it (CLI exit 130)."""
 
 
+def first_line(exc: BaseException, empty: str | None = None) -> str:
+    """The first line of an exception's message; ``empty`` (default: the exception's type name) if it has none."""
+    text = str(exc).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(exc).__name__ if empty is None else empty
+
+
 def unknown_name(kind: str, name: object, valid: list[str] | tuple[str, ...]) -> AutopruneError:
     """Build the standard error for a name that is not in a registry."""
     return AutopruneError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(valid))}")

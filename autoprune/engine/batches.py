@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, first_line
 
 Inputs = Any  # a tensor, or a tuple/list of tensors
 Batch = tuple[Inputs, Any]
@@ -148,10 +148,8 @@ def iterate(loader: Iterable[Any], *, seed: int, key: int, device: torch.device 
         except AutopruneError:
             raise
         except Exception as exc:
-            text = str(exc).strip()
             raise AutopruneError(f"{what} raised {type(exc).__name__} reading batch {i}: "
-                                 f"{text.splitlines()[0] if text else '(no message)'}; fix the loader or its data"
-                                 ) from exc
+                                 f"{first_line(exc, '(no message)')}; fix the loader or its data") from exc
         inputs, targets = split_batch(batch, f"batch {i} of {what}")
         if device is not None:
             inputs, targets = to_device(inputs, device), to_device(targets, device)

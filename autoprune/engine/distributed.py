@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def on_main(fn: Callable[[], Any]) -> Any:
             outcome = ("ok", fn())
         except Exception as exc:
             error = exc
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = first_line(exc)
             outcome = ("error", text if isinstance(exc, AutopruneError) else f"{type(exc).__name__}: {text}")
     status, value = broadcast(outcome)
     if error is not None:

@@ -61,7 +61,7 @@ from autoprune.engine.scoring import (
 )
 from autoprune.engine.space import PruningSpace
 from autoprune.engine.train import EmptyData, TrainingInterrupted, evaluate, fit, subnormals_flushed
-from autoprune.errors import AutopruneError, Interrupted
+from autoprune.errors import AutopruneError, Interrupted, first_line
 from autoprune.methods import Method, MethodContext, Plan
 from autoprune.search import Fitness, Problem, create_strategy, run_search
 from autoprune.search.uniform import Uniform
@@ -124,7 +124,7 @@ def check_forward(model: nn.Module, example: Inputs) -> Any:
         with torch.no_grad():
             return forward(model, example)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(exc, "")
         raise AutopruneError(f"model {type(model).__name__} fails on example inputs of shape "
                              f"{describe_shape(example)} ({type(exc).__name__}: {first}); pass example_inputs its "
                              "forward accepts") from exc

@@ -99,7 +99,7 @@ from torch import nn
 from autoprune.checks import check_choice, check_float, check_int
 from autoprune.engine.batches import Batch, Inputs, check_class_targets, forward, seed_for
 from autoprune.engine.train import distillation_loss, lr_at, subnormals_flushed
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, first_line
 from autoprune.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -215,19 +215,14 @@ def call_score_fn(score_fn: ScoreFn, model: nn.Module) -> float:
     except AutopruneError:
         raise
     except Exception as exc:
-        raise AutopruneError(f"score_fn raised {type(exc).__name__}: {_first_line(exc)}; fix score_fn (it is "
-                             "called with each candidate network in eval mode)") from exc
+        raise AutopruneError(f"score_fn raised {type(exc).__name__}: {first_line(exc, '(no message)')}; fix score_fn "
+                             "(it is called with each candidate network in eval mode)") from exc
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise AutopruneError(f"score_fn must return a number (higher is better), it returned "
                              f"{type(value).__name__} {value!r:.60}")
     return float(value)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "(no message)"
 
 
 #: What a failed adaptation (a diverged fine-tune) measures: the worst value of every metric.

@@ -42,7 +42,7 @@ import torch_pruning as tp
 from torch import nn
 
 from autoprune.engine.batches import Inputs, as_inputs, first_sample, forward, random_batch, to_device
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, first_line
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
 _COMPUTE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -403,7 +403,7 @@ def _build_graph(model: nn.Module, example_inputs: Inputs) -> tp.DependencyGraph
     except AutopruneError:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(exc, "")
         raise AutopruneError(f"Torch-Pruning could not trace the model ({type(exc).__name__}: {first}); the model "
                              "must run on its example inputs") from exc
     finally:

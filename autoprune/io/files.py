@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, first_line
 
 _RESUME_HINT = " (--resume continues an interrupted run)"
 
@@ -55,7 +55,7 @@ def write_error(path: str | os.PathLike[str], exc: BaseException, *, action: str
                                              "check the location and run again"))
         cause = f"{cause} ({name})"
     else:  # torch's writer does not say why; the free space usually does
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         if _nearly_full(Path(path).parent):
             cause = f"no space left on device (ENOSPC; torch: {text[:120]})"
         else:

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, first_line
 from autoprune.io.files import save_torch
 
 FORMAT = "autoprune-model"
@@ -245,12 +245,7 @@ def _unpickler_detail(exc: BaseException) -> str:
         detail = next((line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()), "")
         if detail:
             return detail
-    return _first_line(exc)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(exc)
 
 
 def _show(value: Any) -> str:
@@ -775,7 +770,7 @@ def _call_factory(fn: Callable[..., nn.Module], args: Mapping[str, Any], label: 
     except Exception as exc:
         if cpu_fallback:
             raise _NotOnMeta from exc
-        raise AutopruneError(f"{label} failed with {type(exc).__name__}: {_first_line(exc)[:200]}; fix it or pass "
+        raise AutopruneError(f"{label} failed with {type(exc).__name__}: {first_line(exc)[:200]}; fix it or pass "
                              "model= (an instance)") from exc
     if not isinstance(net, nn.Module):
         raise AutopruneError(f"{label} returned {_show(net)}, not an nn.Module; a factory must return the network")
@@ -827,7 +822,7 @@ def _from_instance(mf: ModelFile, model: nn.Module) -> nn.Module:
         net = copy.deepcopy(model)
     except Exception as exc:
         raise AutopruneError(f"cannot copy the model passed as model= ({type(exc).__name__}: "
-                             f"{_first_line(exc)[:120]}); pass a fresh instance that copy.deepcopy can copy") from exc
+                             f"{first_line(exc)[:120]}); pass a fresh instance that copy.deepcopy can copy") from exc
     norm = mf.spec["normalize"]
     if norm is not None and not isinstance(net, NormalizedModel):
         inner = {k[4:] for k in mf.spec["tensors"] if k.startswith("net.")}
@@ -863,5 +858,5 @@ def _load_weights(net: nn.Module, mf: ModelFile) -> None:
         net.load_state_dict(mf.state_dict, strict=True)
     except RuntimeError as exc:  # shapes and keys were compared already; this is a dtype or device problem
         raise AutopruneError(f"cannot load the weights of {str(mf.path)!r} into the model "
-                             f"({_first_line(exc)[:160]}); pass a fresh instance of the class that was saved"
+                             f"({first_line(exc)[:160]}); pass a fresh instance of the class that was saved"
                              ) from exc

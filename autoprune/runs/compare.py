@@ -33,7 +33,7 @@ from autoprune.engine.callbacks import Callback
 from autoprune.engine.config import PruneConfig
 from autoprune.engine.prune import Data
 from autoprune.engine.result import PruneResult
-from autoprune.errors import AutopruneError, Interrupted
+from autoprune.errors import AutopruneError, Interrupted, first_line
 from autoprune.io.files import write_json, write_text
 from autoprune.methods import METHODS, create_method, method_names
 from autoprune.registry import coerce_options, option_defaults
@@ -161,7 +161,7 @@ class MethodResult:
 
 def one_line(exc: BaseException) -> str:
     """An exception as one line: the message's first line (prefixed by the type unless it is ours)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = first_line(exc, "")
     if isinstance(exc, AutopruneError):
         return text or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

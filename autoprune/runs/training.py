@@ -19,7 +19,7 @@ from autoprune.data import BatchLoader, DatasetInfo, Splits
 from autoprune.engine.distributed import world
 from autoprune.engine.prune import check_forward
 from autoprune.engine.train import TrainConfig, evaluate, fit
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, first_line
 from autoprune.io.modelfile import save_model
 from autoprune.models import MODELS, NormalizedModel, create_model
 from autoprune.runs.lock import lock_output
@@ -48,7 +48,7 @@ def build_model(name: str, info: DatasetInfo, **kwargs: Any) -> tuple[Normalized
         logits = check_forward(model.eval(), torch.rand(1, info.in_channels, *info.image_size))
     except AutopruneError as exc:
         cause = exc.__cause__ or exc
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        first = first_line(cause, "")
         raise AutopruneError(f"model {name!r} cannot take {info.in_channels}x{info.image_size[0]}x"
                              f"{info.image_size[1]} images of dataset {info.name!r} ({type(cause).__name__}: "
                              f"{first}); choose a model for this image size") from exc
