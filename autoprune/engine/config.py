@@ -95,7 +95,7 @@ def _int(name: str, value: Any, minimum: int, maximum: int = MAX_SEED, *, option
     if optional and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-        too_large = isinstance(value, int) and not isinstance(value, bool) and value > maximum
+        too_large = isinstance(value, int) and value > maximum  # (a bool never is)
         bound = f"between {minimum} and {maximum}" if maximum < MAX_SEED or too_large else f">= {minimum}"
         raise ConfigError(name, value, f"must be an integer {bound}")
 

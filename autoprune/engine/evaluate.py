@@ -91,7 +91,6 @@ def measure_score(model: nn.Module, val: Sequence[Batch], score_fn: ScoreFn | No
     return evaluate(model, list(val)).accuracy
 
 
-
 class Evaluator:
     """Scores keep vectors: validation score after BatchNorm re-estimation, analytic MACs and params.
 

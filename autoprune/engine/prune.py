@@ -140,8 +140,10 @@ def _chance_level(val: Sequence[Batch]) -> float | None:
 
 
 def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Data,
-            device: torch.device) -> Setup:
-    """Copy the model to the device, trace its pruning space, check the target, hold the data, score the base."""
+            device: torch.device, *, builtin_finetune: bool = False) -> Setup:
+    """Copy the model to the device, trace its pruning space, check the target, hold the data, score the base;
+    with ``builtin_finetune`` (no caller's loop), check that ``config.finetune`` can train it
+    (:func:`check_finetune`)."""
     try:
         base = copy.deepcopy(model).to(device).eval()
     except Exception as exc:
@@ -161,9 +163,11 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
         raise AutopruneError("the validation loader yielded no samples; pass a non-empty val_loader")
     if data.test is not None and count_batches(data.test) == 0:  # its length only: the search never reads it
         raise AutopruneError(EMPTY_TEST)
-    calibration = [] if data.train is None else [
-        x for x, _ in take(data.train, config.calibration_samples, seed=config.seed, key=CALIBRATION_KEY,
-                           device=device, what="the training loader")]
+    pairs = [] if data.train is None else take(data.train, config.calibration_samples, seed=config.seed,
+                                               key=CALIBRATION_KEY, device=device, what="the training loader")
+    calibration = [x for x, _ in pairs]
+    if builtin_finetune:
+        check_finetune(base, config, data, device, pairs[:1])
     score = resolve_score(config.score, config.score_options, base, data.score_fn, trainable=data.train is not None)
     train = _score_training_batches(config, score, data, device)
     _check_finite_outputs(base, val)
@@ -179,16 +183,19 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
 def _check_finite_outputs(base: nn.Module, val: Sequence[Batch]) -> None:
     """The unpruned model's outputs on the validation batches are finite (else no score means anything)."""
     for i, (inputs, _) in enumerate(val):
-        outputs = forward(base, inputs)
-        tensors = [outputs] if isinstance(outputs, torch.Tensor) else [
-            t for t in (outputs.values() if isinstance(outputs, dict) else outputs if isinstance(outputs, tuple | list)
-                        else ()) if isinstance(t, torch.Tensor)]
-        if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors):
-            bad_inputs = any(t.is_floating_point() and not bool(torch.isfinite(t).all())
-                             for t in (inputs if isinstance(inputs, tuple | list) else [inputs]))
-            cause = ("the inputs hold NaN or inf: clean the data" if bad_inputs else
-                     "the inputs are finite: check the model's weights (NaN?) and its numerics")
+        if not _finite(forward(base, inputs)):
+            cause = ("the inputs are finite: check the model's weights (NaN?) and its numerics" if _finite(inputs)
+                     else "the inputs hold NaN or inf: clean the data")
             raise AutopruneError(f"the unpruned model gives NaN or infinite outputs on validation batch {i}; {cause}")
+
+
+def _finite(obj: Any) -> bool:
+    """Whether every floating-point tensor in ``obj`` (a tensor, or tuples, lists and dicts of them) is finite."""
+    if isinstance(obj, torch.Tensor):
+        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return all(_finite(item) for item in obj) if isinstance(obj, tuple | list) else True
 
 
 def _score_training_batches(config: PruneConfig, score: CandidateScore, data: Data,
@@ -409,20 +416,23 @@ def finetune(pruned: nn.Module, setup: Setup, config: PruneConfig, data: Data, f
                          distill=settings.distill)
 
 
-def check_finetune(setup: Setup, config: PruneConfig, data: Data, finetune_fn: FinetuneFn | None) -> None:
-    """Before any search: the built-in fine-tuning has training data, and the model's outputs on it are what its
-    cross-entropy reads (logits and integer class targets)."""
-    if finetune_fn is not None or config.finetune is None or config.finetune.epochs == 0:
+def check_finetune(base: nn.Module, config: PruneConfig, data: Data, device: torch.device,
+                   first: list[Batch]) -> None:
+    """Before any search: the built-in fine-tuning (``config.finetune``) has training data, and the model's outputs
+    on it are what its cross-entropy reads (logits and integer class targets). ``first``: the training loader's
+    first batch if already read (the calibration's), else it is read here."""
+    if config.finetune is None or config.finetune.epochs == 0:
         return
     if data.train is None:
         raise AutopruneError("fine-tuning needs training data: pass train_loader=, or finetune=None to get the "
                              "pruned model without fine-tuning (or finetune=your_function(model))")
-    batch = take(data.train, 1, seed=config.seed, key=CALIBRATION_KEY, device=setup.device, what="the training loader")
+    batch = first or take(data.train, 1, seed=config.seed, key=CALIBRATION_KEY, device=device,
+                          what="the training loader")
     if not batch:
         raise AutopruneError("the training loader yielded no samples; pass a non-empty train_loader (or finetune=None)")
     inputs, targets = batch[0]
     with torch.no_grad():
-        outputs = forward(setup.base, inputs)
+        outputs = forward(base, inputs)
     check_class_targets(outputs, targets, what="fine-tuning", fix=TRAINING_FIX)
 
 
@@ -553,8 +563,7 @@ def run(model: nn.Module, example_inputs: Any, config: PruneConfig, method: Meth
     started = time.perf_counter()
     callbacks = callbacks or CallbackList()
     here = world()
-    setup = prepare(model, example_inputs, config, data, device)
-    check_finetune(setup, config, data, finetune_fn)
+    setup = prepare(model, example_inputs, config, data, device, builtin_finetune=finetune_fn is None)
     decided: list[Decision] = []  # rank 0's decision; its pruned model (or its error) reaches every rank
 
     def decide_on_main() -> nn.Module:
