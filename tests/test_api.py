@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
+from conftest import ModernNet
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -221,8 +222,8 @@ def make_case(name: str) -> Case:
                     TensorDataset(x[n_train:], y[n_train:]), x[:2])
     build, slim_ok = {"sequential": (sequential_cnn, True), "residual": (ResidualNet, True),
                       "separable": (SeparableNet, True), "concat": (ConcatNet, False),
-                      "blocked": (BlockedNet, False)}[name]
-    seeds = {"sequential": 1, "residual": 2, "separable": 3, "concat": 4, "blocked": 8}
+                      "blocked": (BlockedNet, False), "modern": (lambda: ModernNet(3, CLASSES), False)}[name]
+    seeds = {"sequential": 1, "residual": 2, "separable": 3, "concat": 4, "blocked": 8, "modern": 9}
     x, y = toy_images(n_train + n_val, seeds[name])
     return Case(name, build, slim_ok, TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:]),
                 x[:2])
@@ -253,7 +254,7 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
     return hits / total
 
 
-ARCHS = ["sequential", "residual", "separable", "concat", "two_input", "standardised", "blocked"]
+ARCHS = ["sequential", "residual", "separable", "concat", "two_input", "standardised", "blocked", "modern"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -299,7 +300,7 @@ def conv_linear_macs(model: nn.Module, example) -> int:
     inputs = example if isinstance(example, tuple) else (example,)
     _, _, layer_macs, _ = tp.utils.count_ops_and_params(model.eval(), inputs, layer_wise=True)
     return int(sum(v for m, v in layer_macs.items()
-                   if isinstance(m, nn.Conv2d | nn.Linear) and v is not None))
+                   if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear) and v is not None))
 
 
 def first_sample(example):

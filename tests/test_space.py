@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import small_model
+from conftest import ModernNet, small_model
 
 from autoprune.engine.evaluate import recalibrate_bn
 from autoprune.engine.space import PruningSpace, counted_cost
@@ -174,3 +174,45 @@ def test_groupnorm_over_a_concatenation_is_kept_whole():
     assert [g.root for g in space.groups] == ["c"]  # a and b feed one GroupNorm whose groups straddle them
     pruned = space.apply(model, space.snap([0.5]), [torch.rand(8)])
     assert pruned(x).shape == (2, 10)
+
+
+def test_modern_layers_prune_with_exact_costs_and_masks():
+    torch.manual_seed(0)
+    model, x = ModernNet().eval(), torch.randn(2, 3, 16, 16)
+    space = PruningSpace(model, x[:1])
+    writing = {m.module: g for g in space.groups for m in g.members if m.dim == "out"}
+    assert len(space) == 5 and writing["up"] is writing["reduce"]  # the transposed conv writes the residual stream
+    assert {"stem", "grow", "mix", "expand"} <= {g.root for g in space.groups}
+    # the BatchNorm after the concatenation: stem's channels are its first 8, grow's its last 6
+    pre = {root: next(m for m in writing[root].members if m.module == "pre") for root in ("stem", "grow")}
+    assert pre["stem"].index == tuple(range(8)) and pre["grow"].index == tuple(range(8, 14))
+    assert any(m.dim == "param" and m.module == "gamma" for m in writing["up"].members)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        keep = space.snap(rng.uniform(space.lower, 1.0))
+        scores = [torch.rand(g.channels) for g in space.groups]
+        pruned = space.apply(model, keep, scores)
+        assert pruned(x).shape == (2, 10)
+        # MACs of the transposed convolution, the gamma and the BatchNorm without weights: as counted
+        assert counted_cost(pruned, x[:1]) == space.cost(keep)
+        assert pruned.gamma.shape == (pruned.up.out_channels,)
+        # masking equals surgery where no LayerNorm is pruned (it normalises over the channels it keeps)
+        keep[writing["up"].index] = 1.0
+        with space.masked(model, keep, scores) as masked:
+            a = masked(x)
+        torch.testing.assert_close(a, space.apply(model, keep, scores)(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_pruned_model_that_no_longer_runs_is_one_line():
+    class Fixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(3, 16, 3), torch.nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(x).reshape(x.shape[0], 16, -1).mean(2))  # 16 channels, hard-coded
+
+    model, x = Fixed(), torch.randn(2, 3, 8, 8)
+    space = PruningSpace(model, x[:1])
+    with pytest.raises(AutopruneError, match="pruned model fails on its example inputs .* ignored_layers"):
+        space.apply(model, space.snap([0.5]), [torch.rand(16)])

@@ -9,6 +9,7 @@ Build one with :func:`create_criterion`; see :class:`Criterion` for the contract
 from __future__ import annotations
 
 from . import bn_scale, gradient, magnitude, otp, taylor  # noqa: F401  (registers the criteria)
+from ._common import Writer, out_members
 from .base import CRITERIA, Criterion, DataCriterion, create_criterion, criterion_names, register_criterion
 from .bn_scale import BNScaleCriterion
 from .gradient import GradientCriterion
@@ -17,5 +18,5 @@ from .otp import OTPCriterion, OTPFactors, max_abs_correlation
 from .taylor import TaylorCriterion
 
 __all__ = ["CRITERIA", "BNScaleCriterion", "Criterion", "DataCriterion", "GradientCriterion", "GroupL1Criterion",
-           "L1Criterion", "L2Criterion", "OTPCriterion", "OTPFactors", "TaylorCriterion", "create_criterion",
-           "criterion_names", "max_abs_correlation", "register_criterion"]
+           "L1Criterion", "L2Criterion", "OTPCriterion", "OTPFactors", "TaylorCriterion", "Writer", "create_criterion",
+           "criterion_names", "max_abs_correlation", "out_members", "register_criterion"]

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import itertools
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,20 +23,61 @@ from autoprune.engine.batches import (
     split_batch,
     to_device,
 )
-from autoprune.engine.space import PruningSpace
+from autoprune.engine.space import COMPUTE_TYPES, NORM_TYPES, PruningSpace, channel_dim
 from autoprune.errors import AutopruneError
 
 from .base import Batches
 
-NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d,
-              nn.InstanceNorm2d, nn.InstanceNorm3d)
-COMPUTE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+__all__ = ["COMPUTE_TYPES", "NORM_TYPES", "Members", "Writer", "out_members"]
 
-Members = list[tuple[str, nn.Module]]
+
+class Writer(NamedTuple):
+    """A module whose output channels a group prunes (a convolution, linear or normalisation layer)."""
+
+    name: str
+    module: nn.Module
+    index: Tensor | None  # the module channel of each group channel; None: channel i is the module's channel i
+
+    def rows(self, tensor: Tensor, channels: int, where: str, *, weight: bool = False) -> Tensor:
+        """``tensor`` (a parameter of the module, or its gradient; ``weight``: its weight) as ``(channels, -1)``
+        rows, one per group channel: a transposed convolution's weight is read output channels first, and
+        only the group's channels of a module that has others are kept."""
+        if weight and getattr(self.module, "transposed", False) and tensor.dim() > 1:
+            tensor = tensor.transpose(0, 1)
+        if self.index is not None:
+            if tensor.dim() == 0 or tensor.shape[0] <= int(self.index.max()):
+                raise AutopruneError(f"{where} has shape {tuple(tensor.shape)}, too few channels for its "
+                                     "pruning group; the model does not match the PruningSpace")
+            tensor = tensor.index_select(0, self.index.to(tensor.device))
+        return channel_rows(tensor, channels, where)
+
+    def per_sample(self, output: Tensor) -> Tensor:
+        """The module's output averaged over every dimension but the batch and the group's channels: ``(N, C)``."""
+        dim = channel_dim(self.module, output)
+        moved = output.movedim(dim, 1) if dim != 1 else output
+        means = moved.reshape(moved.shape[0], moved.shape[1], -1).mean(dim=2)
+        return means if self.index is None else means[:, self.index.to(means.device)]
+
+    def gate(self, output: Tensor, weights: Tensor) -> Tensor:
+        """``output`` with group channel ``c`` multiplied by ``weights[c]``, or, for 2-D ``weights`` ``(N, C)``,
+        channel ``c`` of sample ``n`` multiplied by ``weights[n, c]``; the module's other channels unchanged."""
+        dim = channel_dim(self.module, output)
+        if self.index is not None:
+            full = torch.ones(*weights.shape[:-1], output.shape[dim], dtype=weights.dtype, device=weights.device)
+            full[..., self.index.to(weights.device)] = weights
+            weights = full
+        shape = [1] * output.dim()
+        shape[dim] = -1
+        if weights.dim() == 2:
+            shape[0] = weights.shape[0]
+        return output * weights.to(dtype=output.dtype).view(shape)
+
+
+Members = list[Writer]
 
 
 def out_members(model: nn.Module, space: PruningSpace) -> list[Members]:
-    """Per group, the ``(name, module)`` of every member whose output channels the group prunes."""
+    """Per group, every :class:`Writer` of its channels: the members whose output channels it prunes."""
     modules = dict(model.named_modules())
     found: list[Members] = []
     for group in space.groups:
@@ -47,7 +89,8 @@ def out_members(model: nn.Module, space: PruningSpace) -> list[Members]:
             if module is None:
                 raise AutopruneError(f"the model has no module {member.module!r} (pruning group "
                                      f"{group.name!r}); build the PruningSpace from this model")
-            members.append((member.module, module))
+            index = None if member.index is None else torch.tensor(member.index, dtype=torch.long)
+            members.append(Writer(member.module, module, index))
         found.append(members)
     return found
 
@@ -58,28 +101,6 @@ def channel_rows(tensor: Tensor, channels: int, where: str) -> Tensor:
         raise AutopruneError(f"{where} has shape {tuple(tensor.shape)}, expected {channels} channels in its "
                              "first dimension; the model does not match the PruningSpace")
     return tensor.reshape(channels, -1)
-
-
-def channel_dim(module: nn.Module, output: Tensor) -> int:
-    """The channel dimension of a module's output: last for linear layers, 1 otherwise (as masking uses)."""
-    return output.dim() - 1 if isinstance(module, nn.Linear) else 1
-
-
-def per_sample_channels(module: nn.Module, output: Tensor) -> Tensor:
-    """A module's output averaged over every dimension but the batch and the channels: ``(N, C)``."""
-    dim = channel_dim(module, output)
-    moved = output.movedim(dim, 1) if dim != 1 else output
-    return moved.reshape(moved.shape[0], moved.shape[1], -1).mean(dim=2)
-
-
-def gate(module: nn.Module, output: Tensor, weights: Tensor) -> Tensor:
-    """``output`` with channel ``c`` multiplied by ``weights[c]``, or, for 2-D ``weights`` ``(N, C)``,
-    channel ``c`` of sample ``n`` multiplied by ``weights[n, c]``."""
-    shape = [1] * output.dim()
-    shape[channel_dim(module, output)] = -1
-    if weights.dim() == 2:
-        shape[0] = weights.shape[0]
-    return output * weights.to(dtype=output.dtype).view(shape)
 
 
 def _on_device(model: nn.Module, device: torch.device) -> bool:
@@ -181,12 +202,12 @@ def parameter_gradient_scores(model: nn.Module, space: PruningSpace, batches: Ba
         owners: list[list[tuple[int, str]]] = []
         for group_members in members:
             entries = []
-            for name, module in group_members:
-                for pname, param in module.named_parameters(recurse=False):
+            for writer in group_members:
+                for pname, param in writer.module.named_parameters(recurse=False):
                     if id(param) not in index:
                         index[id(param)] = len(params)
                         params.append(param)
-                    entries.append((index[id(param)], f"parameter {name}.{pname}"))
+                    entries.append((index[id(param)], writer, pname))
             owners.append(entries)
         for param in params:
             param.requires_grad_(True)
@@ -196,10 +217,11 @@ def parameter_gradient_scores(model: nn.Module, space: PruningSpace, batches: Ba
             grads = torch.autograd.grad(loss(work, inputs, labels), params, allow_unused=True)
             with torch.no_grad():
                 for group, entries, total in zip(space.groups, owners, totals, strict=True):
-                    for i, where in entries:
+                    for i, writer, pname in entries:
                         if grads[i] is not None:
-                            total += channel_rows(contribution(params[i], grads[i]), group.channels,
-                                                  where).sum(dim=1)
+                            total += writer.rows(contribution(params[i], grads[i]), group.channels,
+                                                 f"parameter {writer.name}.{pname}",
+                                                 weight=pname == "weight").sum(dim=1)
             count += 1
     return finish([t / count for t in totals], space, criterion)
 
@@ -208,13 +230,15 @@ def parameters_per_channel(model: nn.Module, space: PruningSpace) -> list[float]
     """Per group, how many parameters one channel owns in the group's output writers (weights and biases of
     its convolution / linear layers and normalisation layers): what :func:`parameter_gradient_scores` sums."""
     out = []
-    for group, members in zip(space.groups, out_members(model, space), strict=True):
+    for members in out_members(model, space):
         seen: set[int] = set()
-        total = 0
-        for _, module in members:
-            for param in module.parameters(recurse=False):
-                if id(param) not in seen:
+        total = 0.0
+        for writer in members:
+            for pname, param in writer.module.named_parameters(recurse=False):
+                if id(param) not in seen and param.dim() > 0:
                     seen.add(id(param))
-                    total += param.numel()
-        out.append(max(total / group.channels, 1.0))
+                    rows = param.shape[1] if pname == "weight" and getattr(writer.module, "transposed", False) \
+                        else param.shape[0]
+                    total += param.numel() / rows
+        out.append(max(total, 1.0))
     return out

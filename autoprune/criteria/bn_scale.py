@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from autoprune.engine.space import PruningSpace
 from autoprune.errors import AutopruneError
 
-from ._common import NORM_TYPES, channel_rows, finish, out_members
+from ._common import NORM_TYPES, finish, out_members
 from .base import Batches, Criterion, register_criterion
 
 
@@ -34,10 +34,10 @@ class BNScaleCriterion(Criterion):
         out = []
         with torch.no_grad():
             for group, members in zip(space.groups, out_members(model, space), strict=True):
-                gammas = [channel_rows(module.weight.detach(), group.channels, f"weight of {name}")
+                gammas = [w.rows(w.module.weight.detach(), group.channels, f"weight of {w.name}")
                           .double().abs().mean(dim=1).cpu()
-                          for name, module in members
-                          if isinstance(module, NORM_TYPES) and getattr(module, "weight", None) is not None]
+                          for w in members
+                          if isinstance(w.module, NORM_TYPES) and getattr(w.module, "weight", None) is not None]
                 if not gammas:
                     raise AutopruneError(
                         f"criterion bn_scale needs a BatchNorm after every prunable layer, but group "

@@ -39,9 +39,9 @@ class _FilterNorm(Criterion):
         with torch.no_grad():
             for group, members in zip(space.groups, out_members(model, space), strict=True):
                 total = torch.zeros(group.channels, dtype=torch.float64)
-                for name, module in members:
-                    if isinstance(module, COMPUTE_TYPES):
-                        rows = channel_rows(module.weight.detach(), group.channels, f"weight of {name}")
+                for w in members:
+                    if isinstance(w.module, COMPUTE_TYPES):
+                        rows = w.rows(w.module.weight.detach(), group.channels, f"weight of {w.name}", weight=True)
                         total += rows.double().norm(p=self.p, dim=1).cpu()
                 out.append(total)
         return finish(out, space, self.name)
@@ -78,11 +78,13 @@ class GroupL1Criterion(Criterion):
                     if not isinstance(module, COMPUTE_TYPES):
                         continue
                     weight = module.weight.detach().double().cpu()
+                    # output channels first (a transposed convolution's weight is input channels first)
+                    by_output = weight.transpose(0, 1) if getattr(module, "transposed", False) else weight
                     if member.dim == "out":
-                        total += channel_rows(weight, group.channels, f"weight of {member.module}").abs().sum(1)
+                        total += channel_rows(by_output, group.channels, f"weight of {member.module}").abs().sum(1)
                     elif getattr(module, "groups", 1) == 1 and member.start >= 0:
                         width = group.channels * member.ratio  # a concatenation's reader: its slice of inputs
-                        columns = weight.transpose(0, 1)[member.start:member.start + width]  # input channels first
+                        columns = by_output.transpose(0, 1)[member.start:member.start + width]  # input channels first
                         rows = channel_rows(columns, width, f"input of {member.module}")
                         total += rows.abs().sum(1).view(group.channels, member.ratio).sum(1)
                 out.append(total)

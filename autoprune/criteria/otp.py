@@ -49,12 +49,11 @@ from autoprune.engine.space import PruningSpace
 
 from ._common import (
     Members,
+    Writer,
     calibration,
     finish,
-    gate,
     loss,
     out_members,
-    per_sample_channels,
     repeat_batch,
     scoring_session,
 )
@@ -124,7 +123,7 @@ class OTPCriterion(DataCriterion):
             members = out_members(work, space)
             data = list(calibration(batches, self.max_batches, device, self.name))
             order, terminal = _probe(work, members, data[0][0])
-            last = [max(((n, m) for n, m in group if n in order), key=lambda item: order[item[0]], default=None)
+            last = [max((w for w in group if w.name in order), key=lambda w: order[w.name], default=None)
                     for group in members]
             logger.info("otp: %s sensitivity of %d channels on %d calibration batches", mode,
                         int(space.channels.sum()), len(data))
@@ -173,7 +172,11 @@ def max_abs_correlation(activations: Tensor) -> Tensor:
 def _probe(model: nn.Module, members: Sequence[Members], inputs: Inputs) -> tuple[dict[str, int], list[Members]]:
     """Forward order of the out members, and per group its final writers (whose output no other
     writer of the same group reads, e.g. the BatchNorm but not the convolution before it)."""
-    group_of = {name: i for i, group in enumerate(members) for name, _ in group}
+    groups_of: dict[str, set[int]] = {}
+    for i, group in enumerate(members):
+        for writer in group:
+            groups_of.setdefault(writer.name, set()).add(i)
+    modules = {writer.name: writer.module for group in members for writer in group}
     order: dict[str, int] = {}
     produced: dict[int, tuple[str, Tensor]] = {}
     fed: set[str] = set()
@@ -183,39 +186,41 @@ def _probe(model: nn.Module, members: Sequence[Members], inputs: Inputs) -> tupl
             order.setdefault(name, len(order))
             source = produced.get(id(inputs[0])) if inputs else None
             if source is not None and source[1] is inputs[0] and source[0] != name \
-                    and group_of[source[0]] == group_of[name]:
+                    and groups_of[source[0]] & groups_of[name]:
                 fed.add(source[0])
             if isinstance(output, Tensor):
                 produced[id(output)] = (name, output)
 
         return hook
 
-    handles = [module.register_forward_hook(make_hook(name)) for group in members for name, module in group]
+    handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
     try:
         with torch.no_grad():
             forward(model, inputs)
     finally:
         for handle in handles:
             handle.remove()
-    terminal = [[(n, m) for n, m in group if n in order and n not in fed] for group in members]
+    terminal = [[w for w in group if w.name in order and w.name not in fed] for group in members]
     return order, terminal
 
 
-def _capture_hook(store: list[Tensor]):
+def _capture(writer: Writer, store: list[Tensor]):
+    """Register a forward hook that appends the writer's per-sample group-channel means to ``store``."""
     def hook(module: nn.Module, inputs: object, output: Tensor) -> None:
-        store.append(per_sample_channels(module, output.detach()).double().cpu())
+        store.append(writer.per_sample(output.detach()).double().cpu())
 
-    return hook
+    return writer.module.register_forward_hook(hook)
 
 
 class _Gate:
-    """A forward hook that multiplies a module's output channels by ``weights`` (settable)."""
+    """Multiplies the group channels of its writers' outputs by ``weights`` (settable)."""
 
     def __init__(self, weights: Tensor) -> None:
         self.weights = weights
 
-    def __call__(self, module: nn.Module, inputs: object, output: Tensor) -> Tensor:
-        return gate(module, output, self.weights)
+    def register(self, writer: Writer):
+        """Gate ``writer``'s output; returns the hook's handle."""
+        return writer.module.register_forward_hook(lambda module, inputs, output: writer.gate(output, self.weights))
 
 
 def _mean_loss(model: nn.Module, data: Data) -> float:
@@ -228,11 +233,10 @@ def _mean_loss(model: nn.Module, data: Data) -> float:
 
 
 def _measured(model: nn.Module, space: PruningSpace, members: Sequence[Members],
-              last: Sequence[tuple[str, nn.Module] | None], data: Data,
+              last: Sequence[Writer | None], data: Data,
               device: str | torch.device) -> tuple[list[Tensor], list[Tensor | None]]:
     stores: list[list[Tensor]] = [[] for _ in members]
-    handles = [item[1].register_forward_hook(_capture_hook(store))
-               for item, store in zip(last, stores, strict=True) if item is not None]
+    handles = [_capture(writer, store) for writer, store in zip(last, stores, strict=True) if writer is not None]
     try:
         with torch.no_grad():
             base = _mean_loss(model, data)
@@ -247,7 +251,7 @@ def _measured(model: nn.Module, space: PruningSpace, members: Sequence[Members],
         for group, group_members in zip(space.groups, members, strict=True):
             losses = torch.zeros(group.channels, dtype=torch.float64, device=device)
             hook = _Gate(torch.ones(group.channels, device=device))
-            handles = [module.register_forward_hook(hook) for _, module in group_members]
+            handles = [hook.register(writer) for writer in group_members]
             try:
                 for inputs, labels in data:
                     per_pass = max(1, CHUNK_SAMPLES // labels.shape[0])
@@ -269,14 +273,13 @@ def _measured(model: nn.Module, space: PruningSpace, members: Sequence[Members],
 
 
 def _first_order(model: nn.Module, space: PruningSpace, terminal: Sequence[Members],
-                 last: Sequence[tuple[str, nn.Module] | None], data: Data,
+                 last: Sequence[Writer | None], data: Data,
                  device: str | torch.device) -> tuple[list[Tensor], list[Tensor | None]]:
     stores: list[list[Tensor]] = [[] for _ in terminal]
     gates = [torch.ones(g.channels, device=device, requires_grad=True) for g in space.groups]
-    handles = [item[1].register_forward_hook(_capture_hook(store))
-               for item, store in zip(last, stores, strict=True) if item is not None]
-    handles += [module.register_forward_hook(_Gate(weights))
-                for group, weights in zip(terminal, gates, strict=True) for _, module in group]
+    handles = [_capture(writer, store) for writer, store in zip(last, stores, strict=True) if writer is not None]
+    handles += [_Gate(weights).register(writer)
+                for group, weights in zip(terminal, gates, strict=True) for writer in group]
     sums = [torch.zeros(g.channels, device=device) for g in space.groups]
     try:
         for inputs, labels in data:

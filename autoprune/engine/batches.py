@@ -214,7 +214,8 @@ def check_class_targets(outputs: Any, targets: Any, *, what: str = "accuracy",
                              f"{got}; {fix}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise AutopruneError(f"the targets are {str(targets.dtype).removeprefix('torch.')}; a classifier's targets "
-                             f"are integer class indices (B,): convert them with .long() ({fix})")
+                             f"are integer class indices (B,): if they are class labels, convert them with .long(); "
+                             f"if not, {fix.removeprefix('for other tasks ')}")
     if targets.shape != outputs.shape[:1] + outputs.shape[2:]:  # (B,), or (B, H, W) for (B, K, H, W) outputs
         raise AutopruneError(f"the targets have shape {tuple(targets.shape)} for outputs {tuple(outputs.shape)}; "
                              "expected one class index per sample (B,)")

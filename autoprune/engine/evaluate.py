@@ -210,7 +210,8 @@ def choose_physical(evaluator: Evaluator) -> bool:
         return True  # a score that trains the candidate needs a copy of its own anyway
     probe = space.snap(np.clip(np.full(len(space), 0.5), space.lower, space.upper))
     if not space.masking_is_exact(evaluator._model, probe, evaluator.scores):
-        log.warning("masking does not match physical pruning on this model (an activation with f(0) != 0?); "
+        log.warning("masking does not match physical pruning on this model (an activation with f(0) != 0, a "
+                    "normalisation over the channels such as LayerNorm, or a reshape that mixes channels); "
                     "evaluating candidates by physical pruning")
         return True
     seconds = {}

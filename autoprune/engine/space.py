@@ -12,8 +12,9 @@ The space offers, for any keep vector and without tracing:
 * :meth:`counts` / :meth:`snap`: the channel counts it means, with ``round_to`` and the minimum
   width applied;
 * :meth:`cost`: MACs and parameters from an analytic model recorded on one forward pass of the base
-  model. MACs are those of the convolution and linear layers, counted as Torch-Pruning's counter
-  counts them (multiply-accumulates plus bias additions, batch 1); parameters are all parameters.
+  model. MACs are those of the convolution (transposed ones included) and linear layers, counted as
+  Torch-Pruning's counter counts them (multiply-accumulates plus bias additions, batch 1); parameters
+  are all parameters, including those of no layer that a group prunes (a layer-scale vector).
   Normalisation, activation and pooling layers are a few percent of the work of these networks and
   are left out of MACs, as in the papers we implement.
 
@@ -24,8 +25,9 @@ and, given per-channel scores (lowest go first):
 * :meth:`apply`: a physically smaller copy of the model (Torch-Pruning's surgery).
 
 Masking zeroes a channel where it is produced (the output of its convolution or linear layer and of
-the normalisation layer after it). For networks whose activations map 0 to 0 (ReLU and friends)
-this is exactly what removing the channel does; :meth:`masking_is_exact` checks it on a model.
+the normalisation layer after it, along the dimension :func:`channel_dim` names). For networks whose
+activations map 0 to 0 (ReLU and friends) this is exactly what removing the channel does;
+:meth:`masking_is_exact` checks it on a model (a LayerNorm over the channels, say, breaks it).
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ from torch import nn
 from autoprune.engine.batches import Inputs, as_inputs, first_sample, forward, random_batch, to_device
 from autoprune.errors import AutopruneError, first_line
 
-_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
-_COMPUTE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d,
+              nn.InstanceNorm2d, nn.InstanceNorm3d)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+COMPUTE_TYPES = (*CONV_TYPES, nn.Linear)
 
 
 @dataclass(frozen=True)
@@ -60,12 +64,20 @@ class Member:
         start: the first of the module's channels along that dim that the group covers: 0 unless the
             module reads a concatenation (its second input starts after the first one's channels), or
             ``-1`` where the group's channels are not one contiguous run of the module's.
+        index: for an ``"out"`` member that covers only some of its module's channels, or covers them in
+            another order (a normalisation layer after a concatenation), the module channel of each group
+            channel; ``None`` where group channel ``i`` is module channel ``i``.
+
+    ``dim == "param"``: ``module`` names a parameter that belongs to no convolution, linear or
+    normalisation layer (a layer-scale vector, say), pruned along its channel dimension with the group
+    (Torch-Pruning's unwrapped parameters); it counts in the parameters, nothing else reads it.
     """
 
     module: str
     dim: str
     ratio: int
     start: int = 0
+    index: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +115,7 @@ class Cost:
 
 @dataclass(frozen=True)
 class _LayerShape:
-    kind: str  # "conv" | "linear" | "norm" | "other"
+    kind: str  # "conv" | "linear" | "norm" | "param" | "other"
     in_channels: int
     out_channels: int
     kernel: int  # prod(kernel_size) for conv, 1 otherwise
@@ -112,22 +124,31 @@ class _LayerShape:
     bias: bool
     depthwise: bool
     fixed_params: int  # parameters of modules the space never changes
+    per_channel: int = 0  # parameters per output channel of a normalisation layer or a loose parameter
 
 
 def _out_channels(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return module.out_features
-    if isinstance(module, nn.GroupNorm | nn.LayerNorm):
-        return int(module.weight.shape[0]) if module.weight is not None else 0
-    if isinstance(module, _NORM_TYPES):
+    if isinstance(module, nn.LayerNorm):
+        return int(module.normalized_shape[-1])
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
+    if isinstance(module, NORM_TYPES):
         return module.num_features
     return module.out_channels
+
+
+def channel_dim(module: nn.Module, output: torch.Tensor) -> int:
+    """The channel dimension of a module's output: the last for linear layers and ``LayerNorm`` (which
+    normalise the last dimension, channels-last), 1 for convolutions and the other normalisation layers."""
+    return output.dim() - 1 if isinstance(module, nn.Linear | nn.LayerNorm) else 1
 
 
 def _in_channels(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return module.in_features
-    if isinstance(module, _COMPUTE_TYPES):
+    if isinstance(module, COMPUTE_TYPES):
         return module.in_channels
     return _out_channels(module)
 
@@ -169,7 +190,7 @@ class PruningSpace:
         if not self.groups:
             raise AutopruneError("the model has no prunable channels (no convolution or linear layer "
                                  "feeds another one)")
-        self._shapes = _record_shapes(model, self.example_inputs, names)
+        self._shapes = _record_shapes(model, self.example_inputs, names, _loose_parameters(graph, model))
         self._member_index = [[(m.module, m.dim, m.ratio) for m in g.members] for g in self.groups]
         full = self.cost(np.ones(len(self.groups)))
         self.base_macs, self.base_params = full.macs, full.params
@@ -228,7 +249,7 @@ class PruningSpace:
             if r == 0:
                 continue
             for module, dim, ratio in members:
-                target = delta_out if dim == "out" else delta_in
+                target = delta_in if dim == "in" else delta_out
                 target[module] = target.get(module, 0) + int(r) * ratio
         # Torch-Pruning prunes a depthwise conv with one out-channel handler that removes its inputs too,
         # so the group records only its "out" side: its input channels are its output channels
@@ -242,7 +263,7 @@ class PruningSpace:
         """``(in_channels, out_channels)`` of every convolution, linear and normalisation layer under ``keep``."""
         delta_in, delta_out = self._removed_per_module(keep)
         return {name: (s.in_channels - delta_in.get(name, 0), s.out_channels - delta_out.get(name, 0))
-                for name, s in self._shapes.items() if s.kind != "other"}
+                for name, s in self._shapes.items() if s.kind in ("conv", "linear", "norm")}
 
     def cost(self, keep: Sequence[float] | np.ndarray) -> Cost:
         """MACs and parameters of the network that ``keep`` describes, without building it."""
@@ -260,8 +281,8 @@ class PruningSpace:
             elif s.kind == "linear":
                 macs += cin * cout * s.positions + (cout if s.bias else 0)
                 params += cin * cout + (cout if s.bias else 0)
-            elif s.kind == "norm":
-                params += 2 * cout
+            else:  # normalisation layers and loose parameters
+                params += s.per_channel * cout
         return Cost(int(macs), int(params))
 
     def relative_macs(self, keep: Sequence[float] | np.ndarray) -> float:
@@ -310,7 +331,8 @@ class PruningSpace:
                 if mask is None:
                     mask = torch.ones(self._shapes[m.module].out_channels)
                     masks[m.module] = mask
-                mask[torch.as_tensor(idx, dtype=torch.long)] = 0.0
+                channels = idx if m.index is None else np.asarray(m.index)[idx]
+                mask[torch.as_tensor(channels, dtype=torch.long)] = 0.0
         modules = dict(model.named_modules())
         handles = []
         try:
@@ -338,6 +360,7 @@ class PruningSpace:
             fn = tp.prune_linear_out_channels if isinstance(root, nn.Linear) else tp.prune_conv_out_channels
             group = graph.get_pruning_group(root, fn, idxs=[int(i) for i in idx])
             group.prune()
+        _check_runs(pruned, to_device(self.example_inputs, device))
         return pruned
 
     def masking_is_exact(self, model: nn.Module, keep: Sequence[float] | np.ndarray,
@@ -364,12 +387,27 @@ class PruningSpace:
 
 def _mask_hook(mask: torch.Tensor):
     def hook(module: nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
-        # channels are dim 1 of conv / norm outputs and the last dim of linear outputs
         shape = [1] * output.dim()
-        shape[-1 if isinstance(module, nn.Linear) else 1] = -1
+        shape[channel_dim(module, output)] = -1
         return output * mask.to(device=output.device, dtype=output.dtype).view(shape)
 
     return hook
+
+
+def _check_runs(pruned: nn.Module, example_inputs: Inputs) -> None:
+    """Raise a one-line error when a physically pruned model no longer runs on the example inputs."""
+    was_training = pruned.training
+    pruned.eval()
+    try:
+        with torch.no_grad():
+            forward(pruned, example_inputs)
+    except Exception as exc:
+        raise AutopruneError(
+            f"the pruned model fails on its example inputs ({type(exc).__name__}: {first_line(exc, '')}); its forward "
+            "probably hard-codes a channel count (a view or reshape with a fixed number of channels): pass the "
+            "layers that produce those channels in ignored_layers") from exc
+    finally:
+        pruned.train(was_training)
 
 
 def _detached(inputs: Inputs) -> Inputs:
@@ -415,29 +453,36 @@ def _build_graph(model: nn.Module, example_inputs: Inputs) -> tp.DependencyGraph
 def _groups_from_graph(graph: tp.DependencyGraph, names: dict[nn.Module, str], ignored: set[str],
                        round_to: int, min_ratio: float, min_channels: int) -> Iterator[Group]:
     ignored_modules = [m for m, n in names.items() if n in ignored]
-    found = graph.get_all_groups(ignored_layers=ignored_modules, root_module_types=_COMPUTE_TYPES)
+    found = graph.get_all_groups(ignored_layers=ignored_modules, root_module_types=COMPUTE_TYPES)
+    loose = _loose_parameters(graph)
     seen_roots: set[str] = set()
     for tp_group in found:
         root_module = tp_group[0].dep.target.module
         root = names.get(root_module)
         channels = len(tp_group[0].idxs)
         members: list[Member] = []
-        for dep, idxs in tp_group:
-            module = dep.target.module
+        transposed_groups = False
+        for item in tp_group:
+            module, idxs = item.dep.target.module, item.idxs
+            if isinstance(module, nn.Parameter) and id(module) in loose:
+                members.append(Member(loose[id(module)][0], "param", 1))
+                continue
             name = names.get(module) if isinstance(module, nn.Module) else None
-            if name is None or not isinstance(module, _COMPUTE_TYPES + _NORM_TYPES):
+            if name is None or not isinstance(module, COMPUTE_TYPES + NORM_TYPES):
                 continue  # functional ops and activations carry no parameters
-            dim = "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in"
-            if isinstance(module, _NORM_TYPES):
+            transposed_groups |= bool(getattr(module, "transposed", False)) and module.groups > 1
+            dim = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
+            if isinstance(module, NORM_TYPES):
                 dim = "out"
             if len(idxs) % channels:
                 raise AutopruneError(f"unsupported coupling in {name!r}: {len(idxs)} channels for a group "
                                      f"of {channels}")
             indices = sorted(int(i) for i in idxs)
             contiguous = indices == list(range(indices[0], indices[0] + len(indices))) if indices else False
-            members.append(Member(name, dim, len(idxs) // channels, indices[0] if contiguous else -1))
-        if root is None or root in seen_roots:
-            continue
+            members.append(Member(name, dim, len(idxs) // channels, indices[0] if contiguous else -1,
+                                  _channel_index(item, channels, _out_channels(module)) if dim == "out" else None))
+        if root is None or root in seen_roots or transposed_groups:
+            continue  # (a grouped transposed convolution is kept whole: its weight is not out-channels first)
         if not any(m.dim == "in" and m.module != root for m in members):
             continue  # nothing reads these channels: model outputs (the classifier)
         if any(m.dim == "out" and m.ratio != 1 for m in members):
@@ -452,6 +497,27 @@ def _groups_from_graph(graph: tp.DependencyGraph, names: dict[nn.Module, str], i
         yield Group(-1, root, channels, floor, _dedupe(members), chunks, step)
 
 
+def _loose_parameters(graph: tp.DependencyGraph, model: nn.Module | None = None) -> dict[int, tuple[str, int]]:
+    """Torch-Pruning's unwrapped parameters (those of no module it knows, e.g. a layer-scale vector): by
+    ``id``, their qualified name and the dimension it prunes."""
+    named = {id(p): n for n, p in (model or graph.model).named_parameters()}
+    return {id(u.parameters): (named[id(u.parameters)], int(u.pruning_dim))
+            for u in graph.unwrapped_parameters if id(u.parameters) in named}
+
+
+def _channel_index(item: object, channels: int, module_channels: int) -> tuple[int, ...] | None:
+    """For an out-channel member, the module channel of each group channel (Torch-Pruning's ``root_idxs``
+    pair each of the item's indices with its group channel), or ``None`` where they are the same."""
+    idxs = [int(i) for i in item.idxs]  # type: ignore[attr-defined]
+    roots = getattr(item, "root_idxs", None)
+    order = idxs
+    if roots is not None and len(roots) == len(idxs) and all(r is not None for r in roots):
+        by_root = dict(zip((int(r) for r in roots), idxs, strict=True))
+        if sorted(by_root) == list(range(channels)):
+            order = [by_root[r] for r in range(channels)]
+    return None if order == list(range(channels)) and module_channels == channels else tuple(order)
+
+
 def _chunks(tp_group: tp.Group, graph: tp.DependencyGraph, channels: int) -> int | None:
     """The equal blocks a group's channels must keep (1: none), or ``None`` where a blocked layer covers other
     channels than exactly the group's (not supported: the group is kept whole)."""
@@ -460,7 +526,7 @@ def _chunks(tp_group: tp.Group, graph: tp.DependencyGraph, channels: int) -> int
         module = dep.target.module
         if isinstance(module, nn.GroupNorm):
             blocks, width = module.num_groups, module.num_channels
-        elif isinstance(module, _COMPUTE_TYPES[:3]) and module.groups > 1 and not (
+        elif isinstance(module, CONV_TYPES) and module.groups > 1 and not (
                 module.groups == module.in_channels == module.out_channels):
             blocks = module.groups
             width = module.out_channels if graph.is_out_channel_pruning_fn(dep.handler) else module.in_channels
@@ -479,8 +545,8 @@ def _dedupe(members: list[Member]) -> tuple[Member, ...]:
     return tuple(out.values())
 
 
-def _record_shapes(model: nn.Module, example_inputs: Inputs,
-                   names: dict[nn.Module, str]) -> dict[str, _LayerShape]:
+def _record_shapes(model: nn.Module, example_inputs: Inputs, names: dict[nn.Module, str],
+                   loose: dict[int, tuple[str, int]]) -> dict[str, _LayerShape]:
     shapes: dict[str, _LayerShape] = {}
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -488,7 +554,7 @@ def _record_shapes(model: nn.Module, example_inputs: Inputs,
         if name in shapes:
             raise AutopruneError(f"module {name!r} is called twice in one forward pass; shared layers "
                                  "cannot be pruned independently")
-        if isinstance(module, _COMPUTE_TYPES):
+        if isinstance(module, COMPUTE_TYPES):
             linear = isinstance(module, nn.Linear)
             positions = int(np.prod(output.shape[1:-1])) if linear else int(np.prod(output.shape[2:]))
             shapes[name] = _LayerShape(
@@ -501,13 +567,14 @@ def _record_shapes(model: nn.Module, example_inputs: Inputs,
                 == module.out_channels,
                 fixed_params=0)
         else:
-            shapes[name] = _LayerShape("norm", _out_channels(module), _out_channels(module), 1, 1, 1,
-                                       False, False, 0)
+            channels = _out_channels(module)
+            own = sum(p.numel() for p in module.parameters(recurse=False))
+            shapes[name] = _LayerShape("norm", channels, channels, 1, 1, 1, False, False, 0,
+                                       per_channel=own // channels if channels else 0)
 
     handles = []
     for module in names:
-        if isinstance(module, _COMPUTE_TYPES) or (isinstance(module, _NORM_TYPES)
-                                                  and getattr(module, "weight", None) is not None):
+        if isinstance(module, COMPUTE_TYPES + NORM_TYPES):
             handles.append(module.register_forward_hook(hook))
     was_training = model.training
     model.eval()
@@ -519,6 +586,13 @@ def _record_shapes(model: nn.Module, example_inputs: Inputs,
             h.remove()
         model.train(was_training)
     covered = {id(p) for n in shapes for p in dict(model.named_modules())[n].parameters(recurse=False)}
+    for param in model.parameters():
+        if id(param) in loose and id(param) not in covered:
+            name, dim = loose[id(param)]
+            channels = int(param.shape[dim])
+            shapes[name] = _LayerShape("param", 0, channels, 1, 1, 1, False, False, 0,
+                                       per_channel=param.numel() // channels)
+            covered.add(id(param))
     fixed = sum(p.numel() for p in model.parameters() if id(p) not in covered)
     shapes["<other parameters>"] = _LayerShape("other", 0, 0, 1, 1, 1, False, False, int(fixed))
     return shapes
@@ -535,5 +609,5 @@ def counted_cost(model: nn.Module, example_inputs: Inputs) -> Cost:
         _, params, layer_macs, _ = tp.utils.count_ops_and_params(model, x, layer_wise=True)
     finally:
         model.train(was_training)
-    macs = sum(v for m, v in layer_macs.items() if isinstance(m, _COMPUTE_TYPES) and v is not None)
+    macs = sum(v for m, v in layer_macs.items() if isinstance(m, COMPUTE_TYPES) and v is not None)
     return Cost(int(macs), int(params))

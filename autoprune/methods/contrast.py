@@ -55,8 +55,9 @@ import torch
 from torch import nn
 
 from autoprune.checks import check_float, check_int
+from autoprune.criteria import out_members
 from autoprune.engine.batches import METHOD_TRAINING_FIX
-from autoprune.engine.space import PruningSpace
+from autoprune.engine.space import COMPUTE_TYPES, PruningSpace
 from autoprune.engine.train import fit
 from autoprune.methods.base import Method, MethodContext, Plan, ShardLoader, register_method, residual_start
 from autoprune.search.base import check_bool
@@ -64,21 +65,20 @@ from autoprune.search.base import check_bool
 log = logging.getLogger(__name__)
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-_COMPUTE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def scale_factors(model: nn.Module, space: PruningSpace) -> list[torch.Tensor]:
     """Per group, differentiable per-channel scale factors: the sum of ``|gamma|`` over the group's BatchNorm
     writers, or, without BatchNorm, the sum of its convolution / linear writers' filter L2 norms."""
-    modules = dict(model.named_modules())
     out = []
-    for g in space.groups:
-        writers = [modules[m.module] for m in g.members if m.dim == "out"]
-        norms = [w.weight.abs() for w in writers if isinstance(w, _NORMS) and w.weight is not None]
+    for g, writers in zip(space.groups, out_members(model, space), strict=True):
+        norms = [w.rows(w.module.weight, g.channels, f"weight of {w.name}").abs().sum(1) for w in writers
+                 if isinstance(w.module, _NORMS) and w.module.weight is not None]
         if norms:
             out.append(torch.stack(norms).sum(0))
         else:
-            filters = [w.weight.flatten(1).norm(dim=1) for w in writers if isinstance(w, _COMPUTE)]
+            filters = [w.rows(w.module.weight, g.channels, f"weight of {w.name}", weight=True).norm(dim=1)
+                       for w in writers if isinstance(w.module, COMPUTE_TYPES)]
             out.append(torch.stack(filters).sum(0))
     return out
 
