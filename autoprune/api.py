@@ -21,10 +21,11 @@ from torch import nn
 
 from autoprune.engine.callbacks import Callback, CallbackList
 from autoprune.engine.config import PruneConfig, Target
-from autoprune.engine.prune import Data, resolve_device, run
+from autoprune.engine.prune import Data, check_example_tensors, resolve_device, run
 from autoprune.engine.result import PruneResult
 from autoprune.engine.train import TrainConfig
 from autoprune.errors import AutopruneError, ConfigError
+from autoprune.io.files import check_path
 from autoprune.methods import Method, create_method
 
 #: The default fine-tuning of :func:`prune`: two epochs at learning rate 0.01.
@@ -37,7 +38,7 @@ def prune(model: nn.Module, example_inputs: Any, *, method: str | Method = "pso"
           train_loader: Iterable[Any] | None = None, val_loader: Iterable[Any] | None = None,
           test_loader: Iterable[Any] | None = None, score_fn: Callable[[nn.Module], float] | None = None,
           finetune: TrainConfig | Callable[[nn.Module], Any] | None = DEFAULT_FINETUNE, budget: int | None = None,
-          ignored_layers: Sequence[str | nn.Module] | None = None, round_to: int | None = None,
+          ignored_layers: Sequence[str | nn.Module] | str | nn.Module | None = None, round_to: int | None = None,
           min_ratio: float = 0.05, device: str | torch.device | None = None, seed: int = 0,
           callbacks: Sequence[Callback] = (), out: str | os.PathLike[str] | None = None, resume: bool = False,
           force: bool = False, progress: bool = False, **settings: Any) -> PruneResult:
@@ -52,14 +53,18 @@ def prune(model: nn.Module, example_inputs: Any, *, method: str | Method = "pso"
         latency_reduction: cut the measured latency by at least this fraction (combinable with the above).
         max_drop: instead, remove as many MACs as possible losing at most this many points of validation score.
         train_loader: ``(inputs, targets)`` batches for BatchNorm re-estimation, data-driven criteria and
-            fine-tuning (any iterable, e.g. a DataLoader).
-        val_loader: batches scoring the candidates (held out from training; never the test data).
-        test_loader: batches for the final before/after measurement (default: the validation batches).
+            fine-tuning (any re-iterable, e.g. a DataLoader or a list; not a generator: it is read several times).
+            Targets of a single class are refused after one epoch of the built-in fine-tuning (not checked with
+            ``finetune=None`` or your own loop).
+        val_loader: batches scoring the candidates (held out from training; never the test data); read once, into
+            memory. Its targets must hold at least two classes (unless ``score_fn`` is given).
+        test_loader: batches for the final before/after measurement (default: the validation batches); re-iterable.
         score_fn: ``score_fn(model) -> float``, higher is better: replaces top-1 accuracy (detection, ...).
         finetune: a :class:`TrainConfig`, your own ``finetune(model)`` loop, or None for the pruned structure
             with the method's weights, not fine-tuned.
         budget: candidate evaluations (default: the method's).
-        ignored_layers: layers (names or modules of ``model``) whose output channels are never pruned.
+        ignored_layers: layers (names or modules of ``model``; one alone is fine) whose output channels are never
+            pruned.
         round_to: kept channel counts are multiples of this.
         min_ratio: each group keeps at least this fraction of its channels.
         device: where to compute (default: where ``model`` is).
@@ -85,6 +90,12 @@ def prune(model: nn.Module, example_inputs: Any, *, method: str | Method = "pso"
         raise ConfigError("score_fn", score_fn, "must be a callable(model) -> float")
     if isinstance(callbacks, Callback) or not isinstance(callbacks, Sequence | set | frozenset):
         raise ConfigError("callbacks", callbacks, "must be a list of autoprune.Callback instances")
+    if not isinstance(method, str | Method) and not (isinstance(method, type) and issubclass(method, Method)):
+        raise ConfigError("method", method, "must be a method name (see autoprune.method_names()) or a Method "
+                                            "instance such as autoprune.methods.PSO(particles=20)")
+    if out is not None:
+        check_path(out, "out", "a directory path")
+    check_example_tensors(example_inputs)
     method_obj = create_method(method, dict(method_options or {}))
     finetune_fn = None if isinstance(finetune, TrainConfig) or finetune is None else finetune
     if finetune_fn is not None and not callable(finetune_fn):
@@ -168,10 +179,15 @@ def _settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     return dict(settings)
 
 
-def _layer_names(model: nn.Module, layers: Sequence[str | nn.Module] | None) -> tuple[str, ...]:
-    """Module names for ``ignored_layers`` given as names or as modules of ``model``."""
+def _layer_names(model: nn.Module, layers: Sequence[str | nn.Module] | str | nn.Module | None) -> tuple[str, ...]:
+    """Module names for ``ignored_layers`` given as names or as modules of ``model``; one name alone is one layer
+    (not a sequence of characters), and so is one module (an ``nn.Sequential`` alone stands for its layers)."""
+    if isinstance(layers, str) or (isinstance(layers, nn.Module) and not isinstance(layers, Iterable)):
+        layers = [layers]
     if not layers:
         return ()
+    if not isinstance(layers, Iterable):
+        raise ConfigError("ignored_layers", layers, "must be a list of module names or modules of the model")
     by_id = {id(m): n for n, m in model.named_modules()}
     names = []
     for layer in layers:

@@ -137,7 +137,8 @@ def _add_pruning(p: argparse.ArgumentParser) -> None:
     m.add_argument("--threads", type=_pos_int, help="CPU threads for latency measurement")
     p.add_argument("--out", help="output directory")
     p.add_argument("--force", action="store_true", help="replace an earlier run in --out")
-    p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR (settings are read from it)")
+    p.add_argument("--resume", metavar="DIR", help="continue the interrupted or failed run in DIR with its model, data "
+                   "and search settings; fine-tuning, worker and latency flags may be given anew")
     _add_common(p)
 
 
@@ -437,6 +438,51 @@ def prune_config(args: argparse.Namespace, method: str):
         **({} if args.select_steps is None else {"select_steps": args.select_steps}))
 
 
+#: Flags a resumed run may change (its fine-tuning, computing and measuring), by the TrainConfig field they set...
+_RESUME_FINETUNE = {"finetune_epochs": "epochs", "finetune_lr": "lr", "batch_size": "batch_size", "distill": "distill"}
+#: ... or the PruneConfig field of the same name; and those that are not settings of the run at all.
+_RESUME_RUN = ("latency_batch", "latency_repeats", "threads", "workers", "ray_address", "threads_per_worker")
+_RESUME_ANY = ("command", "resume", "quiet", "debug", "device", "help")
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The destinations of the arguments of a subcommand that ``argv`` gives (a default value given counts)."""
+    unset = object()
+    sub = _subparser(parser, argv[0])
+    accumulating = (argparse._AppendAction, argparse._AppendConstAction, argparse._CountAction)
+    start = {a.dest: None if isinstance(a, accumulating) else unset  # these add to what is there: start from None
+             for a in sub._actions if a.dest != argparse.SUPPRESS}
+    namespace = argparse.Namespace(**start)
+    sub.parse_args(list(argv[1:]), namespace=namespace)  # argparse leaves what is already set unless given...
+    optional_positionals = {a.dest: a.default for a in sub._actions if not a.option_strings and a.nargs == "?"}
+    return {dest for dest, value in vars(namespace).items()  # ... but sets an absent optional positional's default
+            if value is not start[dest] and not (dest in optional_positionals and value == optional_positionals[dest])}
+
+
+def resume_config(args: argparse.Namespace, config: Any) -> Any:
+    """The saved configuration of the run ``--resume`` continues, with the fine-tuning, worker and measurement
+    flags given on this command line; any other flag given (the model, data, target or search) is refused,
+    since the run continues with the ones it started with."""
+    from dataclasses import replace
+
+    from autoprune.engine.train import TrainConfig
+    from autoprune.errors import AutopruneError
+
+    given = [a for a in _subparser(build_parser(), args.command)._actions
+             if a.dest not in _RESUME_ANY and a.dest in getattr(args, "given", ())]
+    fixed = [a for a in given if a.dest not in _RESUME_FINETUNE and a.dest not in _RESUME_RUN]
+    if fixed:
+        names = ", ".join(a.option_strings[-1] if a.option_strings else str(a.metavar) for a in fixed)
+        raise AutopruneError(f"--resume continues the run in {args.resume!r} with the model, data and search settings "
+                             f"it started with, so {names} cannot be given; drop them, or start a new run (another "
+                             "--out, or --force)")
+    values = {a.dest: getattr(args, a.dest) for a in given}
+    finetune = {field: values[flag] for flag, field in _RESUME_FINETUNE.items() if flag in values}
+    if finetune:
+        config = config.replace(finetune=replace(config.finetune or TrainConfig(), **finetune))
+    return config.replace(**{k: values[k] for k in _RESUME_RUN if k in values})
+
+
 def _resumed(args: argparse.Namespace, run_file: dict[str, Any]) -> None:
     """Fill the model file and data arguments of ``args`` from a resumed run's saved invocation."""
     from autoprune.errors import AutopruneError
@@ -490,7 +536,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     if args.resume:
         saved = read_run_file(Path(args.resume))
-        config = PruneConfig.from_json(saved["config"])
+        config = resume_config(args, PruneConfig.from_json(saved["config"]))
         _resumed(args, saved)
         method = create_method(config.method, config.method_options)
     else:
@@ -515,7 +561,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if args.resume:
         saved = load_comparison_run(Path(args.resume))
-        config, methods, title = saved["config"], saved["methods"], saved.get("title")
+        config, methods, title = resume_config(args, saved["config"]), saved["methods"], saved.get("title")
         _resumed(args, saved)
     else:
         methods = parse_methods(args.methods)
@@ -687,8 +733,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # commands install their own
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     args: argparse.Namespace | None = None
+    started = time.time()
     try:
         args = apply_config_file(parser, argv)
+        if getattr(args, "resume", None):
+            args.given = given_flags(parser, list(sys.argv[1:] if argv is None else argv))
         logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                             format="autoprune: %(levelname)s: %(message)s")
         return COMMANDS[args.command](args)
@@ -700,7 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = "" if "--resume" in line else _resume_hint(args)  # a comparison's message names it already
             sys.stderr.write(f"autoprune: {line}{hint}\n")
             return EXIT_INTERRUPTED
-        sys.stderr.write(f"autoprune: error: {error_line(exc)}\n")
+        sys.stderr.write(f"autoprune: error: {error_line(exc)}{_failed_run_hint(args, started)}\n")
         return EXIT_ERROR
     except KeyboardInterrupt:
         if debug:
@@ -718,6 +767,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             for sig, handler in previous.items():
                 if handler is not None and signal.getsignal(sig) is not handler:
                     signal.signal(sig, handler)
+
+
+def _failed_run_hint(args: argparse.Namespace | None, started: float) -> str:
+    """After a pruning run that failed once its search had begun (its run.json written by this command): how to
+    continue it rather than search again."""
+    run = getattr(args, "resume", None) or getattr(args, "out", None)
+    if args is None or args.command != "prune" or not run:
+        return ""
+    run_file = Path(run) / "run.json"
+    try:
+        fresh = run_file.stat().st_mtime >= started - 1 and not (Path(run) / "report.json").exists()
+    except OSError:
+        return ""
+    return (f"; the search so far is kept: after the fix, continue it with `autoprune prune --resume {run}` (and the "
+            "fine-tuning, worker or latency flags that changed)") if fresh else ""
 
 
 def _resume_hint(args: argparse.Namespace | None) -> str:

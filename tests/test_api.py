@@ -18,13 +18,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 from conftest import ModernNet
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 import autoprune
 from autoprune.engine.prune import SearchInterrupted
@@ -587,6 +588,26 @@ class NaNOutput(nn.Module):
         return self.net(x) * float("nan")
 
 
+class RaisingIter:
+    """A loader whose ``__iter__`` itself raises (it cannot open its files)."""
+
+    def __iter__(self):
+        raise OSError("disk gone")
+
+
+class BoomCallback(autoprune.Callback):
+    def on_evaluation(self, evaluation) -> None:
+        raise RuntimeError("cb boom")
+
+
+def _labels(n: int) -> torch.Tensor:
+    return torch.arange(n) % CLASSES
+
+
+def _one_class(n: int, cls: int = 0) -> list:
+    return [(toy_images(n, 0)[0], torch.full((n,), cls, dtype=torch.long))]
+
+
 @pytest.mark.parametrize(("change", "named"), [
     ({"method": "pso", "method_options": {"particle": 3}}, "particle"),
     ({"method": "nope"}, "nope"),
@@ -613,6 +634,31 @@ class NaNOutput(nn.Module):
     ({"example_inputs": torch.randn(0, 3, SIZE, SIZE)}, "example_inputs has batch size 0 (shape (0, 3, 16, 16))"),
     ({"test_loader": []}, "the test loader yielded no samples; pass a non-empty test_loader"),
     ({"seed": 2**70}, "seed=1180591620717411303424: must be an integer between 0 and"),
+    ({"val_loader": [(torch.randn(8, 1, SIZE, SIZE), _labels(8))]},
+     "the model fails on validation batch 0, inputs of shape (8, 1, 16, 16) (RuntimeError: "),
+    ({"val_loader": [(torch.randn(8, 1, SIZE, SIZE), _labels(8))]},
+     "the loaders must yield what the model's forward takes (example_inputs has shape (1, 3, 16, 16))"),
+    ({"train_loader": [(torch.randn(8, 1, SIZE, SIZE), _labels(8))]}, "the model fails on training batch 0, inputs"),
+    ({"val_loader": RaisingIter()}, "the validation loader raised OSError starting a pass (iter(loader), before batch"),
+    ({"train_loader": RaisingIter()}, "the training loader raised OSError starting a pass"),
+    ({"finetune": lambda model: 1 / 0}, "finetune raised ZeroDivisionError: division by zero; fix your fine-tuning"),
+    ({"method": 123}, "method=123: must be a method name"),
+    ({"model": sequential_cnn().half(), "example_inputs": torch.randn(1, 3, SIZE, SIZE).half()},
+     "the model's parameters are float16; autoprune prunes float32 models: pass model.float()"),
+    ({"model": sequential_cnn().bfloat16()}, "the model's parameters are bfloat16; autoprune prunes float32 models"),
+    ({"model": sequential_cnn().to("meta")}, "is on the meta device (no weights); load its weights first"),
+    ({"model": sequential_cnn().to("meta"), "device": "cpu"}, "is on the meta device (no weights)"),
+    ({"example_inputs": torch.randn(1, 3, SIZE, SIZE, device="meta")}, "example_inputs are on the meta device"),
+    ({"out": 5}, "out=5: must be a directory path (str or os.PathLike)"),
+    ({"out": ""}, "out='': is empty"),
+    ({"callbacks": [BoomCallback()]}, "callback BoomCallback.on_evaluation raised RuntimeError: cb boom; fix the"),
+    ({"train_loader": (batch for batch in [toy_images(8, 0)])}, "train_loader is a generator, which can be read only"),
+    ({"test_loader": iter([toy_images(8, 0)])}, "test_loader is an iterator (list_iterator), which can be read only"),
+    ({"ignored_layers": "no.such.layer"}, "ignored layer(s) ['no.such.layer'] are not"),  # one name, not letters
+    ({"val_loader": _one_class(16, 2)}, "the validation data hold only class 2; pruning is judged by how well the"),
+    ({"val_loader": DataLoader(TensorDataset(*toy_images(32, 0)), batch_size=8), "val_samples": 1},
+     "(the first val_samples=1 samples); pruning is judged"),
+    ({"train_loader": _one_class(16) * 2, "finetune": FINETUNE}, "the training data hold only class 0 (every target"),
 ])
 def test_bad_arguments_give_one_line_naming_the_problem(cases, change, named):
     case = cases["sequential"]
@@ -623,6 +669,83 @@ def test_bad_arguments_give_one_line_naming_the_problem(cases, change, named):
     with pytest.raises(AutopruneError) as err:
         autoprune.prune(model, example, **kwargs)
     assert named in one_line(err)
+
+
+@pytest.mark.parametrize(("field", "value", "named"), [
+    ("epochs", "2", "epochs='2': must be an integer (TrainConfig's epochs), not str"),
+    ("epochs", 2.0, "epochs=2.0: must be an integer"),
+    ("batch_size", True, "batch_size=True: must be an integer"),
+    ("seed", None, "seed=None: must be an integer"),
+    ("lr", "0.1", "lr='0.1': must be a number (TrainConfig's lr), not str"),
+    ("distill", [0.5], "distill=[0.5]: must be a number"),
+    ("lr", 10**400, "must be a finite number"),
+])
+def test_train_config_settings_of_the_wrong_type_are_one_line(field, value, named):
+    with pytest.raises(autoprune.ConfigError) as err:
+        autoprune.TrainConfig(**{field: value})
+    assert named in one_line(err) and err.value.field == field
+
+
+def test_train_config_takes_numpy_numbers_as_plain_ones():
+    config = autoprune.TrainConfig(epochs=np.int64(3), lr=np.float32(0.5), momentum=0)
+    assert (type(config.epochs), type(config.lr), type(config.momentum)) == (int, float, float)
+
+
+class FailsLater(nn.Module):
+    """A forward that starts raising once ``broken`` is set (a bug that only some inputs reach)."""
+
+    broken = {"on": False}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = sequential_cnn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if FailsLater.broken["on"]:
+            raise ValueError("boom inside forward")
+        return self.net(x)
+
+
+class BreakAfterFirst(autoprune.Callback):
+    def on_evaluation(self, evaluation) -> None:
+        FailsLater.broken["on"] = True
+
+
+def test_the_models_forward_failing_mid_search_is_one_line_naming_the_evaluation(cases):
+    train, val = cases["sequential"].loaders()
+    FailsLater.broken["on"] = False
+    try:
+        with pytest.raises(AutopruneError) as err:
+            autoprune.prune(FailsLater(), cases["sequential"].example, method="random", macs_reduction=REDUCTION,
+                            train_loader=train, val_loader=val, finetune=None, budget=4,
+                            callbacks=[BreakAfterFirst()], **FAST)
+    finally:
+        FailsLater.broken["on"] = False
+    assert "the model's forward (FailsLater) raised ValueError in evaluation 2 of the search: boom inside forward; " \
+           "the forward must run" in one_line(err)
+    assert isinstance(err.value.__cause__, ValueError)
+
+
+def test_single_class_validation_data_are_fine_with_a_score_fn_and_one_module_is_one_ignored_layer(cases):
+    case = cases["sequential"]
+    train, _ = case.loaders()
+    model = case.trained()
+    result = autoprune.prune(model, case.example, method="l1", macs_reduction=REDUCTION, train_loader=train,
+                             val_loader=_one_class(16), score_fn=lambda m: 0.5, finetune=None, budget=2,
+                             ignored_layers=model[3], **FAST)  # one module, not a list of them
+    assert result.model[3].out_channels == 16 and "3" not in {w.name for w in result.widths}
+    assert result.config.ignored_layers == ("3",)
+
+
+def test_a_validation_generator_is_read_once_into_memory(cases):
+    case = cases["sequential"]
+    train, val = case.loaders()
+    batches = list(val)
+    result = autoprune.prune(case.trained(), case.example, method="l1", macs_reduction=REDUCTION, train_loader=train,
+                             val_loader=(b for b in batches), finetune=None, budget=2, **FAST)
+    from autoprune.engine.train import evaluate
+
+    assert result.base.accuracy == pytest.approx(evaluate(case.trained(), batches).accuracy)
 
 
 def _relabelled(case: Case, relabel) -> DataLoader:
@@ -758,6 +881,33 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(cases, tmp_pat
     assert history_rows(resumed) == history_rows(reference)
     batch = case.batch(4)
     assert torch.equal(outputs(resumed.model, batch), outputs(reference.model, batch))
+
+
+def test_resume_refuses_another_model_or_other_data_and_takes_new_finetuning(cases, tmp_path):
+    case = cases["concat"]
+    settings = {"method": "random", "budget": 6}
+    out = tmp_path / "run"
+    with pytest.raises(SearchInterrupted):
+        prune(case, out=out, callbacks=[Recorder(stop_after=3)], **settings)
+    other = case.trained()
+    with torch.no_grad():
+        other.fc.bias.add_(0.01)
+    with pytest.raises(AutopruneError, match="the model differs from the one the run in") as err:
+        prune(case, other, out=out, resume=True, **settings)
+    one_line(err)
+    train, _ = case.loaders()
+    fewer = DataLoader(Subset(case.val_ds, range(40)), batch_size=64)
+    with pytest.raises(AutopruneError, match="the validation data .* differ from those the run in") as err:
+        autoprune.prune(case.trained(), case.example, macs_reduction=REDUCTION, train_loader=train, val_loader=fewer,
+                        finetune=case.finetune, **FAST, out=out, resume=True, **settings)
+    one_line(err)
+    with pytest.raises(AutopruneError, match=r"other search settings \(budget 6 -> 5\)"):
+        prune(case, out=out, resume=True, **{**settings, "budget": 5})
+    assert len((out / "history.jsonl").read_text().splitlines()) == 3  # the record survives the refusals
+    # the fine-tuning may change on resume: the search continues where it stopped
+    resumed = prune(case, out=out, resume=True, **settings, finetune=autoprune.TrainConfig(epochs=2, lr=0.01))
+    assert resumed.search.resumed_evaluations == 3
+    assert history_rows(resumed) == history_rows(prune(case, **settings))
 
 
 def test_same_seed_same_run_other_seed_other_search(cases):

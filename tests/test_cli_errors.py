@@ -267,7 +267,9 @@ CASES = [
      "predicts 7 classes but dataset 'synthetic' has 10"),
     ("prune-model-is-dir", [*R[:1], "{emptydir}", *R[2:]], ERROR, "is a directory, not a model file"),
     ("prune-out-is-file", [*R, "--out", "{afile}"], ERROR, "is a file; give a directory"),
-    ("prune-out-not-empty", [*R, "--out", "{nonempty}"], ERROR, "already holds a run; pass --force"),
+    ("prune-out-not-empty", [*R, "--out", "{nonempty}"], ERROR, "is not empty and holds no autoprune run"),
+    ("prune-out-not-empty-force", [*R, "--out", "{nonempty}", "--force"], ERROR, "holds no autoprune run (it holds "
+     "'keep.txt'); choose a new or empty --out"),
     ("prune-force-deletes-input", [*R[:1], "{held}", *R[2:], "--out", "{holder}", "--force"], ERROR,
      "holds the model being pruned"),
     ("prune-resume-nothing", ["prune", "--resume", "{emptydir}"], ERROR, "nothing to resume"),

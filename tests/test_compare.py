@@ -243,6 +243,11 @@ def test_existing_output_needs_force(comparison, base_model):
     code, _, err = run_cli(["compare", str(base_model), "--methods", "l1", "--out", str(out)] + FAST)
     assert code == 1 and "--force" in err and "--resume" in err
     assert summary_of(out)["complete"] is True  # untouched
+    (out / "mine.txt").write_text("mine")
+    code, _, err = run_cli(["compare", str(base_model), "--methods", "l1", "--out", str(out), "--force"] + FAST)
+    assert code == 1 and "holds an autoprune comparison and also 'mine.txt'" in err
+    assert (out / "mine.txt").read_text() == "mine" and summary_of(out)["complete"] is True
+    (out / "mine.txt").unlink()
 
 
 # ---- resume and interruption (one method's run replaced by a recording fake) --------------------------------

@@ -664,6 +664,22 @@ def test_truncated_random_and_odd_files(tmp_path, lenet_file):
         one_line_error(lambda: read_model_file("/dev/zero"), "not a regular file")
 
 
+def test_a_torchscript_file_is_named_and_refused(tmp_path):
+    path = tmp_path / "scripted.pt"
+    with warnings.catch_warnings():  # torch.jit is deprecated: still what such files come from
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())), str(path))
+    one_line_error(lambda: load(path), "is a TorchScript file", "it holds code", "autoprune.save(path, model)",
+                   "autoprune.load(path, model=YourNet())")
+
+
+@pytest.mark.parametrize("path", [5, None, b"m.pt", ""])
+def test_a_path_that_is_not_a_path_is_one_line(path):
+    shown = f"path={path!r}: "
+    one_line_error(lambda: load(path), shown)
+    one_line_error(lambda: modelfile.save_model(path, fresh_lenet()), shown)
+
+
 def test_deep_and_cyclic_plain_data_is_refused(tmp_path, base_payload):
     payload = copy.deepcopy(base_payload)
     deep: list = []

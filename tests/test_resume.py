@@ -326,6 +326,47 @@ def test_force_with_an_impossible_target_deletes_nothing(tmp_path_factory, tmp_p
     assert (out / "model.pt").read_text() == "an earlier result"
 
 
+def test_a_failed_run_resumes_with_new_finetuning_but_not_new_search_settings(tmp_path_factory, tmp_path, capsys):
+    base = trained_base(tmp_path_factory)
+    argv = list(PRUNE_FAST)
+    argv[argv.index("--budget") + 1] = "12"
+    failed, reference = tmp_path / "failed", tmp_path / "reference"
+    code, _, err = run_cli(["prune", base, *argv, "--finetune-lr", "1000", "--out", failed], capsys)
+    assert code == 1
+    assert_one_line_error(err, f"lower the learning rate or check the data; the search so far is kept: after the fix, "
+                               f"continue it with `autoprune prune --resume {failed}`")
+    for extra, named in ((["--budget", "12"], "--budget"), ([base], "MODEL"), (["--out", tmp_path / "x"], "--out")):
+        code, _, err = run_cli(["prune", "--resume", failed, *extra], capsys)
+        assert code == 1
+        assert_one_line_error(err, f"--resume continues the run in {str(failed)!r} with the model, data and search "
+                                   f"settings it started with, so {named} cannot be given")
+    code, _, err = run_cli(["prune", "--resume", failed, "--finetune-lr", "0.01"], capsys)  # the default, given
+    assert code == 0, err
+    assert run_cli(["prune", base, *argv, "--out", reference], capsys)[0] == 0
+    assert_matches_reference(failed, reference)
+
+
+def test_force_replaces_only_a_run_never_other_files(tmp_path_factory, tmp_path, capsys):
+    base = trained_base(tmp_path_factory)
+    notes, with_data, precious = tmp_path / "notes", tmp_path / "run", tmp_path / "precious"
+    for directory, name in ((notes, "notes.txt"), (with_data / "mnist", "train-images"), (precious, "thesis.tex")):
+        directory.mkdir(parents=True)
+        (directory / name).write_text("mine")
+    (tmp_path / "link").symlink_to(precious)
+    for out in (notes, with_data, tmp_path / "link"):
+        code, _, err = run_cli(["prune", base, *PRUNE_FAST, "--out", out, "--force"], capsys)
+        assert code == 1
+        assert_one_line_error(err, "is not empty and holds no autoprune run (it holds '")
+    # an earlier run with a file of the user's beside it: --force would delete the file with the run
+    (with_data / "model.pt").write_text("an earlier result")
+    code, _, err = run_cli(["prune", base, *PRUNE_FAST, "--out", with_data, "--force"], capsys)
+    assert code == 1
+    assert_one_line_error(err, "holds an autoprune run and also 'mnist', which autoprune did not write")
+    assert [(notes / "notes.txt").read_text(), (with_data / "mnist" / "train-images").read_text(),
+            (precious / "thesis.tex").read_text(), (with_data / "model.pt").read_text()] == [
+        "mine", "mine", "mine", "an earlier result"]
+
+
 # ---- one run per output directory ------------------------------------------------------------------------
 
 def test_a_second_run_into_a_busy_out_is_refused_and_force_deletes_nothing(tmp_path_factory, tmp_path, capsys):

@@ -14,8 +14,9 @@ so an interrupted run that resumes at epoch 3 sees what an uninterrupted one saw
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,10 +48,43 @@ def as_inputs(example_inputs: Any, what: str = "example_inputs") -> Inputs:
 
 
 def forward(model: nn.Module, inputs: Inputs) -> Any:
-    """Call ``model`` on ``inputs`` (positional arguments for a tuple/list)."""
-    if isinstance(inputs, tuple | list):
-        return model(*inputs)
-    return model(inputs)
+    """Call ``model`` on ``inputs`` (positional arguments for a tuple/list).
+
+    What the call raises (other than an :class:`AutopruneError`) is marked as the model's failure
+    (:func:`forward_failure` names the model's class), so that a stage can tell the caller's forward failing
+    apart from a fault of its own.
+    """
+    try:
+        if isinstance(inputs, tuple | list):
+            return model(*inputs)
+        return model(inputs)
+    except AutopruneError:
+        raise
+    except Exception as exc:
+        if getattr(exc, _FORWARD_MARK, None) is None:
+            with contextlib.suppress(AttributeError, TypeError):
+                setattr(exc, _FORWARD_MARK, type(model).__name__)
+        raise
+
+
+_FORWARD_MARK = "_autoprune_forward_of"
+
+
+def forward_failure(exc: BaseException) -> str | None:
+    """The class name of the model whose forward raised ``exc`` (None: ``exc`` did not come from a forward)."""
+    if isinstance(exc, AutopruneError):
+        return None
+    return getattr(exc, _FORWARD_MARK, None)
+
+
+def check_reiterable(loader: Any, name: str) -> None:
+    """Refuse an iterator (a generator, ``iter(...)``, a ``map``) given as a loader that is read more than once.
+
+    Checked without calling ``iter`` (a DataLoader with workers would start them)."""
+    if isinstance(loader, Iterator):
+        kind = "a generator" if isinstance(loader, Generator) else f"an iterator ({type(loader).__name__})"
+        raise AutopruneError(f"{name} is {kind}, which can be read only once; pass a re-iterable loader such as a "
+                             "DataLoader or a list of batches")
 
 
 def to_device(obj: Any, device: torch.device | str) -> Any:
@@ -137,9 +171,15 @@ def iterate(loader: Iterable[Any], *, seed: int, key: int, device: torch.device 
     torch.manual_seed(seed_for(seed, key))
     try:
         iterator = iter(loader)
-    except TypeError as exc:
-        raise AutopruneError(f"{what} is not iterable ({type(loader).__name__}); pass a DataLoader or any "
-                             "iterable of (inputs, targets) batches") from exc
+    except AutopruneError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, TypeError) and not hasattr(type(loader), "__iter__") and \
+                not hasattr(type(loader), "__getitem__"):
+            raise AutopruneError(f"{what} is not iterable ({type(loader).__name__}); pass a DataLoader or any "
+                                 "iterable of (inputs, targets) batches") from exc
+        raise AutopruneError(f"{what} raised {type(exc).__name__} starting a pass (iter(loader), before batch 0): "
+                             f"{first_line(exc, '(no message)')}; fix the loader or its data") from exc
     for i in itertools.count():
         try:
             batch = next(iterator)

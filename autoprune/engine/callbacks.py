@@ -49,25 +49,40 @@ class CallbackList(Callback):
             raise AutopruneError(f"callbacks must be autoprune.Callback instances, got {type(bad[0]).__name__}")
         self.callbacks = list(callbacks)
 
-    def on_start(self, info: dict[str, Any]) -> None:
+    def _each(self, hook: str, *args: Any) -> None:
         for c in self.callbacks:
-            c.on_start(info)
+            _call(c, hook, *args)
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        self._each("on_start", info)
 
     def on_evaluation(self, evaluation: Evaluation) -> None:
-        for c in self.callbacks:
-            c.on_evaluation(evaluation)
+        self._each("on_evaluation", evaluation)
 
     def on_search_end(self, best: Evaluation | None) -> None:
-        for c in self.callbacks:
-            c.on_search_end(best)
+        self._each("on_search_end", best)
 
     def on_finetune_epoch(self, epoch: int, epochs: int) -> None:
-        for c in self.callbacks:
-            c.on_finetune_epoch(epoch, epochs)
+        self._each("on_finetune_epoch", epoch, epochs)
 
     def on_end(self, result: PruneResult) -> None:
-        for c in self.callbacks:
-            c.on_end(result)
+        self._each("on_end", result)
 
     def should_stop(self) -> bool:
-        return any(c.should_stop() for c in self.callbacks)
+        return any(_call(c, "should_stop") for c in self.callbacks)
+
+
+def _call(callback: Callback, hook: str, *args: Any) -> Any:
+    """``callback.hook(*args)``; what a caller's callback raises is one line naming it and the hook (autoprune's
+    own callbacks, e.g. a run directory, raise as they are)."""
+    from autoprune.errors import AutopruneError, first_line
+
+    try:
+        return getattr(callback, hook)(*args)
+    except AutopruneError:
+        raise
+    except Exception as exc:
+        if type(callback).__module__.split(".")[0] == "autoprune":
+            raise
+        raise AutopruneError(f"callback {type(callback).__name__}.{hook} raised {type(exc).__name__}: "
+                             f"{first_line(exc, '(no message)')}; fix the callback") from exc

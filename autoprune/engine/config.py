@@ -100,6 +100,12 @@ def _int(name: str, value: Any, minimum: int, maximum: int = MAX_SEED, *, option
         raise ConfigError(name, value, f"must be an integer {bound}")
 
 
+#: Settings a resumed run may change: how it fine-tunes, computes and measures, not what its search evaluates
+#: (every executor gives the same history).
+RESUMABLE_CHANGES = ("finetune", "latency_batch", "latency_repeats", "threads", "workers", "executor", "ray_address",
+                     "threads_per_worker")
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """Everything that decides a pruning run, besides the model and the data.
@@ -206,6 +212,11 @@ class PruneConfig:
         if self.executor == "auto":
             return "serial" if self.workers == 1 else "pool"
         return self.executor
+
+    def search_json(self) -> dict[str, Any]:
+        """The settings that decide what the search evaluates: a resumed run must keep them (the others,
+        :data:`RESUMABLE_CHANGES`, may change)."""
+        return {k: v for k, v in self.to_json().items() if k not in RESUMABLE_CHANGES}
 
     def replace(self, **changes: Any) -> PruneConfig:
         """A copy with ``changes`` applied (validated again)."""

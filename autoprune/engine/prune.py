@@ -10,11 +10,13 @@ progress belong to callbacks and to :mod:`autoprune.runs`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,10 +34,12 @@ from autoprune.engine.batches import (
     Inputs,
     as_inputs,
     check_class_targets,
+    check_reiterable,
     count_batches,
     describe_shape,
     first_sample,
     forward,
+    forward_failure,
     take,
     to_device,
 )
@@ -59,7 +63,7 @@ from autoprune.engine.scoring import (
     selection_steps,
     successive_halving,
 )
-from autoprune.engine.space import PruningSpace
+from autoprune.engine.space import PruningSpace, TraceFailed
 from autoprune.engine.train import EmptyData, TrainingInterrupted, evaluate, fit, subnormals_flushed
 from autoprune.errors import AutopruneError, Interrupted, first_line
 from autoprune.methods import Method, MethodContext, Plan
@@ -107,6 +111,7 @@ class Setup:
 
 def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
     """The run's device: as given, else where the model's parameters are, else the CPU."""
+    check_model_tensors(model)
     if device is None:
         return next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
@@ -116,6 +121,42 @@ def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise AutopruneError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
     return resolved
+
+
+#: Floating-point types autoprune refuses in a model: half precision half-works (CPU kernels, BatchNorm
+#: re-estimation, SGD fine-tuning and latency tables all assume float32), so it is refused rather than tried.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_model_tensors(model: nn.Module) -> None:
+    """Refuse a model whose weights are on the meta device (none there) or in half precision."""
+    if not isinstance(model, nn.Module):
+        return
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.is_meta for t in tensors):
+        raise AutopruneError(f"the model {type(model).__name__} is on the meta device (no weights); load its weights "
+                             "first (e.g. model.to_empty(device='cpu') and then model.load_state_dict(...))")
+    half = next((p.dtype for p in model.parameters() if p.dtype in HALF_DTYPES), None)
+    if half is not None:
+        kind = str(half).removeprefix("torch.")
+        raise AutopruneError(f"the model's parameters are {kind}; autoprune prunes float32 models: pass model.float() "
+                             f"(and float32 example_inputs and batches), and convert the pruned model back to {kind} "
+                             "afterwards")
+
+
+def check_example_tensors(example_inputs: Any) -> None:
+    """Refuse example inputs on the meta device (they hold no values to run the model on)."""
+    tensors = example_inputs if isinstance(example_inputs, tuple | list) else [example_inputs]
+    if any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
+        raise AutopruneError("example_inputs are on the meta device (no data); pass real tensors, e.g. "
+                             "torch.randn(1, 3, 32, 32)")
+
+
+def check_loaders(data: Data) -> None:
+    """Refuse a one-shot iterator where a loader is read more than once (training, test); the validation loader
+    is read once, into memory, so an iterator is fine there."""
+    check_reiterable(data.train, "train_loader")
+    check_reiterable(data.test, "test_loader")
 
 
 def check_forward(model: nn.Module, example: Inputs) -> Any:
@@ -130,13 +171,14 @@ def check_forward(model: nn.Module, example: Inputs) -> Any:
                              "forward accepts") from exc
 
 
-def _chance_level(val: Sequence[Batch]) -> float | None:
-    """The majority-class rate of the validation targets (what a constant classifier scores)."""
+def _class_counts(val: Sequence[Batch]) -> torch.Tensor | None:
+    """Samples per class of the validation targets (None unless every batch has class indices ``(B,)``); the
+    majority-class rate is what a constant classifier scores (the chance level)."""
     targets = [t for _, t in val if isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point()]
     if not targets or len(targets) != len(val):
         return None
     counts = torch.bincount(torch.cat(targets).cpu().clamp_min(0))
-    return float(counts.max()) / float(counts.sum())
+    return counts if int(counts.sum()) > 0 else None
 
 
 def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Data,
@@ -144,6 +186,9 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
     """Copy the model to the device, trace its pruning space, check the target, hold the data, score the base;
     with ``builtin_finetune`` (no caller's loop), check that ``config.finetune`` can train it
     (:func:`check_finetune`)."""
+    check_model_tensors(model)
+    check_example_tensors(example_inputs)
+    check_loaders(data)
     try:
         base = copy.deepcopy(model).to(device).eval()
     except Exception as exc:
@@ -166,24 +211,55 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
     pairs = [] if data.train is None else take(data.train, config.calibration_samples, seed=config.seed,
                                                key=CALIBRATION_KEY, device=device, what="the training loader")
     calibration = [x for x, _ in pairs]
+    with torch.no_grad():
+        first_outputs = forward_batch(base, pairs[0][0], "training batch 0", example) if pairs else None
     if builtin_finetune:
-        check_finetune(base, config, data, device, pairs[:1])
+        check_finetune(base, config, data, device, pairs[:1], example=example, outputs=first_outputs)
     score = resolve_score(config.score, config.score_options, base, data.score_fn, trainable=data.train is not None)
     train = _score_training_batches(config, score, data, device)
-    _check_finite_outputs(base, val)
+    _check_finite_outputs(base, val, example)
     base_score = measure_score(base, val, data.score_fn)
     if not math.isfinite(base_score):
         raise AutopruneError(f"score_fn returned {base_score} for the unpruned model; it must return a finite number "
                              "(higher is better)")
-    chance = None if data.score_fn is not None else _chance_level(val)
+    chance = None
+    if data.score_fn is None:  # the targets were read (and checked) by the base model's validation pass above
+        counts = _class_counts(val)
+        _check_two_classes(counts, config)
+        chance = None if counts is None else float(counts.max()) / float(counts.sum())
     return Setup(base, example, space, device, val, calibration, base_score, chance, score, train)
 
 
+def _check_two_classes(counts: torch.Tensor | None, config: PruneConfig) -> None:
+    """Refuse validation targets of a single class: every candidate would be judged on one class only."""
+    if counts is None or int((counts > 0).sum()) != 1:
+        return
+    only = int(counts.argmax())
+    read = f" (the first val_samples={config.val_samples} samples)" if config.val_samples is not None else ""
+    more = " (or raise val_samples)" if read else ""
+    raise AutopruneError(f"the validation data hold only class {only}{read}; pruning is judged by how well the model "
+                         f"still tells classes apart: pass validation data with at least two classes{more}")
+
+
 @torch.no_grad()
-def _check_finite_outputs(base: nn.Module, val: Sequence[Batch]) -> None:
-    """The unpruned model's outputs on the validation batches are finite (else no score means anything)."""
+def forward_batch(model: nn.Module, inputs: Inputs, where: str, example: Inputs) -> Any:
+    """The model's outputs on a loader's batch; a failure is one line naming the batch and the example's shape."""
+    try:
+        return forward(model, inputs)
+    except AutopruneError:
+        raise
+    except Exception as exc:
+        raise AutopruneError(f"the model fails on {where}, inputs of shape {describe_shape(inputs)} "
+                             f"({type(exc).__name__}: {first_line(exc, '(no message)')}); the loaders must yield what "
+                             f"the model's forward takes (example_inputs has shape {describe_shape(example)})") from exc
+
+
+@torch.no_grad()
+def _check_finite_outputs(base: nn.Module, val: Sequence[Batch], example: Inputs) -> None:
+    """The unpruned model runs on the validation batches and its outputs are finite (else no score means
+    anything)."""
     for i, (inputs, _) in enumerate(val):
-        if not _finite(forward(base, inputs)):
+        if not _finite(forward_batch(base, inputs, f"validation batch {i}", example)):
             cause = ("the inputs are finite: check the model's weights (NaN?) and its numerics" if _finite(inputs)
                      else "the inputs hold NaN or inf: clean the data")
             raise AutopruneError(f"the unpruned model gives NaN or infinite outputs on validation batch {i}; {cause}")
@@ -268,7 +344,8 @@ def search(setup: Setup, plan: Plan, config: PruneConfig, method: Method, data: 
     space = setup.space
     evaluator = Evaluator(plan.model, space, plan.scores, setup.val, setup.calibration, score_fn=data.score_fn,
                           score=setup.score, train=setup.train, seed=config.seed)
-    evaluator.physical = choose_physical(evaluator)
+    with _forward_failures("while probing a half-width candidate before the search"):
+        evaluator.physical = choose_physical(evaluator)
     for row in recorded:
         evaluator.prefill(row.counts, Fitness(row.accuracy, row.macs, row.params, row.value))
     problem = make_problem(setup, plan, config)
@@ -292,7 +369,8 @@ def search(setup: Setup, plan: Plan, config: PruneConfig, method: Method, data: 
     try:
         # serial: one candidate at a time (progress and interruption per candidate); else a whole ask at once,
         # deduplicated against the evaluator's cache and told in ask order (see autoprune.engine.executor)
-        with create_executor(config, evaluator) as executor:
+        with create_executor(config, evaluator) as executor, \
+                _forward_failures(lambda: f"in evaluation {len(history) + 1} of the search"):
             if executor.parallel:
                 result = run_search(strategy, budget=budget, on_result=record,
                                     evaluate_batch=BatchEvaluation(executor, plan.strategy))
@@ -302,6 +380,26 @@ def search(setup: Setup, plan: Plan, config: PruneConfig, method: Method, data: 
         bar.close()
     keep = result.best_x
     return SearchOutcome(keep, history, evaluator, problem, time.perf_counter() - started, budget)
+
+
+@contextlib.contextmanager
+def _forward_failures(where: str | Callable[[], str], *, traced: bool = True) -> Iterator[None]:
+    """The model's forward raising inside the block (:func:`~autoprune.engine.batches.forward_failure`) becomes one
+    line naming ``where`` (a string, or a callable giving it when the failure happens); other errors pass.
+    ``traced``: the model was traced already, so a trace failing (:class:`TraceFailed`) is its forward failing."""
+    try:
+        yield
+    except Exception as exc:
+        if traced and isinstance(exc, TraceFailed) and exc.__cause__ is not None:
+            exc = exc.__cause__
+        model = forward_failure(exc)
+        if model is None:
+            raise
+        place = where() if callable(where) else where
+        raise AutopruneError(f"the model's forward ({model}) raised {type(exc).__name__} {place}: "
+                             f"{first_line(exc, '(no message)')}; the forward must run on the unpruned model and on "
+                             "every pruned one: fix it (or keep the layers it depends on whole with ignored_layers)"
+                             ) from exc
 
 
 def uniform_candidate(problem: Problem) -> np.ndarray | None:
@@ -397,7 +495,15 @@ def finetune(pruned: nn.Module, setup: Setup, config: PruneConfig, data: Data, f
     started = time.perf_counter()
     if finetune_fn is not None:
         pruned.train()
-        finetune_fn(pruned)
+        try:
+            finetune_fn(pruned)
+        except AutopruneError:
+            raise
+        except Exception as exc:
+            name = getattr(finetune_fn, "__name__", type(finetune_fn).__name__)
+            raise AutopruneError(f"finetune raised {type(exc).__name__}: {first_line(exc, '(no message)')}; fix your "
+                                 f"fine-tuning function ({name}, called as finetune(model) with the pruned model in "
+                                 "train mode)") from exc
         pruned.eval()
         return FinetuneStats(epochs=0, seconds=time.perf_counter() - started, custom=True)
     settings = config.finetune
@@ -417,10 +523,10 @@ def finetune(pruned: nn.Module, setup: Setup, config: PruneConfig, data: Data, f
 
 
 def check_finetune(base: nn.Module, config: PruneConfig, data: Data, device: torch.device,
-                   first: list[Batch]) -> None:
+                   first: list[Batch], *, example: Inputs, outputs: Any = None) -> None:
     """Before any search: the built-in fine-tuning (``config.finetune``) has training data, and the model's outputs
     on it are what its cross-entropy reads (logits and integer class targets). ``first``: the training loader's
-    first batch if already read (the calibration's), else it is read here."""
+    first batch if already read (the calibration's; ``outputs`` the model's on it), else it is read here."""
     if config.finetune is None or config.finetune.epochs == 0:
         return
     if data.train is None:
@@ -431,8 +537,8 @@ def check_finetune(base: nn.Module, config: PruneConfig, data: Data, device: tor
     if not batch:
         raise AutopruneError("the training loader yielded no samples; pass a non-empty train_loader (or finetune=None)")
     inputs, targets = batch[0]
-    with torch.no_grad():
-        outputs = forward(base, inputs)
+    if outputs is None or not first:
+        outputs = forward_batch(base, inputs, "training batch 0", example)
     check_class_targets(outputs, targets, what="fine-tuning", fix=TRAINING_FIX)
 
 
@@ -508,6 +614,33 @@ class Decision:
     resumed: int
 
 
+def digest(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 of tensors (names, shapes, dtypes and bytes): a resumed run checks with it that it continues with
+    the model and the validation data it started with."""
+    sha = hashlib.sha256()
+    for name, tensor in named_tensors:
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        sha.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        try:
+            sha.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        except (RuntimeError, TypeError):  # a tensor type with no byte view (quantised, say): its values
+            sha.update(repr(flat.tolist()).encode())
+    return sha.hexdigest()
+
+
+def _batch_tensors(batches: Sequence[Any]) -> Iterable[tuple[str, torch.Tensor]]:
+    """Every tensor of a list of batches (tensors nested in tuples, lists and dicts), named by its position."""
+    stack = [(f"{i}", batch) for i, batch in enumerate(batches)][::-1]
+    while stack:
+        name, item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            yield name, item
+        elif isinstance(item, tuple | list):
+            stack.extend((f"{name}.{j}", x) for j, x in reversed(list(enumerate(item))))
+        elif isinstance(item, dict):
+            stack.extend((f"{name}.{k}", item[k]) for k in reversed(list(item)))
+
+
 def decide(setup: Setup, method: Method, config: PruneConfig, data: Data, callbacks: CallbackList,
            recorded: Sequence[Evaluation], progress: bool) -> Decision:
     """Plan, search and select a structure, then prune the model to it."""
@@ -515,7 +648,9 @@ def decide(setup: Setup, method: Method, config: PruneConfig, data: Data, callba
         setup.latency = _latency_table(setup, config, progress)
     plan, plan_seconds = make_plan(method, setup, config, data.train, progress)
     callbacks.on_start({"groups": [g.name for g in setup.space.groups], "base_score": setup.base_score,
-                        "budget": config.budget or method.default_budget, "strategy": plan.strategy})
+                        "budget": config.budget or method.default_budget, "strategy": plan.strategy,
+                        "model_digest": digest(setup.base.state_dict().items()),
+                        "val_digest": digest(_batch_tensors(setup.val))})
     outcome = refine(setup, search(setup, plan, config, method, data, callbacks, recorded, progress), config)
     keep, repaired, warnings = select(setup, outcome, method.name)
     if setup.latency is not None:  # measured, not predicted: shrunk further while it misses the target
@@ -563,19 +698,23 @@ def run(model: nn.Module, example_inputs: Any, config: PruneConfig, method: Meth
     started = time.perf_counter()
     callbacks = callbacks or CallbackList()
     here = world()
-    setup = prepare(model, example_inputs, config, data, device, builtin_finetune=finetune_fn is None)
+    with _forward_failures("while the unpruned model was checked and scored", traced=False):
+        setup = prepare(model, example_inputs, config, data, device, builtin_finetune=finetune_fn is None)
     decided: list[Decision] = []  # rank 0's decision; its pruned model (or its error) reaches every rank
 
     def decide_on_main() -> nn.Module:
         decided.append(decide(setup, method, config, data, callbacks, recorded, progress))
         return decided[0].pruned
 
-    pruned = on_main(decide_on_main).to(setup.device)
+    with _forward_failures("while the method planned, searched for and applied the structure"):
+        pruned = on_main(decide_on_main).to(setup.device)
     decision = decided[0] if decided else None
-    ft = finetune(pruned, setup, config, data, finetune_fn, callbacks, checkpoint, progress,
-                  method.extra_training_epochs)
-    scores = final_scores(setup, pruned.eval(), data, config.seed)
-    result = on_main(lambda: _result(setup, decision, pruned, ft, scores, method, config, data, started, info))
+    with _forward_failures("during fine-tuning"):
+        ft = finetune(pruned, setup, config, data, finetune_fn, callbacks, checkpoint, progress,
+                      method.extra_training_epochs)
+    with _forward_failures("while the final models were measured"):
+        scores = final_scores(setup, pruned.eval(), data, config.seed)
+        result = on_main(lambda: _result(setup, decision, pruned, ft, scores, method, config, data, started, info))
     if here.main:
         callbacks.on_end(result)
     return result

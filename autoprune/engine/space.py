@@ -43,7 +43,15 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from autoprune.engine.batches import Inputs, as_inputs, first_sample, forward, random_batch, to_device
+from autoprune.engine.batches import (
+    Inputs,
+    as_inputs,
+    first_sample,
+    forward,
+    forward_failure,
+    random_batch,
+    to_device,
+)
 from autoprune.errors import AutopruneError, first_line
 
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d,
@@ -427,6 +435,11 @@ def _all_close(a: object, b: object, atol: float) -> bool:
     return a == b
 
 
+class TraceFailed(AutopruneError):
+    """Tracing failed because the model's forward raised (its ``__cause__``): where the same model was traced
+    before, the forward itself failed, and the run names where."""
+
+
 def _build_graph(model: nn.Module, example_inputs: Inputs) -> tp.DependencyGraph:
     was_training = model.training
     frozen = [p for p in model.parameters() if not p.requires_grad]
@@ -442,8 +455,9 @@ def _build_graph(model: nn.Module, example_inputs: Inputs) -> tp.DependencyGraph
         raise
     except Exception as exc:
         first = first_line(exc, "")
-        raise AutopruneError(f"Torch-Pruning could not trace the model ({type(exc).__name__}: {first}); the model "
-                             "must run on its example inputs") from exc
+        error = AutopruneError if forward_failure(exc) is None else TraceFailed
+        raise error(f"Torch-Pruning could not trace the model ({type(exc).__name__}: {first}); the model "
+                    "must run on its example inputs") from exc
     finally:
         for p in frozen:
             p.requires_grad_(False)

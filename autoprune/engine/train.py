@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -36,7 +37,7 @@ from autoprune.engine.batches import (
     to_device,
 )
 from autoprune.engine.distributed import RankSlice, all_reduce_sum, unwrap, world, wrap_for_training
-from autoprune.errors import AutopruneError, Interrupted
+from autoprune.errors import AutopruneError, ConfigError, Interrupted
 from autoprune.io.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,20 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "seed"):  # types first: a string would fail the comparisons below
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ConfigError(name, value, f"must be an integer (TrainConfig's {name}), not "
+                                               f"{type(value).__name__}")
+            object.__setattr__(self, name, int(value))
+        for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "distill", "temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ConfigError(name, value, f"must be a number (TrainConfig's {name}), not {type(value).__name__}")
+            try:
+                object.__setattr__(self, name, float(value))
+            except OverflowError as exc:
+                raise ConfigError(name, value, f"must be a finite number (TrainConfig's {name})") from exc
         checks = {  # written so that NaN fails every test
             "epochs": self.epochs >= 0, "batch_size": self.batch_size >= 1, "lr": 0 < self.lr < math.inf,
             "momentum": 0 <= self.momentum < 1, "weight_decay": 0 <= self.weight_decay < math.inf,
@@ -296,11 +311,13 @@ def _epochs(model: nn.Module, trained: nn.Module, loader: Iterable[Any], config:
         bar = tqdm(batches, total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False,
                    disable=not progress or None)
         running = 0.0
+        classes = _ClassRange(loss_fn is None and epoch == start_epoch and not world().distributed)
         for i, (inputs, targets) in enumerate(bar):
             lr = lr_at(min(epoch * steps_per_epoch + i, total - 1), total, config.lr, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss = _training_loss(trained, model, inputs, targets, config, teacher, regularizer, loss_fn, targets_fix)
+            classes.add(targets)
             if not torch.isfinite(loss):
                 raise AutopruneError(f"training diverged: loss is {float(loss.detach())} at epoch {epoch + 1}, "
                                      f"step {i + 1} (learning rate {lr:.4g}); lower the learning rate or check "
@@ -312,6 +329,7 @@ def _epochs(model: nn.Module, trained: nn.Module, loader: Iterable[Any], config:
             if i % 20 == 0:
                 bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr:.3g}")
         last_loss = running
+        classes.check()
         log.info("%s epoch %d/%d: loss %.4f", desc, epoch + 1, config.epochs, running)
         _check_finite_weights(model, epoch, config)
         if checkpoint:
@@ -322,6 +340,28 @@ def _epochs(model: nn.Module, trained: nn.Module, loader: Iterable[Any], config:
             where = f"; its checkpoint {str(checkpoint)!r} resumes it when run again" if checkpoint else ""
             raise TrainingInterrupted(f"{desc} interrupted after epoch {epoch + 1} of {config.epochs}{where}")
     return last_loss
+
+
+class _ClassRange:
+    """The smallest and largest class index of an epoch's targets, kept on the device (no sync per batch): a
+    whole epoch of one class is refused, since cross-entropy on it teaches the model to predict only that class.
+    (Under torchrun a rank sees a slice only, so it is not checked there.)"""
+
+    def __init__(self, active: bool) -> None:
+        self.active, self.low, self.high = active, None, None
+
+    def add(self, targets: Any) -> None:
+        if not self.active or not isinstance(targets, torch.Tensor) or not targets.numel():
+            return
+        low, high = targets.min(), targets.max()
+        self.low = low if self.low is None else torch.minimum(self.low, low)
+        self.high = high if self.high is None else torch.maximum(self.high, high)
+
+    def check(self) -> None:
+        if self.low is not None and bool(self.low == self.high):
+            raise AutopruneError(f"the training data hold only class {int(self.low)} (every target of an epoch); "
+                                 "training with cross-entropy on one class teaches the model to predict only it: "
+                                 "pass training data with at least two classes")
 
 
 def _agreed(stop: bool, device: torch.device) -> bool:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from autoprune.errors import AutopruneError, first_line
+from autoprune.errors import AutopruneError, ConfigError, first_line
 
 _RESUME_HINT = " (--resume continues an interrupted run)"
 
@@ -45,6 +45,20 @@ _CAUSES: dict[int, tuple[str, str]] = {
 # how torch.save's C++ writer reports a failed write (it does not raise OSError)
 _TORCH_WRITE_FAILURE = re.compile(r"PytorchStreamWriter|inline_container|file write failed|unexpected pos",
                                   re.IGNORECASE)
+
+
+def check_path(path: Any, name: str = "path", kind: str = "a file path") -> Path:
+    """``path`` as a :class:`Path` if it is a non-empty ``str`` or ``os.PathLike`` of one; else one line naming
+    ``name`` (the argument) and what it must be."""
+    try:
+        text = None if isinstance(path, bool) else os.fspath(path)
+    except TypeError:
+        text = None
+    if not isinstance(text, str):
+        raise ConfigError(name, path, f"must be {kind} (str or os.PathLike)")
+    if not text:
+        raise ConfigError(name, path, f"is empty; give {kind}")
+    return Path(text)
 
 
 def write_error(path: str | os.PathLike[str], exc: BaseException, *, action: str = "write") -> AutopruneError:

@@ -30,6 +30,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ import torch
 from torch import nn
 
 from autoprune.errors import AutopruneError, first_line
-from autoprune.io.files import save_torch
+from autoprune.io.files import check_path, save_torch
 
 FORMAT = "autoprune-model"
 VERSION = 2
@@ -152,6 +153,7 @@ def save_model(path: str | os.PathLike[str], model: nn.Module, *, architecture: 
     """
     from autoprune.models import NormalizedModel
 
+    path = check_path(path)
     if not isinstance(model, nn.Module):
         raise AutopruneError(f"save_model() needs an nn.Module, got {type(model).__name__}")
     if isinstance(model, NormalizedModel):
@@ -202,7 +204,7 @@ def _to_plain(value: Any) -> Any:
 
 def read_model_file(path: str | os.PathLike[str]) -> ModelFile:
     """Read a model file safely and validate all of it; nothing is imported, called or built."""
-    p = Path(path)
+    p = check_path(path)
     payload = _torch_load(p)
     spec, state = _validate_payload(payload, p, saving=False)
     return ModelFile(p, spec, state)
@@ -233,8 +235,22 @@ def _torch_load(p: Path) -> Any:
         raise AutopruneError(f"cannot read {str(p)!r}: {(exc.strerror or str(exc)).lower()}; check the file's "
                              "permissions and the disk") from exc
     except Exception as exc:  # random bytes fail in many ways (RuntimeError, EOFError, KeyError, BadZipFile, ...)
+        if _is_torchscript(p):
+            raise AutopruneError(f"{str(p)!r} is a TorchScript file (torch.jit.save), which autoprune does not read: "
+                                 "it holds code; save the model with autoprune.save(path, model) or result.save(path) "
+                                 "(weights and widths, no code) and load it with autoprune.load(path, model=YourNet())"
+                                 ) from exc
         raise AutopruneError(f"cannot read {str(p)!r} as a model file ({type(exc).__name__}); it is truncated, "
                              "corrupt or not a PyTorch file") from exc
+
+
+def _is_torchscript(p: Path) -> bool:
+    """Whether ``p`` is a TorchScript archive (a zip holding ``constants.pkl``, as ``torch.jit.save`` writes)."""
+    try:
+        with zipfile.ZipFile(p) as archive:
+            return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError, RuntimeError):
+        return False
 
 
 def _unpickler_detail(exc: BaseException) -> str:

@@ -9,6 +9,16 @@ from pathlib import Path
 from autoprune.engine.result import PruneResult
 from autoprune.io.files import write_json, write_text
 
+#: File names of the figures, in the order they appear on a page.
+FIGURES = {
+    "accuracy_macs.png": "Accuracy against MACs",
+    "accuracy_latency.png": "Accuracy against measured latency",
+    "channels.png": "Channels kept per layer",
+    "search.png": "Search progress: best fitness against evaluations",
+}
+#: The reports a run or a comparison writes besides its figures.
+REPORTS = ("report.md", "report.html", "report.json")
+
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:.3f} M"

@@ -23,17 +23,10 @@ from typing import Any
 from autoprune.engine.config import Target
 from autoprune.engine.result import FinetuneStats, ModelStats, PruneResult
 from autoprune.io.files import write_text
-from autoprune.report import plots
+from autoprune.report import FIGURES, plots
 
 log = logging.getLogger(__name__)
 
-#: File names of the figures, in the order they appear on a page.
-FIGURES = {
-    "accuracy_macs.png": "Accuracy against MACs",
-    "accuracy_latency.png": "Accuracy against measured latency",
-    "channels.png": "Channels kept per layer",
-    "search.png": "Search progress: best fitness against evaluations",
-}
 
 _CSS = """
 :root { --fg: #1d2329; --muted: #5f6b76; --line: #d9dee3; --head: #f3f5f7; --best: #e3f4e1; --bad: #fbe9e7; }

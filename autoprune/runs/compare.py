@@ -37,9 +37,10 @@ from autoprune.errors import AutopruneError, Interrupted, first_line
 from autoprune.io.files import write_json, write_text
 from autoprune.methods import METHODS, create_method, method_names
 from autoprune.registry import coerce_options, option_defaults
+from autoprune.report import FIGURES, REPORTS, plots, read_report
 from autoprune.report import html as html_report
-from autoprune.report import plots, read_report
-from autoprune.runs.lock import clear_directory, lock_output
+from autoprune.runs.job import is_run_directory
+from autoprune.runs.lock import check_replaceable, clear_directory, lock_output
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,9 @@ def prepare_comparison(out: Path, *, force: bool, resume: bool) -> None:
                                  "`autoprune compare --out`?)")
         return
     if any(p.name != ".autoprune.lock" for p in out.iterdir()):
+        check_replaceable(out, (RUN_FILE, "compare.json", "compare.md", *REPORTS, *FIGURES), "comparison",
+                          subdirectory=lambda entry: entry.name in METHODS.names() and (
+                              is_run_directory(entry) or not any(entry.iterdir())))
         if not force:
             raise AutopruneError(f"output directory {str(out)!r} already exists and is not empty; pass --force "
                                  "to overwrite it, --resume to continue it, or choose another --out")

@@ -3,9 +3,11 @@
 ``OUT/`` holds
 
 * ``.autoprune.lock``: the lock (pid, host, start time) while a run writes here; a second run is refused;
-* ``run.json``: the configuration, how the run was invoked and where its model and data came from, written
-  once the engine has checked the model, data and target (a run refused for its inputs leaves ``OUT`` as it
-  was; ``--force`` clears an earlier run only then), before the search, so ``--resume`` can continue it;
+* ``run.json``: the configuration, how the run was invoked, where its model and data came from and digests of
+  the model and validation data it started from, written once the engine has checked the model, data and
+  target (a run refused for its inputs leaves ``OUT`` as it was; ``--force`` clears an earlier run only then,
+  and never a directory holding files no run writes), before the search, so ``--resume`` can continue it
+  (with the same model, data and search settings: :meth:`PruneConfig.search_json`);
 * ``history.jsonl``: every candidate evaluation, appended and flushed as it happens;
 * ``work/``: the fine-tuning checkpoint (removed when the run completes);
 * ``model.pt``, then ``report.md``, ``report.html`` and the figures, and last ``report.json``: its presence
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -29,15 +32,27 @@ from typing import IO, Any
 
 import autoprune
 from autoprune.engine.callbacks import Callback
-from autoprune.engine.config import PruneConfig
+from autoprune.engine.config import RESUMABLE_CHANGES, PruneConfig
 from autoprune.engine.result import Evaluation, PruneResult
 from autoprune.errors import AutopruneError
 from autoprune.io.files import write_json, write_text
-from autoprune.runs.lock import clear_directory, lock_output
+from autoprune.runs.lock import check_replaceable, clear_directory, lock_output
 
 log = logging.getLogger(__name__)
 
 RUN_FILE, HISTORY_FILE, WORK_DIR, LOCK_FILE = "run.json", "history.jsonl", "work", ".autoprune.lock"
+
+
+def run_entries() -> tuple[str, ...]:
+    """The names a run writes into its directory (``--force`` replaces a directory holding only these)."""
+    from autoprune.report import FIGURES, REPORTS  # the report layer sits above the runs
+
+    return (RUN_FILE, HISTORY_FILE, WORK_DIR, "model.pt", *REPORTS, *FIGURES)
+
+
+def is_run_directory(path: Path) -> bool:
+    """Whether ``path`` holds (the start of) a run: its ``run.json`` or its ``report.json``."""
+    return (path / RUN_FILE).is_file() or (path / "report.json").is_file()
 
 
 def read_history(path: Path) -> list[Evaluation]:
@@ -97,6 +112,7 @@ class RunDirectory(Callback):
         self._lock: Any = None
         self._history: IO[str] | None = None
         self._written = 0
+        self._started: Any = None
 
     def __enter__(self) -> RunDirectory:
         if self.path.exists() and not self.path.is_dir():
@@ -113,25 +129,51 @@ class RunDirectory(Callback):
     def _prepare(self) -> None:
         if self.resume:
             saved = read_run_file(self.path)
-            if saved["config"] != self.config.to_json():
-                raise AutopruneError(f"the run in {str(self.path)!r} was started with other settings; resume it with "
-                                     "the same ones, or start a new run (force=True / --force)")
-        elif any(p.name != LOCK_FILE for p in self.path.iterdir()) and not self.force:
-            raise AutopruneError(f"output directory {str(self.path)!r} already holds a run; pass --force "
-                                 "(force=True) to replace it, --resume to continue it, or choose another --out")
+            before = {k: v for k, v in saved["config"].items() if k not in RESUMABLE_CHANGES}
+            now = self.config.search_json()
+            changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+            if changed:
+                detail = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
+                raise AutopruneError(f"the run in {str(self.path)!r} was started with other search settings "
+                                     f"({detail}); resume it with the same ones (only fine-tuning, workers and "
+                                     "measurement settings may change), or start a new run (force=True / --force)")
+        elif any(p.name != LOCK_FILE for p in self.path.iterdir()):
+            check_replaceable(self.path, run_entries(), "run")
+            if not self.force:
+                state = "a run" if (self.path / "report.json").exists() else "an unfinished run (interrupted or failed)"
+                raise AutopruneError(f"output directory {str(self.path)!r} already holds {state}; pass --force "
+                                     "(force=True) to replace it, --resume to continue it, or choose another --out")
         self.recorded = read_history(self.path / HISTORY_FILE) if self.resume else []
+        self._started = saved.get("start") if self.resume else None
 
     def on_start(self, info: dict[str, Any]) -> None:
         """The engine has checked the model, data and target: only now is an earlier run cleared (``force``) and
         ``run.json`` written, so a run refused for its inputs leaves the directory as it was."""
+        start = {key: info.get(key) for key in ("model_digest", "val_digest", "base_score", "groups")}
+        if isinstance(self._started, dict):
+            self._check_same_start(self._started, start)
         if self.force and not self.resume:
             clear_directory(self.path, keep=(LOCK_FILE,))
         history = self.path / HISTORY_FILE
         write_text(history, "".join(json.dumps(r.to_json()) + "\n" for r in self.recorded))
         write_json(self.path / RUN_FILE, {"config": self.config.to_json(), "invocation": self.invocation,
-                                          "info": self.info, "autoprune": autoprune.__version__})
+                                          "info": self.info, "start": start, "autoprune": autoprune.__version__})
         self._history = open(history, "a", encoding="utf-8")  # noqa: SIM115 (closed in __exit__)
         self._written = len(self.recorded)
+
+    def _check_same_start(self, before: dict[str, Any], now: dict[str, Any]) -> None:
+        """A resumed run must start from the model and validation data it started with: its record of the
+        evaluations is about them."""
+        where = str(self.path)
+        if before.get("model_digest") != now["model_digest"] or before.get("groups") != now["groups"]:
+            raise AutopruneError(f"the model differs from the one the run in {where!r} started with (its layers or "
+                                 "weights changed); resume with that model, or start a new run (force=True / --force)")
+        old, new = (float(x) if isinstance(x, int | float) else math.nan for x in (before.get("base_score"),
+                                                                                 now["base_score"]))
+        if before.get("val_digest") != now["val_digest"] or not abs(old - new) <= 1e-6 * max(1.0, abs(old)):
+            raise AutopruneError(f"the validation data (or score_fn) differ from those the run in {where!r} started "
+                                 f"with (the unpruned model scored {old:.6g} then, {new:.6g} now); resume with the "
+                                 "same data, or start a new run (force=True / --force)")
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:

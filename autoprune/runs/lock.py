@@ -22,7 +22,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -229,6 +229,40 @@ def _os_error(label: str, action: str, exc: OSError) -> AutopruneError:
     cause = (exc.strerror or str(exc)).lower() + (f" ({name})" if name else "")
     return AutopruneError(f"cannot {action} {label}: {cause}; choose a writable location (--out) or fix its "
                           "permissions")
+
+
+def check_replaceable(path: str | os.PathLike[str], written: Iterable[str], what: str,
+                      subdirectory: Callable[[Path], bool] = lambda entry: False) -> None:
+    """Refuse to replace (``--force``) a directory that holds anything autoprune did not write there.
+
+    ``written``: the names a ``what`` (a run, a comparison) writes, besides its lock and the temporary files of
+    its atomic writes; ``subdirectory(entry)``: whether a directory entry is one of its own (a comparison's
+    method runs). A directory with none of the names holds no ``what`` at all, and one with other entries
+    holds something of the user's (a dataset, notes): ``--force`` must never delete those.
+    """
+    p = Path(path)
+    names = set(written)
+    entries = [e for e in p.iterdir() if e.name != LOCK_NAME]
+    ours = [e for e in entries if e.name in names or _temporary(e.name, names)
+            or (e.is_dir() and not e.is_symlink() and subdirectory(e))]
+    others = sorted(e.name for e in entries if e not in ours)
+    if not any(e.name in names for e in ours) and entries:
+        raise AutopruneError(f"output directory {str(p)!r} is not empty and holds no autoprune {what} (it holds "
+                             f"{_listing(sorted(e.name for e in entries))}); choose a new or empty --out")
+    if others:
+        raise AutopruneError(f"output directory {str(p)!r} holds an autoprune {what} and also "
+                             f"{_listing(others)}, which autoprune did not write; --force replaces only a {what}: "
+                             "move those out or choose another --out")
+
+
+def _temporary(name: str, names: set[str]) -> bool:
+    """Whether ``name`` is a temporary file of an atomic write of one of ``names`` (``.NAME.XXXX.tmp``)."""
+    return name.startswith(".") and name.endswith(".tmp") and any(name.startswith(f".{n}.") for n in names)
+
+
+def _listing(names: Sequence[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(repr(n) for n in names[:shown]) + more
 
 
 def clear_directory(path: str | os.PathLike[str], keep: Iterable[str] = (LOCK_NAME,)) -> None:
