@@ -883,6 +883,15 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(cases, tmp_pat
     assert torch.equal(outputs(resumed.model, batch), outputs(reference.model, batch))
 
 
+def test_a_method_with_sequence_options_resumes(cases, tmp_path):
+    case = cases["sequential"]
+    settings = {"method": "gdp", "method_options": {"max_batches": 1}}
+    with pytest.raises(SearchInterrupted):
+        prune(case, out=tmp_path / "run", callbacks=[Recorder(stop_after=2)], **settings)
+    resumed = prune(case, out=tmp_path / "run", resume=True, **settings)  # gdp's exponents: a tuple, saved as a list
+    assert resumed.search.resumed_evaluations == 2
+
+
 def test_resume_refuses_another_model_or_other_data_and_takes_new_finetuning(cases, tmp_path):
     case = cases["concat"]
     settings = {"method": "random", "budget": 6}

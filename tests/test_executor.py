@@ -13,11 +13,13 @@ worker start-up (each spawned process imports torch; Ray starts once).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import multiprocessing
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -182,10 +184,38 @@ def test_pool_run_stopped_mid_batch_resumes_to_the_serial_result(case, serial, t
     assert_same_run(resumed, serial)
 
 
+def unpicklable_score_fn():
+    lock = threading.Lock()
+
+    def score(model) -> float:
+        with lock:
+            return 0.5
+
+    return score
+
+
 def test_unpicklable_score_fn_is_one_line(case):
     with pytest.raises(AutopruneError) as info:
-        prune(case, workers=2, score_fn=lambda model: 0.5)
+        prune(case, workers=2, score_fn=unpicklable_score_fn())
     assert str(info.value) == SCORE_FN_NOT_PICKLABLE
+
+
+def test_a_model_class_and_score_fn_defined_in_main_go_to_the_workers_by_value(case, serial):
+    class Wrapped(nn.Module):  # as if defined in a script's __main__, which the workers cannot import
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    Wrapped.__module__, Wrapped.__qualname__ = "__main__", "Wrapped"
+    model = Wrapped(copy.deepcopy(case["model"]))
+    result = prune({**case, "model": model}, workers=2)
+    assert rows(result) == rows(serial) and result.keep == serial.keep
+    with_lambda = prune({**case, "model": model}, workers=2,
+                        score_fn=lambda m: float(m.net[0].weight.detach().abs().sum()))
+    assert with_lambda.search.executor == "pool" and len(with_lambda.history) == len(serial.history)
 
 
 # ---- executor level ---------------------------------------------------------------------------------------
@@ -349,5 +379,5 @@ def test_ray_actor_dead_after_its_restarts_fails_in_one_line(case, serial, ray_i
 
 def test_ray_refuses_an_unpicklable_score_fn(case, ray_instance):
     with pytest.raises(AutopruneError) as info:
-        prune(case, workers=2, ray_address="local", score_fn=lambda model: 0.5)
+        prune(case, workers=2, ray_address="local", score_fn=unpicklable_score_fn())
     assert str(info.value) == SCORE_FN_NOT_PICKLABLE

@@ -34,7 +34,6 @@ import json
 import logging
 import multiprocessing
 import os
-import pickle
 import shutil
 import signal
 import tempfile
@@ -47,6 +46,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar
 
+import cloudpickle
 import numpy as np
 import torch
 
@@ -61,8 +61,8 @@ log = logging.getLogger(__name__)
 #: The one line when Ray is asked for and not installed.
 RAY_MISSING = "--ray-address needs Ray: pip install 'autoprune[ray]'"
 #: The one line when the caller's score_fn cannot be sent to worker processes.
-SCORE_FN_NOT_PICKLABLE = ("score_fn must be picklable (a module-level function) to evaluate candidates in worker "
-                          "processes; use workers=1")
+SCORE_FN_NOT_PICKLABLE = ("score_fn must be picklable to evaluate candidates in worker processes (it refers to "
+                          "something that is not: a lock, an open file, a live connection); use workers=1")
 #: Test-only fault injection: JSON ``{"marker": path, "counts": [...]}``. The first worker to start
 #: evaluating the candidate with these channel counts creates ``marker`` and SIGKILLs itself; the marker
 #: makes it happen once per run. Read in the driver and shipped to the workers explicitly.
@@ -160,7 +160,11 @@ def _init_pool_worker(payload: str, threads: int, fault: Fault | None) -> None:
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     pin_threads(threads)
-    state = torch.load(payload, map_location=None, weights_only=False)
+    try:
+        state = torch.load(payload, map_location=None, weights_only=False)
+    except Exception as exc:  # told to the driver through a file (a traceback here would only reach stderr)
+        Path(payload).with_suffix(".error").write_text(_first_line(exc), encoding="utf-8")
+        os._exit(1)
     _WORKER = Worker(state, threads, fault)
 
 
@@ -181,7 +185,7 @@ def worker_state(evaluator: Evaluator) -> dict[str, Any]:
     state = evaluator.state()
     if state["score_fn"] is not None:
         try:
-            pickle.dumps(state["score_fn"])
+            cloudpickle.dumps(state["score_fn"])
         except Exception as exc:
             raise AutopruneError(SCORE_FN_NOT_PICKLABLE) from exc
     return state
@@ -282,8 +286,8 @@ class PoolExecutor(Executor):
         state = worker_state(evaluator)
         self._dir = Path(tempfile.mkdtemp(prefix="autoprune-workers-"))
         self.payload = self._dir / "payload.pt"
-        try:
-            torch.save(state, self.payload)
+        try:  # cloudpickle: classes and functions defined in __main__ (a script, a notebook) travel by value
+            torch.save(state, self.payload, pickle_module=cloudpickle)
         except Exception as exc:
             shutil.rmtree(self._dir, ignore_errors=True)
             raise AutopruneError(f"the model or its data cannot be pickled for worker processes ({_first_line(exc)}); "
@@ -315,10 +319,19 @@ class PoolExecutor(Executor):
                 self._pool = self._start()
                 self.restarts += 1
             self._collect(keeps, todo, results)
+            self._check_loaded()
         if any(r is None for r in results):
             raise AutopruneError(f"worker processes died {MAX_RESTARTS + 1} times evaluating one batch (out of "
                                  "memory? a crash in score_fn?); use fewer workers or workers=1")
         return results  # type: ignore[return-value]
+
+    def _check_loaded(self) -> None:
+        """A worker that could not load the payload failed for good (restarting would fail the same way)."""
+        error = self.payload.with_suffix(".error")
+        if error.exists():
+            raise AutopruneError(f"worker processes cannot load the model and data sent to them "
+                                 f"({error.read_text(encoding='utf-8').strip()}); define the model's class in an "
+                                 "importable module, or use workers=1 or ray_address='local'")
 
     def _collect(self, keeps: list[np.ndarray], todo: list[int], results: list[Fitness | None]) -> None:
         """Submit ``todo`` and fill ``results``; candidates lost to a broken pool stay None."""

@@ -578,6 +578,14 @@ def measure(setup: Setup, pruned: nn.Module, keep: np.ndarray, config: PruneConf
     warnings = [f"the speed-up at batch {b} ({r.ratio:.2f}x, interquartile range {r.q1:.2f}-{r.q3:.2f}) is too "
                 "noisy to trust: the machine was busy; re-measure with `autoprune eval` on a quiet machine"
                 for b, r in sorted(ratios.items()) if not r.reliable]
+    reduction = config.target.latency_reduction
+    final = ratios.get(config.latency_batch)
+    if reduction is not None and final is not None and final.ratio < 1.0 / (1.0 - reduction):
+        warnings.append(f"the final measurement shows a {final.ratio:.2f}x speed-up at batch {config.latency_batch} "
+                        f"(95% interval {final.ci95[0]:.2f}-{final.ci95[1]:.2f}), short of the "
+                        f"{1.0 / (1.0 - reduction):.2f}x that latency_reduction={reduction:g} asks: latency moves "
+                        "with the machine's load; re-measure with `autoprune eval` on a quiet machine, or ask for a "
+                        "larger reduction")
     analytic = setup.space.cost(keep)
     matches = (analytic.macs, analytic.params) == (counted[1].macs, counted[1].params)
     if not matches:

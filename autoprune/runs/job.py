@@ -130,7 +130,7 @@ class RunDirectory(Callback):
         if self.resume:
             saved = read_run_file(self.path)
             before = {k: v for k, v in saved["config"].items() if k not in RESUMABLE_CHANGES}
-            now = self.config.search_json()
+            now = json.loads(json.dumps(self.config.search_json()))  # as saved: tuples become lists
             changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
             if changed:
                 detail = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
