@@ -470,12 +470,17 @@ def resume_config(args: argparse.Namespace, config: Any) -> Any:
 
     given = [a for a in _subparser(build_parser(), args.command)._actions
              if a.dest not in _RESUME_ANY and a.dest in getattr(args, "given", ())]
-    fixed = [a for a in given if a.dest not in _RESUME_FINETUNE and a.dest not in _RESUME_RUN]
+    # a comparison's methods must share their fine-tuning and measurement: only where workers run may change
+    free = {*_RESUME_FINETUNE, *_RESUME_RUN} if args.command == "prune" else {"workers", "ray_address",
+                                                                              "threads_per_worker"}
+    fixed = [a for a in given if a.dest not in free]
     if fixed:
         names = ", ".join(a.option_strings[-1] if a.option_strings else str(a.metavar) for a in fixed)
-        raise AutopruneError(f"--resume continues the run in {args.resume!r} with the model, data and search settings "
-                             f"it started with, so {names} cannot be given; drop them, or start a new run (another "
-                             "--out, or --force)")
+        settings = ("model, data and search settings" if args.command == "prune" else
+                    "settings (its methods share them)")
+        raise AutopruneError(f"--resume continues the {'run' if args.command == 'prune' else 'comparison'} in "
+                             f"{args.resume!r} with the {settings} it started with, so {names} cannot be given; drop "
+                             "them, or start a new run (another --out, or --force)")
     values = {a.dest: getattr(args, a.dest) for a in given}
     finetune = {field: values[flag] for flag, field in _RESUME_FINETUNE.items() if flag in values}
     if finetune:

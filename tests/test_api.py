@@ -883,6 +883,16 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(cases, tmp_pat
     assert torch.equal(outputs(resumed.model, batch), outputs(reference.model, batch))
 
 
+def test_a_method_that_trains_in_its_plan_keeps_its_training_settings_on_resume():
+    from autoprune.runs.job import _trains_in_plan
+
+    assert [_trains_in_plan(m) for m in ("sa", "slim", "l1", "pso")] == [True, True, False, False]
+    config = autoprune.PruneConfig(method="sa", target=autoprune.Target(macs_reduction=0.5))
+    other = config.replace(finetune=autoprune.TrainConfig(epochs=2, lr=0.05))  # sa trains its shards with lr 0.05
+    assert config.search_json(plan_trains=True) != other.search_json(plan_trains=True)
+    assert config.search_json(plan_trains=False) == other.search_json(plan_trains=False)
+
+
 def test_a_method_with_sequence_options_resumes(cases, tmp_path):
     case = cases["sequential"]
     settings = {"method": "gdp", "method_options": {"max_batches": 1}}
@@ -913,10 +923,15 @@ def test_resume_refuses_another_model_or_other_data_and_takes_new_finetuning(cas
     with pytest.raises(AutopruneError, match=r"other search settings \(budget 6 -> 5\)"):
         prune(case, out=out, resume=True, **{**settings, "budget": 5})
     assert len((out / "history.jsonl").read_text().splitlines()) == 3  # the record survives the refusals
-    # the fine-tuning may change on resume: the search continues where it stopped
-    resumed = prune(case, out=out, resume=True, **settings, finetune=autoprune.TrainConfig(epochs=2, lr=0.01))
+    # the fine-tuning may change on resume, and the same samples may come in other batches
+    rebatched = DataLoader(case.val_ds, batch_size=16)
+    resumed = prune(case, out=out, resume=True, val_loader=rebatched, **settings,
+                    finetune=autoprune.TrainConfig(epochs=2, lr=0.01))
     assert resumed.search.resumed_evaluations == 3
-    assert history_rows(resumed) == history_rows(prune(case, **settings))
+    reference = history_rows(prune(case, **settings))  # (the new batches' sums differ in the last bits)
+    assert [(r["counts"], r["accuracy"]) for r in history_rows(resumed)] == [(r["counts"], r["accuracy"])
+                                                                             for r in reference]
+    assert [r["score"] for r in history_rows(resumed)] == pytest.approx([r["score"] for r in reference], rel=1e-6)
 
 
 def test_same_seed_same_run_other_seed_other_search(cases):

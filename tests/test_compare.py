@@ -248,6 +248,11 @@ def test_existing_output_needs_force(comparison, base_model):
     assert code == 1 and "holds an autoprune comparison and also 'mine.txt'" in err
     assert (out / "mine.txt").read_text() == "mine" and summary_of(out)["complete"] is True
     (out / "mine.txt").unlink()
+    (out / "l1" / "notes.txt").write_text("mine")  # inside a method's run: not the comparison's either
+    code, _, err = run_cli(["compare", str(base_model), "--methods", "l1", "--out", str(out), "--force"] + FAST)
+    assert code == 1 and "holds an autoprune comparison and also 'l1'" in err
+    assert (out / "l1" / "notes.txt").read_text() == "mine"
+    (out / "l1" / "notes.txt").unlink()
 
 
 # ---- resume and interruption (one method's run replaced by a recording fake) --------------------------------
@@ -312,3 +317,12 @@ def test_interrupted_comparison_can_be_resumed(comparison, base_model, tmp_path,
     assert code == 0, err
     assert fake.calls == [("random", True)]
     assert [e["status"] for e in summary_of(out)["methods"]] == ["ok", "ok"] and summary_of(out)["complete"]
+
+
+def test_resume_keeps_the_settings_the_methods_share(comparison):
+    out, _ = comparison
+    code, _, err = run_cli(["compare", "--resume", str(out), "--finetune-epochs", "1"])
+    assert code == 1 and err.count("\n") == 1
+    assert (f"--resume continues the comparison in {str(out)!r} with the settings (its methods share them) it "
+            "started with, so --finetune-epochs cannot be given") in err
+    assert summary_of(out)["complete"] is True

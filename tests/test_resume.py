@@ -302,6 +302,7 @@ def test_an_existing_output_is_kept_without_force(tmp_path_factory, tmp_path, ca
     out = tmp_path / "run"
     out.mkdir()
     (out / "model.pt").write_text("an earlier result")
+    (out / "run.json").write_text("{}")
     code, _, err = run_cli(["prune", base, *PRUNE_FAST, "--out", out], capsys)
     assert code == 1 and "--force" in err
     assert (out / "model.pt").read_text() == "an earlier result"
@@ -357,14 +358,20 @@ def test_force_replaces_only_a_run_never_other_files(tmp_path_factory, tmp_path,
         code, _, err = run_cli(["prune", base, *PRUNE_FAST, "--out", out, "--force"], capsys)
         assert code == 1
         assert_one_line_error(err, "is not empty and holds no autoprune run (it holds '")
-    # an earlier run with a file of the user's beside it: --force would delete the file with the run
+    # a model.pt alone is not a run; beside run.json it is, with the user's files around or inside it
     (with_data / "model.pt").write_text("an earlier result")
     code, _, err = run_cli(["prune", base, *PRUNE_FAST, "--out", with_data, "--force"], capsys)
+    assert code == 1 and "holds no autoprune run (it holds 'mnist', 'model.pt')" in err
+    (with_data / "run.json").write_text("{}")
+    (with_data / "work" / "mine").mkdir(parents=True)
+    (with_data / "work" / "mine" / "thesis.tex").write_text("mine")
+    code, _, err = run_cli(["prune", base, *PRUNE_FAST, "--out", with_data, "--force"], capsys)
     assert code == 1
-    assert_one_line_error(err, "holds an autoprune run and also 'mnist', which autoprune did not write")
+    assert_one_line_error(err, "holds an autoprune run and also 'mnist', 'work/mine', which autoprune did not write")
     assert [(notes / "notes.txt").read_text(), (with_data / "mnist" / "train-images").read_text(),
-            (precious / "thesis.tex").read_text(), (with_data / "model.pt").read_text()] == [
-        "mine", "mine", "mine", "an earlier result"]
+            (precious / "thesis.tex").read_text(), (with_data / "model.pt").read_text(),
+            (with_data / "work" / "mine" / "thesis.tex").read_text()] == [
+        "mine", "mine", "mine", "an earlier result", "mine"]
 
 
 # ---- one run per output directory ------------------------------------------------------------------------

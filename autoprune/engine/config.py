@@ -102,6 +102,8 @@ def _int(name: str, value: Any, minimum: int, maximum: int = MAX_SEED, *, option
 
 #: Settings a resumed run may change: how it fine-tunes, computes and measures, not what its search evaluates
 #: (every executor gives the same history).
+#: The fine-tuning settings a method's own training inherits (``MethodContext.training``).
+PLAN_TRAINING = ("lr", "batch_size", "momentum", "weight_decay", "warmup_epochs")
 RESUMABLE_CHANGES = ("finetune", "latency_batch", "latency_repeats", "threads", "workers", "executor", "ray_address",
                      "threads_per_worker")
 
@@ -213,10 +215,15 @@ class PruneConfig:
             return "serial" if self.workers == 1 else "pool"
         return self.executor
 
-    def search_json(self) -> dict[str, Any]:
+    def search_json(self, *, plan_trains: bool = True) -> dict[str, Any]:
         """The settings that decide what the search evaluates: a resumed run must keep them (the others,
-        :data:`RESUMABLE_CHANGES`, may change)."""
-        return {k: v for k, v in self.to_json().items() if k not in RESUMABLE_CHANGES}
+        :data:`RESUMABLE_CHANGES`, may change). ``plan_trains``: the method trains in its plan, with the
+        fine-tuning's optimiser settings (:data:`PLAN_TRAINING`), which then count too."""
+        data = {k: v for k, v in self.to_json().items() if k not in RESUMABLE_CHANGES}
+        if plan_trains:
+            train = self.finetune or TrainConfig(epochs=1, lr=0.01)  # as the engine's make_plan
+            data["plan_training"] = {name: getattr(train, name) for name in PLAN_TRAINING}
+        return data
 
     def replace(self, **changes: Any) -> PruneConfig:
         """A copy with ``changes`` applied (validated again)."""

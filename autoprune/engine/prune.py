@@ -649,6 +649,18 @@ def _batch_tensors(batches: Sequence[Any]) -> Iterable[tuple[str, torch.Tensor]]
             stack.extend((f"{name}.{k}", item[k]) for k in reversed(list(item)))
 
 
+def _samples(batches: Sequence[Any]) -> Iterable[tuple[str, torch.Tensor]]:
+    """The tensors of a list of batches joined along the batch dimension, position by position, so that the
+    same samples batched otherwise give the same tensors (batches of different structure: each on its own)."""
+    parts = [[(name.partition(".")[2], t) for name, t in _batch_tensors([batch])] for batch in batches]
+    positions = [name for name, _ in parts[0]] if parts else []
+    if any([name for name, _ in p] != positions for p in parts) or \
+            any(len({t.shape[1:] for t in ts}) > 1 or min(t.dim() for t in ts) == 0
+                for ts in zip(*[[t for _, t in p] for p in parts], strict=True)):
+        return list(_batch_tensors(batches))
+    return [(name, torch.cat([p[i][1] for p in parts])) for i, name in enumerate(positions)]
+
+
 def decide(setup: Setup, method: Method, config: PruneConfig, data: Data, callbacks: CallbackList,
            recorded: Sequence[Evaluation], progress: bool) -> Decision:
     """Plan, search and select a structure, then prune the model to it."""
@@ -658,7 +670,7 @@ def decide(setup: Setup, method: Method, config: PruneConfig, data: Data, callba
     callbacks.on_start({"groups": [g.name for g in setup.space.groups], "base_score": setup.base_score,
                         "budget": config.budget or method.default_budget, "strategy": plan.strategy,
                         "model_digest": digest(setup.base.state_dict().items()),
-                        "val_digest": digest(_batch_tensors(setup.val))})
+                        "val_digest": digest(_samples(setup.val))})
     outcome = refine(setup, search(setup, plan, config, method, data, callbacks, recorded, progress), config)
     keep, repaired, warnings = select(setup, outcome, method.name)
     if setup.latency is not None:  # measured, not predicted: shrunk further while it misses the target

@@ -118,6 +118,9 @@ class Method(ABC):
     summary: ClassVar[str] = ""
     source: ClassVar[str] = ""
     default_budget: ClassVar[int] = 200
+    #: Whether :meth:`plan` trains (with :meth:`MethodContext.training`, which inherits the fine-tuning's
+    #: learning rate, batch size and optimiser settings): then those settings decide what the search evaluates.
+    trains_in_plan: ClassVar[bool] = False
 
     @abstractmethod
     def plan(self, ctx: MethodContext) -> Plan:

@@ -97,6 +97,7 @@ class Slim(Method):
     """
 
     name = "slim"
+    trains_in_plan = True
     summary = "network slimming: L1 sparsity training on BN scales, one global threshold"
     source = "Liu et al. 2017 (network slimming)"
     default_budget = 60

@@ -190,6 +190,7 @@ class SA(Method):
     """
 
     name = "sa"
+    trains_in_plan = True
     summary = "paper 3: shard-trained polarised networks, contrast loss, simulated annealing over thresholds"
     source = "Wang, Wang & Chen 2023 (contrast loss + SA)"
     default_budget = 200

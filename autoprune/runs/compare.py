@@ -39,8 +39,8 @@ from autoprune.methods import METHODS, create_method, method_names
 from autoprune.registry import coerce_options, option_defaults
 from autoprune.report import FIGURES, REPORTS, plots, read_report
 from autoprune.report import html as html_report
-from autoprune.runs.job import is_run_directory
-from autoprune.runs.lock import check_replaceable, clear_directory, lock_output
+from autoprune.runs.job import run_layout
+from autoprune.runs.lock import Layout, check_replaceable, clear_directory, lock_output
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +114,11 @@ def prepare_comparison(out: Path, *, force: bool, resume: bool) -> None:
                                  "`autoprune compare --out`?)")
         return
     if any(p.name != ".autoprune.lock" for p in out.iterdir()):
-        check_replaceable(out, (RUN_FILE, "compare.json", "compare.md", *REPORTS, *FIGURES), "comparison",
-                          subdirectory=lambda entry: entry.name in METHODS.names() and (
-                              is_run_directory(entry) or not any(entry.iterdir())))
+        runs = run_layout()
+        check_replaceable(out, Layout("comparison", frozenset({RUN_FILE, "compare.json", "compare.md", *REPORTS,
+                                                               *FIGURES}), markers=(RUN_FILE,),
+                                      subdirectory=lambda entry: entry.name in METHODS.names() and (
+                                          runs.holds_one(entry) or not any(entry.iterdir()))))
         if not force:
             raise AutopruneError(f"output directory {str(out)!r} already exists and is not empty; pass --force "
                                  "to overwrite it, --resume to continue it, or choose another --out")

@@ -32,27 +32,23 @@ from typing import IO, Any
 
 import autoprune
 from autoprune.engine.callbacks import Callback
-from autoprune.engine.config import RESUMABLE_CHANGES, PruneConfig
+from autoprune.engine.config import PruneConfig
 from autoprune.engine.result import Evaluation, PruneResult
 from autoprune.errors import AutopruneError
 from autoprune.io.files import write_json, write_text
-from autoprune.runs.lock import check_replaceable, clear_directory, lock_output
+from autoprune.runs.lock import Layout, check_replaceable, clear_directory, lock_output
 
 log = logging.getLogger(__name__)
 
 RUN_FILE, HISTORY_FILE, WORK_DIR, LOCK_FILE = "run.json", "history.jsonl", "work", ".autoprune.lock"
 
 
-def run_entries() -> tuple[str, ...]:
-    """The names a run writes into its directory (``--force`` replaces a directory holding only these)."""
+def run_layout() -> Layout:
+    """What a run writes into its directory (``--force`` replaces a directory holding only that)."""
     from autoprune.report import FIGURES, REPORTS  # the report layer sits above the runs
 
-    return (RUN_FILE, HISTORY_FILE, WORK_DIR, "model.pt", *REPORTS, *FIGURES)
-
-
-def is_run_directory(path: Path) -> bool:
-    """Whether ``path`` holds (the start of) a run: its ``run.json`` or its ``report.json``."""
-    return (path / RUN_FILE).is_file() or (path / "report.json").is_file()
+    return Layout("run", frozenset({RUN_FILE, HISTORY_FILE, "model.pt", *REPORTS, *FIGURES}),
+                  markers=(RUN_FILE, "report.json"), directories={WORK_DIR: frozenset({"finetune.ckpt"})})
 
 
 def read_history(path: Path) -> list[Evaluation]:
@@ -88,6 +84,13 @@ def read_run_file(path: Path) -> dict[str, Any]:
         raise AutopruneError(f"{str(file)!r} is damaged ({type(exc).__name__}), so the run cannot be resumed; start "
                              "it again with --force") from exc
     return saved
+
+
+def _trains_in_plan(method: str) -> bool:
+    """Whether the method trains in its plan (an unregistered one is assumed to)."""
+    from autoprune.methods import METHODS
+
+    return bool(getattr(METHODS.get(method), "trains_in_plan", True)) if method in METHODS else True
 
 
 class RunDirectory(Callback):
@@ -129,8 +132,9 @@ class RunDirectory(Callback):
     def _prepare(self) -> None:
         if self.resume:
             saved = read_run_file(self.path)
-            before = {k: v for k, v in saved["config"].items() if k not in RESUMABLE_CHANGES}
-            now = json.loads(json.dumps(self.config.search_json()))  # as saved: tuples become lists
+            trains = _trains_in_plan(self.config.method)
+            before = json.loads(json.dumps(PruneConfig.from_json(saved["config"]).search_json(plan_trains=trains)))
+            now = json.loads(json.dumps(self.config.search_json(plan_trains=trains)))  # as saved: tuples are lists
             changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
             if changed:
                 detail = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
@@ -138,7 +142,7 @@ class RunDirectory(Callback):
                                      f"({detail}); resume it with the same ones (only fine-tuning, workers and "
                                      "measurement settings may change), or start a new run (force=True / --force)")
         elif any(p.name != LOCK_FILE for p in self.path.iterdir()):
-            check_replaceable(self.path, run_entries(), "run")
+            check_replaceable(self.path, run_layout())
             if not self.force:
                 state = "a run" if (self.path / "report.json").exists() else "an unfinished run (interrupted or failed)"
                 raise AutopruneError(f"output directory {str(self.path)!r} already holds {state}; pass --force "

@@ -22,8 +22,8 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -231,28 +231,66 @@ def _os_error(label: str, action: str, exc: OSError) -> AutopruneError:
                           "permissions")
 
 
-def check_replaceable(path: str | os.PathLike[str], written: Iterable[str], what: str,
-                      subdirectory: Callable[[Path], bool] = lambda entry: False) -> None:
+@dataclass(frozen=True)
+class Layout:
+    """What a run (or a comparison) writes into its directory, for ``--force`` to recognise it.
+
+    Attributes:
+        what: its name in messages ("run", "comparison").
+        files: the regular files it writes (besides its lock and the temporary files of its atomic writes).
+        markers: files of which one must exist for the directory to hold one (``run.json``, ``report.json``).
+        directories: its sub-directories and the files each holds.
+        subdirectory: whether a sub-directory is one of its own (a comparison's method runs).
+    """
+
+    what: str
+    files: frozenset[str]
+    markers: tuple[str, ...]
+    directories: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    subdirectory: Callable[[Path], bool] | None = None
+
+    def foreign(self, path: Path) -> list[str]:
+        """The entries of ``path`` (relative names) it did not write."""
+        out = []
+        for entry in sorted(path.iterdir()):
+            name = entry.name
+            if name == LOCK_NAME or entry.is_symlink():
+                if name != LOCK_NAME:
+                    out.append(name)
+                continue
+            if entry.is_file() and (name in self.files or _temporary(name, self.files)):
+                continue
+            if entry.is_dir() and name in self.directories:
+                inside = self.directories[name]
+                out += [f"{name}/{e.name}" for e in sorted(entry.iterdir()) if e.is_symlink() or not e.is_file()
+                        or not (e.name in inside or _temporary(e.name, inside))]
+                continue
+            if entry.is_dir() and self.subdirectory is not None and self.subdirectory(entry):
+                continue
+            out.append(name)
+        return out
+
+    def holds_one(self, path: Path) -> bool:
+        """Whether ``path`` holds one (a marker file) and nothing else."""
+        return any((path / m).is_file() for m in self.markers) and not self.foreign(path)
+
+
+def check_replaceable(path: str | os.PathLike[str], layout: Layout) -> None:
     """Refuse to replace (``--force``) a directory that holds anything autoprune did not write there.
 
-    ``written``: the names a ``what`` (a run, a comparison) writes, besides its lock and the temporary files of
-    its atomic writes; ``subdirectory(entry)``: whether a directory entry is one of its own (a comparison's
-    method runs). A directory with none of the names holds no ``what`` at all, and one with other entries
-    holds something of the user's (a dataset, notes): ``--force`` must never delete those.
+    A directory without the layout's markers holds no run at all, and one with other entries (at any depth
+    the layout knows) holds something of the user's (a dataset, notes): ``--force`` must never delete those.
     """
     p = Path(path)
-    names = set(written)
     entries = [e for e in p.iterdir() if e.name != LOCK_NAME]
-    ours = [e for e in entries if e.name in names or _temporary(e.name, names)
-            or (e.is_dir() and not e.is_symlink() and subdirectory(e))]
-    others = sorted(e.name for e in entries if e not in ours)
-    if not any(e.name in names for e in ours) and entries:
-        raise AutopruneError(f"output directory {str(p)!r} is not empty and holds no autoprune {what} (it holds "
-                             f"{_listing(sorted(e.name for e in entries))}); choose a new or empty --out")
+    if entries and not any((p / m).is_file() for m in layout.markers):
+        raise AutopruneError(f"output directory {str(p)!r} is not empty and holds no autoprune {layout.what} (it "
+                             f"holds {_listing(sorted(e.name for e in entries))}); choose a new or empty --out")
+    others = layout.foreign(p)
     if others:
-        raise AutopruneError(f"output directory {str(p)!r} holds an autoprune {what} and also "
-                             f"{_listing(others)}, which autoprune did not write; --force replaces only a {what}: "
-                             "move those out or choose another --out")
+        raise AutopruneError(f"output directory {str(p)!r} holds an autoprune {layout.what} and also "
+                             f"{_listing(others)}, which autoprune did not write; --force replaces only a "
+                             f"{layout.what}: move those out or choose another --out")
 
 
 def _temporary(name: str, names: set[str]) -> bool:
