@@ -634,6 +634,8 @@ def _one_class(n: int, cls: int = 0) -> list:
     ({"example_inputs": torch.randn(0, 3, SIZE, SIZE)}, "example_inputs has batch size 0 (shape (0, 3, 16, 16))"),
     ({"test_loader": []}, "the test loader yielded no samples; pass a non-empty test_loader"),
     ({"seed": 2**70}, "seed=1180591620717411303424: must be an integer between 0 and"),
+    ({"train_loader": [], "score": "bn"}, "the candidate score 'bn' re-estimates BatchNorm statistics on training "
+                                          "batches, but there are none"),
     ({"val_loader": [(torch.randn(8, 1, SIZE, SIZE), _labels(8))]},
      "the model fails on validation batch 0, inputs of shape (8, 1, 16, 16) (RuntimeError: "),
     ({"val_loader": [(torch.randn(8, 1, SIZE, SIZE), _labels(8))]},

@@ -56,6 +56,7 @@ from autoprune.engine.measure import cost_of, serialized_size
 from autoprune.engine.result import Evaluation, FinetuneStats, LayerWidth, ModelStats, PruneResult, SearchStats
 from autoprune.engine.scoring import (
     SELECT_ETA,
+    AdaptiveBN,
     CandidateScore,
     Selection,
     resolve_score,
@@ -216,6 +217,7 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
     if builtin_finetune:
         check_finetune(base, config, data, device, pairs[:1], example=example, outputs=first_outputs)
     score = resolve_score(config.score, config.score_options, base, data.score_fn, trainable=data.train is not None)
+    _check_calibration(score, base, calibration, chosen=config.score != "auto")
     train = _score_training_batches(config, score, data, device)
     _check_finite_outputs(base, val, example)
     base_score = measure_score(base, val, data.score_fn)
@@ -228,6 +230,20 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
         _check_two_classes(counts, config)
         chance = None if counts is None else float(counts.max()) / float(counts.sum())
     return Setup(base, example, space, device, val, calibration, base_score, chance, score, train)
+
+
+def _check_calibration(score: CandidateScore, base: nn.Module, calibration: Sequence[Inputs], *,
+                       chosen: bool) -> None:
+    """A score that re-estimates BatchNorm statistics needs training batches to do it on: refused when the
+    caller chose it, a warning when ``auto`` did (the candidates are then scored with the unpruned statistics)."""
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in base.modules())
+    if not (isinstance(score, AdaptiveBN) and has_bn and not calibration):
+        return
+    problem = (f"the candidate score {score.name!r} re-estimates BatchNorm statistics on training batches, but there "
+               "are none (no train_loader, an empty one, or calibration_samples=0)")
+    if chosen:
+        raise AutopruneError(f"{problem}; pass a non-empty train_loader, or score='none'")
+    log.warning("%s: candidates are scored with the unpruned model's statistics; pass a train_loader", problem)
 
 
 def _check_two_classes(counts: torch.Tensor | None, config: PruneConfig) -> None:
