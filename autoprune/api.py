@@ -21,6 +21,7 @@ from torch import nn
 
 from autoprune.engine.callbacks import Callback, CallbackList
 from autoprune.engine.config import PruneConfig, Target
+from autoprune.engine.distributed import join
 from autoprune.engine.prune import Data, check_example_tensors, resolve_device, run
 from autoprune.engine.result import PruneResult
 from autoprune.engine.train import TrainConfig
@@ -108,19 +109,9 @@ def prune(model: nn.Module, example_inputs: Any, *, method: str | Method = "pso"
         min_ratio=min_ratio, seed=seed, **_settings(settings))
     data = Data(train=train_loader, val=val_loader, test=test_loader, score_fn=score_fn)
     info = {"architecture": {"kind": "module", "class": type(model).__name__}}
-    return execute(model, example_inputs, config, method_obj, data, device=_device_of_this_rank(model, device),
+    return execute(model, example_inputs, config, method_obj, data, device=join(resolve_device(model, device)),
                    finetune_fn=finetune_fn, callbacks=callbacks, out=out, resume=resume, force=force,
                    progress=progress, info=info)
-
-
-def _device_of_this_rank(model: nn.Module, device: Any) -> torch.device:
-    """The run's device; under ``torchrun``, this rank's, with the process group joined (as the CLI does), so
-    that rank 0 searches and writes ``out`` while the others wait for its structure and fine-tune with it."""
-    from autoprune.engine.distributed import device_for_rank, init_from_env
-
-    resolved = device_for_rank(resolve_device(model, device))
-    init_from_env(resolved)
-    return resolved
 
 
 def execute(model: nn.Module, example_inputs: Any, config: PruneConfig, method: Method, data: Data, *,

@@ -284,16 +284,12 @@ def _device(name: str):
     """The device named by ``--device``; under torchrun, this rank's device, with the process group joined."""
     import torch
 
-    from autoprune.engine.distributed import device_for_rank, init_from_env
+    from autoprune.engine.distributed import join
     from autoprune.engine.prune import resolve_device
 
     if name == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = resolve_device(torch.nn.Module(), name)
-    device = device_for_rank(device)
-    init_from_env(device)
-    return device
+        return join(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return join(resolve_device(torch.nn.Module(), name))
 
 
 def _say(*lines: str) -> None:

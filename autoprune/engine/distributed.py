@@ -87,6 +87,14 @@ def device_for_rank(device: torch.device) -> torch.device:
     return device
 
 
+def join(device: torch.device) -> torch.device:
+    """This rank's device (:func:`device_for_rank`), with the ``torchrun`` process group joined (:func:`init_from_env`);
+    ``device`` itself outside ``torchrun``."""
+    device = device_for_rank(device)
+    init_from_env(device)
+    return device
+
+
 def broadcast(obj: Any, *, src: int = 0) -> Any:
     """``obj`` from rank ``src`` on every rank (pickled; models included). Identity when not distributed."""
     here = world()

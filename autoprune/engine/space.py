@@ -190,15 +190,16 @@ class PruningSpace:
         if unknown:
             raise AutopruneError(f"ignored layer(s) {unknown} are not modules of the model")
         graph = _build_graph(model, self.example_inputs)
+        loose = _loose_parameters(graph, model)
         order = {n: i for i, n in enumerate(names.values())}
-        found = sorted(_groups_from_graph(graph, names, set(ignored), round_to, min_ratio, min_channels),
+        found = sorted(_groups_from_graph(graph, names, loose, set(ignored), round_to, min_ratio, min_channels),
                        key=lambda g: order[g.root])
         self.groups: tuple[Group, ...] = tuple(
             replace(g, index=i) for i, g in enumerate(found))
         if not self.groups:
             raise AutopruneError("the model has no prunable channels (no convolution or linear layer "
                                  "feeds another one)")
-        self._shapes = _record_shapes(model, self.example_inputs, names, _loose_parameters(graph, model))
+        self._shapes = _record_shapes(model, self.example_inputs, names, loose)
         self._member_index = [[(m.module, m.dim, m.ratio) for m in g.members] for g in self.groups]
         full = self.cost(np.ones(len(self.groups)))
         self.base_macs, self.base_params = full.macs, full.params
@@ -464,11 +465,10 @@ def _build_graph(model: nn.Module, example_inputs: Inputs) -> tp.DependencyGraph
         model.train(was_training)
 
 
-def _groups_from_graph(graph: tp.DependencyGraph, names: dict[nn.Module, str], ignored: set[str],
-                       round_to: int, min_ratio: float, min_channels: int) -> Iterator[Group]:
+def _groups_from_graph(graph: tp.DependencyGraph, names: dict[nn.Module, str], loose: dict[int, tuple[str, int]],
+                       ignored: set[str], round_to: int, min_ratio: float, min_channels: int) -> Iterator[Group]:
     ignored_modules = [m for m, n in names.items() if n in ignored]
     found = graph.get_all_groups(ignored_layers=ignored_modules, root_module_types=COMPUTE_TYPES)
-    loose = _loose_parameters(graph)
     seen_roots: set[str] = set()
     for tp_group in found:
         root_module = tp_group[0].dep.target.module
@@ -511,10 +511,10 @@ def _groups_from_graph(graph: tp.DependencyGraph, names: dict[nn.Module, str], i
         yield Group(-1, root, channels, floor, _dedupe(members), chunks, step)
 
 
-def _loose_parameters(graph: tp.DependencyGraph, model: nn.Module | None = None) -> dict[int, tuple[str, int]]:
+def _loose_parameters(graph: tp.DependencyGraph, model: nn.Module) -> dict[int, tuple[str, int]]:
     """Torch-Pruning's unwrapped parameters (those of no module it knows, e.g. a layer-scale vector): by
     ``id``, their qualified name and the dimension it prunes."""
-    named = {id(p): n for n, p in (model or graph.model).named_parameters()}
+    named = {id(p): n for n, p in model.named_parameters()}
     return {id(u.parameters): (named[id(u.parameters)], int(u.pruning_dim))
             for u in graph.unwrapped_parameters if id(u.parameters) in named}
 

@@ -254,9 +254,10 @@ class Layout:
         out = []
         for entry in sorted(path.iterdir()):
             name = entry.name
-            if name == LOCK_NAME or entry.is_symlink():
-                if name != LOCK_NAME:
-                    out.append(name)
+            if name == LOCK_NAME:
+                continue
+            if entry.is_symlink():  # never followed: whatever it points to is not the run's
+                out.append(name)
                 continue
             if entry.is_file() and (name in self.files or _temporary(name, self.files)):
                 continue
