@@ -290,18 +290,13 @@ def outputs(model: nn.Module, inputs) -> torch.Tensor:
         return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
 
 
-def conv_linear_macs(model: nn.Module, example) -> int:
-    """Torch-Pruning's own counter, restricted to convolution and linear layers.
-
-    ``count_ops_and_params`` also counts BatchNorm, activations and pooling in its total; autoprune's
-    targets and ``ModelStats.macs`` are the MACs of convolution and linear layers, so both the base and the
-    pruned model are summed over those layers only (``layer_wise=True``), like with like. The counter
-    counts the whole batch it is given (autoprune reports MACs per sample, counted on one sample).
-    """
+def counter_macs(model: nn.Module, example) -> int:
+    """Torch-Pruning's own counter, its total (convolution and linear layers, and the BatchNorm, activation and
+    pooling modules it counts): what autoprune's targets and ``ModelStats.macs`` mean. The counter counts the
+    whole batch it is given (autoprune reports MACs per sample, counted on one sample)."""
     inputs = example if isinstance(example, tuple) else (example,)
-    _, _, layer_macs, _ = tp.utils.count_ops_and_params(model.eval(), inputs, layer_wise=True)
-    return int(sum(v for m, v in layer_macs.items()
-                   if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear) and v is not None))
+    macs, _ = tp.utils.count_ops_and_params(model.eval(), inputs)
+    return int(macs)
 
 
 def first_sample(example):
@@ -356,8 +351,8 @@ def test_every_method_on_every_architecture(cases, arch, method, tmp_path):
     frozen = next(iter(model.parameters()))
     frozen.requires_grad_(False)
     before = snapshot(model)
-    base_macs = conv_linear_macs(copy.deepcopy(model), case.example)
-    base_sample_macs = conv_linear_macs(copy.deepcopy(model), first_sample(case.example))
+    base_macs = counter_macs(copy.deepcopy(model), case.example)
+    base_sample_macs = counter_macs(copy.deepcopy(model), first_sample(case.example))
 
     kwargs = {"method": method, "method_options": QUICK_OPTIONS.get(method)}
     if method == "slim" and not case.slim_ok:
@@ -369,10 +364,10 @@ def test_every_method_on_every_architecture(cases, arch, method, tmp_path):
     result = prune(case, model, **kwargs)
 
     # (i) the target, on Torch-Pruning's counter; the result reports the same numbers
-    pruned_macs = conv_linear_macs(result.model, case.example)
+    pruned_macs = counter_macs(result.model, case.example)
     assert pruned_macs <= (1 - REDUCTION) * base_macs
     assert (result.base.macs, result.pruned.macs) == (base_sample_macs,
-                                                      conv_linear_macs(result.model, first_sample(case.example)))
+                                                      counter_macs(result.model, first_sample(case.example)))
     assert result.analytic_cost_matches
     # (ii) the caller's model is untouched
     assert_unchanged(model, before)

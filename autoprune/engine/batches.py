@@ -155,20 +155,53 @@ def seed_for(seed: int, key: int) -> int:
     return int(state) % (2**63 - 1)
 
 
+def _parts(loader: Any) -> list[Any]:
+    """The loader, its sampler, its batch sampler and the batch sampler's sampler (those it has)."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    parts = (loader, getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None))
+    return [p for p in parts if p is not None]
+
+
 def set_epoch(loader: Any, key: int) -> None:
     """Call ``set_epoch(key)`` on the loader or its sampler / batch sampler where they have one."""
-    for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None),
-                getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
-        if obj is not None and callable(getattr(obj, "set_epoch", None)):
+    for obj in _parts(loader):
+        if callable(getattr(obj, "set_epoch", None)):
             obj.set_epoch(key)
             return
+
+
+@contextlib.contextmanager
+def _seeded(loader: Any, seed: int, key: int) -> Iterator[None]:
+    """Within the block, a pass over ``loader`` is drawn from ``seed`` and ``key``: the global generator is
+    seeded, and so are the loader's and its samplers' own generators (``DataLoader(generator=g)``), whose
+    states, like a sampler's epoch, are put back afterwards: the caller's next pass is the one it would
+    have been without autoprune."""
+    parts = _parts(loader)
+    generators = list({id(g): g for p in parts for g in [getattr(p, "generator", None)]
+                       if isinstance(g, torch.Generator)}.values())
+    states = [g.get_state() for g in generators]
+    epochs = [(p, p.epoch) for p in parts if isinstance(getattr(p, "epoch", None), int)]
+    set_epoch(loader, key)
+    torch.manual_seed(seed_for(seed, key))
+    for g in generators:
+        g.manual_seed(seed_for(seed, key))
+    try:
+        yield
+    finally:
+        for g, state in zip(generators, states, strict=True):
+            g.set_state(state)
+        for p, epoch in epochs:
+            p.epoch = epoch
 
 
 def iterate(loader: Iterable[Any], *, seed: int, key: int, device: torch.device | str | None = None,
             what: str = "the loader") -> Iterator[Batch]:
     """One seeded pass over ``loader``: ``(inputs, targets)`` batches, moved to ``device`` when given."""
-    set_epoch(loader, key)
-    torch.manual_seed(seed_for(seed, key))
+    with _seeded(loader, seed, key):
+        yield from _batches(loader, device, what)
+
+
+def _batches(loader: Iterable[Any], device: torch.device | str | None, what: str) -> Iterator[Batch]:
     try:
         iterator = iter(loader)
     except AutopruneError:

@@ -22,5 +22,5 @@ def serialized_size(model: nn.Module) -> int:
 
 
 def cost_of(model: nn.Module, example_inputs: Inputs) -> Cost:
-    """MACs (convolution and linear layers, per sample) and parameters counted on the real module."""
+    """MACs (Torch-Pruning's counter's total, per sample) and parameters counted on the real module."""
     return counted_cost(model, example_inputs)

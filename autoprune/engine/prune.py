@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 import autoprune
@@ -143,6 +144,11 @@ def check_model_tensors(model: nn.Module) -> None:
         raise AutopruneError(f"the model's parameters are {kind}; autoprune prunes float32 models: pass model.float() "
                              f"(and float32 example_inputs and batches), and convert the pruned model back to {kind} "
                              "afterwards")
+    parametrized = next((n for n, m in model.named_modules() if parametrize.is_parametrized(m)), None)
+    if parametrized is not None:
+        raise AutopruneError(f"layer {parametrized!r} has a parametrization (weight_norm, spectral_norm, ...), which "
+                             "Torch-Pruning cannot cut; remove it before pruning (torch.nn.utils.parametrize."
+                             "remove_parametrizations(layer, 'weight')) and add it again to the pruned model")
 
 
 def check_example_tensors(example_inputs: Any) -> None:
@@ -199,6 +205,8 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
     check_forward(base, example)
     space = PruningSpace(base, example, round_to=config.round_to, min_ratio=config.min_ratio,
                          ignored=config.ignored_layers)
+    for root, why in space.kept_whole.items():
+        log.info("the channels of %s are kept whole: %s", root, why)
     check_reachable(space, config)
     if data.val is None and data.score_fn is None:
         raise AutopruneError("autoprune scores the base model, every candidate and the pruned model on validation "
@@ -313,9 +321,11 @@ def check_reachable(space: PruningSpace, config: PruneConfig) -> None:
         return
     floor = space.relative_macs(space.lower)
     if floor > 1 - target + 1e-9:
+        whole = "; ".join(f"{root}: {why}" for root, why in list(space.kept_whole.items())[:3])
+        more = f" (kept whole as they are: {whole}{'; ...' if len(space.kept_whole) > 3 else ''})" if whole else ""
         raise AutopruneError(f"macs_reduction={target} is unreachable: at the minimum widths the model keeps "
-                             f"{floor:.1%} of its MACs (largest reduction {1 - floor:.3f}); lower the target or "
-                             "min_ratio")
+                             f"{floor:.1%} of its MACs (largest reduction {1 - floor:.3f}){more}; lower the "
+                             "target or min_ratio")
 
 
 def make_plan(method: Method, setup: Setup, config: PruneConfig, train: Iterable[Any] | None,
@@ -412,6 +422,10 @@ def _forward_failures(where: str | Callable[[], str], *, traced: bool = True) ->
         if model is None:
             raise
         place = where() if callable(where) else where
+        if "Expected more than 1 value per channel when training" in str(exc):
+            raise AutopruneError(f"a batch of one sample reached a BatchNorm layer in training mode {place} "
+                                 f"({model}): give the DataLoader drop_last=True (or a batch size that leaves no "
+                                 "single-sample batch)") from exc
         raise AutopruneError(f"the model's forward ({model}) raised {type(exc).__name__} {place}: "
                              f"{first_line(exc, '(no message)')}; the forward must run on the unpruned model and on "
                              "every pruned one: fix it (or keep the layers it depends on whole with ignored_layers)"
@@ -725,12 +739,34 @@ def run(model: nn.Module, example_inputs: Any, config: PruneConfig, method: Meth
     """Prune ``model`` by ``config`` and return the result; the caller's model is not modified.
 
     Under ``torchrun`` rank 0 decides the structure and broadcasts the pruned model, every rank fine-tunes it
-    (:mod:`autoprune.engine.distributed`), and every rank returns rank 0's result.
+    (:mod:`autoprune.engine.distributed`), and every rank returns rank 0's result. Gradients are on inside
+    (also when called under ``torch.no_grad()`` or ``torch.inference_mode()``): methods and fine-tuning train.
+    The pruned model comes back in eval mode (ready to measure, export or save, like :func:`autoprune.load`'s
+    models), with the caller's frozen parameters (``requires_grad``) and memory format.
 
     Raises:
         SearchInterrupted: a callback asked to stop (the history so far was reported to the callbacks).
         AutopruneError: bad inputs, an unreachable target, or a method that cannot handle the model.
     """
+    with torch.inference_mode(False), torch.enable_grad():
+        result = _run(model, example_inputs, config, method, data, device=device, finetune_fn=finetune_fn,
+                      callbacks=callbacks, recorded=recorded, checkpoint=checkpoint, progress=progress, info=info)
+        like_caller(result.model, model)
+    return result
+
+
+def like_caller(pruned: nn.Module, model: nn.Module) -> None:
+    """Give ``pruned`` the memory format of the caller's ``model`` (its frozen parameters it has from
+    :meth:`PruningSpace.apply`)."""
+    if any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+           for p in model.parameters()):
+        pruned.to(memory_format=torch.channels_last)
+
+
+def _run(model: nn.Module, example_inputs: Any, config: PruneConfig, method: Method, data: Data, *,
+         device: torch.device, finetune_fn: FinetuneFn | None, callbacks: CallbackList | None,
+         recorded: Sequence[Evaluation], checkpoint: Path | None, progress: bool,
+         info: dict[str, Any] | None) -> PruneResult:
     started = time.perf_counter()
     callbacks = callbacks or CallbackList()
     here = world()

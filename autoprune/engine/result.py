@@ -101,7 +101,7 @@ class ModelStats:
     Attributes:
         accuracy: test (or validation) accuracy, or the caller's score; None if not measured.
         params: parameters.
-        macs: MACs per sample (convolution and linear layers, Torch-Pruning's counter).
+        macs: MACs per sample (Torch-Pruning's counter's total: convolution, linear, norm, activation, pooling).
         size_bytes: bytes of the saved state dict.
         latency: per batch size (as text), the timing summary (median and spread, in ms).
     """

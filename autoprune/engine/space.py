@@ -12,11 +12,13 @@ The space offers, for any keep vector and without tracing:
 * :meth:`counts` / :meth:`snap`: the channel counts it means, with ``round_to`` and the minimum
   width applied;
 * :meth:`cost`: MACs and parameters from an analytic model recorded on one forward pass of the base
-  model. MACs are those of the convolution (transposed ones included) and linear layers, counted as
-  Torch-Pruning's counter counts them (multiply-accumulates plus bias additions, batch 1); parameters
-  are all parameters, including those of no layer that a group prunes (a layer-scale vector).
-  Normalisation, activation and pooling layers are a few percent of the work of these networks and
-  are left out of MACs, as in the papers we implement.
+  model. MACs are Torch-Pruning's counter's total (``tp.utils.count_ops_and_params``, batch 1): the
+  convolution (transposed ones included) and linear layers (multiply-accumulates plus bias additions),
+  and the normalisation, activation, pooling and upsampling modules it counts element-wise, each call
+  following the channels of the group that flows through it (an activation module called twice counts
+  twice, as in the counter); what the space does not model (recurrent and attention layers, whose
+  channels are kept whole) is a constant measured on the base. Parameters are all parameters, including
+  those of no layer that a group prunes (a layer-scale vector, a PReLU's slopes).
 
 and, given per-channel scores (lowest go first):
 
@@ -58,6 +60,11 @@ NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.L
               nn.InstanceNorm2d, nn.InstanceNorm3d)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 COMPUTE_TYPES = (*CONV_TYPES, nn.Linear)
+#: layers with parameters that Torch-Pruning would cut along a group's channels in ways the space does not model
+#: (attention heads, recurrent gates): a group reaching one is kept whole
+UNMODELLED_TYPES = (nn.MultiheadAttention, nn.RNNBase)
+#: Torch-Pruning's nodes for torch.split / chunk, x[:, a:b] and unbind
+_SPLITTING_OPS = (tp.ops._SplitOp, tp.ops._SliceOp, tp.ops._UnbindOp)
 
 
 @dataclass(frozen=True)
@@ -77,8 +84,12 @@ class Member:
             channel; ``None`` where group channel ``i`` is module channel ``i``.
 
     ``dim == "param"``: ``module`` names a parameter that belongs to no convolution, linear or
-    normalisation layer (a layer-scale vector, say), pruned along its channel dimension with the group
-    (Torch-Pruning's unwrapped parameters); it counts in the parameters, nothing else reads it.
+    normalisation layer (a layer-scale vector, say, or a PReLU's slopes), pruned along its channel dimension
+    with the group (Torch-Pruning's unwrapped parameters); it counts in the parameters, nothing else reads it.
+
+    ``dim == "flow"``: ``module`` names one call of an activation, pooling or upsampling module
+    (``"name#k"``, its k-th call in the forward) that the group's channels pass through; it counts in the
+    MACs as Torch-Pruning's counter counts it (the elements it touches), nothing else reads it.
     """
 
     module: str
@@ -133,6 +144,7 @@ class _LayerShape:
     depthwise: bool
     fixed_params: int  # parameters of modules the space never changes
     per_channel: int = 0  # parameters per output channel of a normalisation layer or a loose parameter
+    macs_per_channel: int = 0  # counted operations per channel of a normalisation layer or an element-wise call
 
 
 def _out_channels(module: nn.Module) -> int:
@@ -189,18 +201,26 @@ class PruningSpace:
         unknown = [n for n in ignored if n not in {v for v in names.values()}]
         if unknown:
             raise AutopruneError(f"ignored layer(s) {unknown} are not modules of the model")
-        graph = _build_graph(model, self.example_inputs)
+        graph = _build_graph(model, self.example_inputs, record_calls=True)
         loose = _loose_parameters(graph, model)
         order = {n: i for i, n in enumerate(names.values())}
-        found = sorted(_groups_from_graph(graph, names, loose, set(ignored), round_to, min_ratio, min_channels),
-                       key=lambda g: order[g.root])
+        #: roots of channel groups the space keeps whole, and why (the classifier and ignored layers aside)
+        self.kept_whole: dict[str, str] = {}
+        found = sorted(_groups_from_graph(graph, names, loose, set(ignored), round_to, min_ratio, min_channels,
+                                          self.kept_whole), key=lambda g: order[g.root])
         self.groups: tuple[Group, ...] = tuple(
             replace(g, index=i) for i, g in enumerate(found))
         if not self.groups:
-            raise AutopruneError("the model has no prunable channels (no convolution or linear layer "
-                                 "feeds another one)")
-        self._shapes = _record_shapes(model, self.example_inputs, names, loose)
+            whole = "; ".join(f"{root}: {why}" for root, why in list(self.kept_whole.items())[:3])
+            raise AutopruneError("the model has no prunable channels " + (
+                f"(kept whole as they are: {whole})" if whole else
+                "(no convolution or linear layer feeds another one)"))
+        self._shapes = _record_shapes(model, self.example_inputs, names, loose, graph.autoprune_calls)
         self._member_index = [[(m.module, m.dim, m.ratio) for m in g.members] for g in self.groups]
+        # what Torch-Pruning's counter counts that the space does not model (recurrent and attention layers,
+        # whose channels are kept whole): a constant
+        self._fixed_macs = 0
+        self._fixed_macs = counted_cost(model, self.example_inputs).macs - self.cost(np.ones(len(self.groups))).macs
         full = self.cost(np.ones(len(self.groups)))
         self.base_macs, self.base_params = full.macs, full.params
 
@@ -290,9 +310,10 @@ class PruningSpace:
             elif s.kind == "linear":
                 macs += cin * cout * s.positions + (cout if s.bias else 0)
                 params += cin * cout + (cout if s.bias else 0)
-            else:  # normalisation layers and loose parameters
+            else:  # normalisation layers, loose parameters, element-wise calls
                 params += s.per_channel * cout
-        return Cost(int(macs), int(params))
+                macs += s.macs_per_channel * cout
+        return Cost(int(macs + self._fixed_macs), int(params))
 
     def relative_macs(self, keep: Sequence[float] | np.ndarray) -> float:
         """MACs of ``keep`` as a fraction of the unpruned model's (numpy only: for search strategies)."""
@@ -369,6 +390,10 @@ class PruningSpace:
             fn = tp.prune_linear_out_channels if isinstance(root, nn.Linear) else tp.prune_conv_out_channels
             group = graph.get_pruning_group(root, fn, idxs=[int(i) for i in idx])
             group.prune()
+        # Torch-Pruning's surgery makes new parameters (requires_grad=True): frozen ones stay frozen
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        for name, p in pruned.named_parameters():
+            p.requires_grad_(name not in frozen)
         _check_runs(pruned, to_device(self.example_inputs, device))
         return pruned
 
@@ -441,8 +466,28 @@ class TraceFailed(AutopruneError):
     before, the forward itself failed, and the run names where."""
 
 
-def _build_graph(model: nn.Module, example_inputs: Inputs) -> tp.DependencyGraph:
+def _build_graph(model: nn.Module, example_inputs: Inputs, *, record_calls: bool = False) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of ``model``; ``graph.autoprune_outputs`` holds the autograd nodes of
+    the tensors the forward returned (Torch-Pruning marks only those that no other output passes through) and,
+    with ``record_calls``, ``graph.autoprune_calls`` the element-wise calls Torch-Pruning's counter counts
+    (:class:`_Call`)."""
     was_training = model.training
+    returned: list[object] = []
+    calls: list[_Call] = []
+    handles = []
+    if record_calls:
+        for name, module in model.named_modules():
+            counts = _ELEMENTWISE_COUNTS.get(type(module))
+            if counts is not None:
+                handles.append(module.register_forward_hook(_call_recorder(name, counts, calls)))
+
+    def traced_forward(model: nn.Module, inputs: Inputs) -> object:
+        returned.clear()
+        calls.clear()
+        out = forward(model, inputs)
+        returned.append(out)
+        return out
+
     frozen = [p for p in model.parameters() if not p.requires_grad]
     model.eval()
     try:
@@ -450,65 +495,173 @@ def _build_graph(model: nn.Module, example_inputs: Inputs) -> tp.DependencyGraph
         for p in frozen:
             p.requires_grad_(True)
         with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
-                                                         forward_fn=forward, verbose=False)
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
+                                                          forward_fn=traced_forward, verbose=False)
+        graph.autoprune_outputs = {t.grad_fn for out in returned for t in tp.utils.flatten_as_list(out)
+                                   if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+        graph.autoprune_calls = list(calls)
+        return graph
     except AutopruneError:
         raise
     except Exception as exc:
         first = first_line(exc, "")
+        if returned and forward_failure(exc) is None and not _tensors_only(returned[0]):
+            raise AutopruneError(f"the model returns a {type(returned[0]).__name__}; autoprune (and Torch-Pruning) "
+                                 "need a tensor, or tuples, lists or dicts of tensors: wrap the model in a module "
+                                 "whose forward returns those") from exc
         error = AutopruneError if forward_failure(exc) is None else TraceFailed
         raise error(f"Torch-Pruning could not trace the model ({type(exc).__name__}: {first}); the model "
                     "must run on its example inputs") from exc
     finally:
+        for h in handles:
+            h.remove()
         for p in frozen:
             p.requires_grad_(False)
         model.train(was_training)
 
 
+def _tensors_only(out: object) -> bool:
+    """Whether ``out`` is a tensor or (nested) tuples, lists and dicts of tensors (and None)."""
+    if out is None or isinstance(out, torch.Tensor):
+        return True
+    if isinstance(out, tuple | list):
+        return all(_tensors_only(o) for o in out)
+    if isinstance(out, dict):
+        return all(_tensors_only(o) for o in out.values())
+    return False
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One call of a module that Torch-Pruning's counter counts element-wise: ``key`` (``"name#k"``), the
+    operations counted per sample, the channels of the counted tensor, and the autograd node of its output
+    (which identifies the call among Torch-Pruning's graph nodes)."""
+
+    key: str
+    counted: int
+    channels: int
+    grad_fn: object
+
+
+def _elementwise_counts() -> dict[type, str]:
+    """Module types Torch-Pruning's counter counts element-wise, and which tensor it counts (``"in"`` /
+    ``"out"``): activations and upsampling count their output, pooling its input."""
+    from torch_pruning.utils import op_counter
+
+    which = {op_counter.relu_flops_counter_hook: "out", op_counter.upsample_flops_counter_hook: "out",
+             op_counter.pool_flops_counter_hook: "in"}
+    return {t: which[hook] for t, hook in op_counter.MODULES_MAPPING.items() if hook in which}
+
+
+_ELEMENTWISE_COUNTS = _elementwise_counts()
+
+
+def _call_recorder(name: str, counts: str, calls: list[_Call]):
+    def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+        tensor = output if counts == "out" else (inputs[0] if inputs else None)
+        if not isinstance(tensor, torch.Tensor) or not isinstance(output, torch.Tensor):
+            return
+        k = sum(c.key.split("#")[0] == name for c in calls)
+        channels = int(tensor.shape[1]) if tensor.dim() >= 2 else 1
+        calls.append(_Call(f"{name}#{k}", int(tensor.numel()), max(1, channels), output.grad_fn))
+    return hook
+
+
 def _groups_from_graph(graph: tp.DependencyGraph, names: dict[nn.Module, str], loose: dict[int, tuple[str, int]],
-                       ignored: set[str], round_to: int, min_ratio: float, min_channels: int) -> Iterator[Group]:
+                       ignored: set[str], round_to: int, min_ratio: float, min_channels: int,
+                       kept_whole: dict[str, str]) -> Iterator[Group]:
+    """The prunable groups; ``kept_whole`` receives the roots of the groups kept whole and why."""
     ignored_modules = [m for m, n in names.items() if n in ignored]
     found = graph.get_all_groups(ignored_layers=ignored_modules, root_module_types=COMPUTE_TYPES)
+    tied = _tied_modules(names)
+    flows = {c.grad_fn: c.key for c in getattr(graph, "autoprune_calls", ()) if c.grad_fn is not None}
     seen_roots: set[str] = set()
     for tp_group in found:
         root_module = tp_group[0].dep.target.module
         root = names.get(root_module)
         channels = len(tp_group[0].idxs)
         members: list[Member] = []
-        transposed_groups = False
+        whole: list[str] = []  # why the group is kept whole, if it is
         for item in tp_group:
             module, idxs = item.dep.target.module, item.idxs
-            if isinstance(module, nn.Parameter) and id(module) in loose:
-                members.append(Member(loose[id(module)][0], "param", 1))
-                continue
             name = names.get(module) if isinstance(module, nn.Module) else None
+            if _returns_channels(graph, item):
+                whole.append("the forward returns its channels")
+            elif isinstance(module, _SPLITTING_OPS):
+                whole.append("its channels are split or sliced apart (torch.split, chunk, x[:, a:b])")
+            elif isinstance(module, UNMODELLED_TYPES):
+                whole.append(f"its channels reach {name or type(module).__name__} (attention or recurrent)")
+            elif name in tied:
+                whole.append(f"{name} shares its weight with another layer")
+            if isinstance(module, tp.ops._OutputOp):
+                continue
+            node = graph.module2node.get(module)
+            if node is not None and node.grad_fn in flows:  # an activation / pooling the channels pass through
+                members.append(Member(flows[node.grad_fn], "flow", max(1, len(idxs) // channels)))
+            if isinstance(module, nn.Parameter) and id(module) in loose:
+                pname, dim = loose[id(module)]
+                if int(module.shape[dim]) != len(idxs) or len(idxs) != channels:
+                    whole.append(f"parameter {pname} is not one value per channel")
+                members.append(Member(pname, "param", 1))
+                continue
+            if name is not None and isinstance(module, nn.PReLU) and module.num_parameters > 1:
+                members.append(Member(name, "param", 1))  # one slope per channel, cut with them
+                continue
             if name is None or not isinstance(module, COMPUTE_TYPES + NORM_TYPES):
                 continue  # functional ops and activations carry no parameters
-            transposed_groups |= bool(getattr(module, "transposed", False)) and module.groups > 1
+            if getattr(module, "transposed", False) and module.groups > 1:
+                whole.append(f"{name} is a grouped transposed convolution")  # its weight is not out-channels first
             dim = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
             if isinstance(module, NORM_TYPES):
                 dim = "out"
             if len(idxs) % channels:
-                raise AutopruneError(f"unsupported coupling in {name!r}: {len(idxs)} channels for a group "
-                                     f"of {channels}")
+                whole.append(f"{name} reads part of its channels only")
+                continue
             indices = sorted(int(i) for i in idxs)
             contiguous = indices == list(range(indices[0], indices[0] + len(indices))) if indices else False
             members.append(Member(name, dim, len(idxs) // channels, indices[0] if contiguous else -1,
                                   _channel_index(item, channels, _out_channels(module)) if dim == "out" else None))
-        if root is None or root in seen_roots or transposed_groups:
-            continue  # (a grouped transposed convolution is kept whole: its weight is not out-channels first)
+        if root is None or root in seen_roots:
+            continue
         if not any(m.dim == "in" and m.module != root for m in members):
             continue  # nothing reads these channels: model outputs (the classifier)
         if any(m.dim == "out" and m.ratio != 1 for m in members):
-            continue  # outputs written in pieces (e.g. split); not supported, kept whole
+            whole.append("its outputs are written in pieces")
+        if whole:
+            kept_whole[root] = whole[0]
+            continue
         chunks = _chunks(tp_group, graph, channels)
-        if chunks is None:
-            continue  # blocks that do not line up with the group's channels (e.g. a GroupNorm over a concatenation)
+        if chunks is None:  # e.g. a GroupNorm over a concatenation
+            kept_whole[root] = "its normalisation or convolution groups do not line up with its channels"
+            continue
         seen_roots.add(root)
         step = math.lcm(round_to, chunks)
         floor = max(min_channels, math.ceil(min_ratio * channels))
         floor = min(channels, math.ceil(floor / step) * step)
         yield Group(-1, root, channels, floor, _dedupe(members), chunks, step)
+
+
+def _tied_modules(names: dict[nn.Module, str]) -> set[str]:
+    """Names of the modules holding a parameter that another module holds too (tied weights)."""
+    holders: dict[int, set[str]] = {}
+    for module, name in names.items():
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), set()).add(name)
+    return {name for held in holders.values() if len(held) > 1 for name in held}
+
+
+def _returns_channels(graph: tp.DependencyGraph, item: object) -> bool:
+    """Whether a group member hands the group's channels to the forward's return value: an output Torch-Pruning
+    marked, or a returned tensor that a norm, an element-wise op or a layer's out-channels produce (a layer's
+    in-channels are consumed, not returned)."""
+    dep = item.dep  # type: ignore[attr-defined]
+    module = dep.target.module
+    if isinstance(module, tp.ops._OutputOp):
+        return True
+    node = graph.module2node.get(module)
+    if node is None or node.grad_fn not in getattr(graph, "autoprune_outputs", ()):
+        return False
+    return not isinstance(module, COMPUTE_TYPES) or graph.is_out_channel_pruning_fn(dep.handler)
 
 
 def _loose_parameters(graph: tp.DependencyGraph, model: nn.Module) -> dict[int, tuple[str, int]]:
@@ -560,7 +713,7 @@ def _dedupe(members: list[Member]) -> tuple[Member, ...]:
 
 
 def _record_shapes(model: nn.Module, example_inputs: Inputs, names: dict[nn.Module, str],
-                   loose: dict[int, tuple[str, int]]) -> dict[str, _LayerShape]:
+                   loose: dict[int, tuple[str, int]], calls: Sequence[_Call] = ()) -> dict[str, _LayerShape]:
     shapes: dict[str, _LayerShape] = {}
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -580,15 +733,21 @@ def _record_shapes(model: nn.Module, example_inputs: Inputs, names: dict[nn.Modu
                 depthwise=not linear and module.groups > 1 and module.groups == module.in_channels
                 == module.out_channels,
                 fixed_params=0)
+        elif isinstance(module, nn.PReLU):
+            shapes[name] = _LayerShape("param", 0, module.num_parameters, 1, 1, 1, False, False, 0, per_channel=1)
         else:
             channels = _out_channels(module)
             own = sum(p.numel() for p in module.parameters(recurse=False))
+            affine = getattr(module, "affine", getattr(module, "elementwise_affine", False))
+            counted = inputs[0].numel() * (2 if affine else 1)  # Torch-Pruning's counter: inputs, x2 if affine
             shapes[name] = _LayerShape("norm", channels, channels, 1, 1, 1, False, False, 0,
-                                       per_channel=own // channels if channels else 0)
+                                       per_channel=own // channels if channels else 0,
+                                       macs_per_channel=counted // channels if channels else 0)
 
     handles = []
     for module in names:
-        if isinstance(module, COMPUTE_TYPES + NORM_TYPES):
+        if isinstance(module, COMPUTE_TYPES + NORM_TYPES) or (isinstance(module, nn.PReLU)
+                                                               and module.num_parameters > 1):
             handles.append(module.register_forward_hook(hook))
     was_training = model.training
     model.eval()
@@ -607,21 +766,23 @@ def _record_shapes(model: nn.Module, example_inputs: Inputs, names: dict[nn.Modu
             shapes[name] = _LayerShape("param", 0, channels, 1, 1, 1, False, False, 0,
                                        per_channel=param.numel() // channels)
             covered.add(id(param))
+    for call in calls:
+        shapes[call.key] = _LayerShape("flow", 0, call.channels, 1, 1, 1, False, False, 0,
+                                       macs_per_channel=call.counted // call.channels)
     fixed = sum(p.numel() for p in model.parameters() if id(p) not in covered)
     shapes["<other parameters>"] = _LayerShape("other", 0, 0, 1, 1, 1, False, False, int(fixed))
     return shapes
 
 
 def counted_cost(model: nn.Module, example_inputs: Inputs) -> Cost:
-    """MACs (convolution and linear layers, per sample) and parameters counted by Torch-Pruning on a real module."""
+    """MACs (Torch-Pruning's counter's total, per sample) and parameters counted by Torch-Pruning on a real module."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     inputs = to_device(first_sample(as_inputs(example_inputs)), device)
     x = inputs if isinstance(inputs, tuple) else (inputs,)
     was_training = model.training
     model.eval()
     try:
-        _, params, layer_macs, _ = tp.utils.count_ops_and_params(model, x, layer_wise=True)
+        macs, params = tp.utils.count_ops_and_params(model, x)
     finally:
         model.train(was_training)
-    macs = sum(v for m, v in layer_macs.items() if isinstance(m, COMPUTE_TYPES) and v is not None)
     return Cost(int(macs), int(params))

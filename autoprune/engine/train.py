@@ -291,6 +291,7 @@ def fit(model: nn.Module, loader: Iterable[Any], config: TrainConfig, *, teacher
                             on_epoch=on_epoch)
     finally:
         unwrap(trained, model)
+    model.zero_grad(set_to_none=True)  # the last step's gradients are of no use to the caller
     model.eval()
     return TrainLog(config.epochs - start_epoch, time.perf_counter() - started, last_loss, start_epoch)
 

@@ -78,7 +78,7 @@ def bn_l1_penalty(weight: float):
 
     def penalty(model: nn.Module) -> torch.Tensor:
         terms = [m.weight.abs().sum() for m in model.modules()
-                 if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) and m.weight is not None]
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None]
         return weight * torch.stack(terms).sum()
 
     return penalty
@@ -117,8 +117,8 @@ class Slim(Method):
 
     def plan(self, ctx: MethodContext) -> Plan:
         missing = [g.name for g in ctx.space.groups
-                   if not any(m.dim == "out" and isinstance(ctx.model.get_submodule(m.module), nn.BatchNorm2d
-                                                             | nn.BatchNorm1d) for m in g.members)]
+                   if not any(m.dim == "out" and isinstance(ctx.model.get_submodule(m.module),
+                                                             nn.modules.batchnorm._BatchNorm) for m in g.members)]
         if missing:
             raise AutopruneError(f"method 'slim' needs a BatchNorm after every prunable layer; {missing[0]!r} "
                                  "has none (use l1, global or a search method for this model)")
