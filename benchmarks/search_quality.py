@@ -70,7 +70,13 @@ PRESETS = {
                        ("l1", "random", "pso", "ssa", "otp", "gdp", "sa")),
     "lenet5": Preset("/work/bench/lenet5_mnist.pt", "mnist", "/work/shared/data/mnist", None, 0.9, 40, 16, 0.5,
                      ("l1", "random", "pso", "ssa", "otp", "gdp", "sa")),
+    # for a GPU (benchmarks/gpu_resnet56.sh trains the base): all 45,000 training images, 3 fine-tuning epochs
+    "resnet56": Preset("runs/gpu/resnet56_c10q.pt", "cifar10", "/tmp/c10", None, 0.6, 40, 3, 0.0,
+                       ("l1", "random", "pso", "ssa", "otp", "gdp", "sa")),
 }
+
+#: the device every run of this process uses (``--device``)
+DEVICE = torch.device("cpu")
 
 
 def distinct_spread(history: list[Any], channels: np.ndarray) -> dict[str, float]:
@@ -86,7 +92,7 @@ def load(preset: Preset, seed: int) -> Any:
     from autoprune.runs.inputs import load_inputs
 
     return load_inputs(preset.model_path, dataset=preset.dataset, data_dir=preset.data_dir, val_fraction=0.1,
-                       limit=preset.limit, seed=seed, batch_size=128, device=torch.device("cpu"))
+                       limit=preset.limit, seed=seed, batch_size=128, device=DEVICE)
 
 
 def choose(preset: Preset, inputs: Any, seed: int, method: str, budget: int,
@@ -103,7 +109,7 @@ def choose(preset: Preset, inputs: Any, seed: int, method: str, budget: int,
                          val_samples=VAL_SAMPLES, finetune=None, seed=seed, method_options=method_options,
                          latency_batch=1, latency_repeats=1, **(engine_options or {}))
     return execute(inputs.model, inputs.example_inputs, config, create_method(method, method_options),
-                   Data(train=data.train, val=data.val, test=data.test), device=torch.device("cpu"))
+                   Data(train=data.train, val=data.val, test=data.test), device=DEVICE)
 
 
 def shared_finetune(model: torch.nn.Module, inputs: Any, preset: Preset, epochs: int, seed: int) -> float:
@@ -150,7 +156,7 @@ def run_one(preset: Preset, seed: int, method: str, budget: int, method_options:
                    "best_val": stats.best.accuracy, "base_val": stats.base_score, "notes": stats.notes,
                    **distinct_spread(list(result.history), space_channels)},
         "warnings": list(result.warnings),
-        "seconds": {"search": search_seconds, "finetune": finetune_seconds},
+        "seconds": {"search": search_seconds, "finetune": finetune_seconds}, "machine": machine(),
     }
 
 
@@ -160,17 +166,18 @@ def run_other_tool(preset: Preset, seed: int, recipe: str, finetune_epochs: int 
     from autoprune.engine.prune import CALIBRATION_KEY, VAL_KEY
     from autoprune.engine.train import evaluate
 
-    cpu = torch.device("cpu")
+    device = DEVICE
     inputs = load(preset, seed)
+    inputs.model.to(device)
     data = inputs.data
     torch.manual_seed(seed)
     base_test = evaluate(inputs.model, data.test).accuracy
     started = time.perf_counter()
     if recipe == "mo-fastnas":
         # the validation sample our searches score on (the engine's own draw)
-        val = take(data.val, VAL_SAMPLES, seed=seed, key=VAL_KEY, device=cpu, what="val")
+        val = take(data.val, VAL_SAMPLES, seed=seed, key=VAL_KEY, device=device, what="val")
         # FastNAS calibrates BatchNorm on a queue of 50 batches (fewer: it skips calibration); 50 x 16 images
-        images = torch.cat([x for x, _ in take(data.train, 800, seed=seed, key=CALIBRATION_KEY, device=cpu,
+        images = torch.cat([x for x, _ in take(data.train, 800, seed=seed, key=CALIBRATION_KEY, device=device,
                                                what="train")])
         calibration = list(images.split(16))
         with tempfile.TemporaryDirectory() as scratch:
@@ -179,7 +186,7 @@ def run_other_tool(preset: Preset, seed: int, recipe: str, finetune_epochs: int 
                                         calibration=calibration, checkpoint=f"{scratch}/fastnas.pth")
         tool = info["tool"]
     else:
-        model, info = tp_prune(inputs.model, inputs.example_inputs, recipe, preset.macs_reduction,
+        model, info = tp_prune(inputs.model, inputs.example_inputs.to(device), recipe, preset.macs_reduction,
                                num_classes=inputs.splits.info.num_classes, train_batches=data.train)
         tool = f"torch-pruning {tp_version}"
     search_seconds = time.perf_counter() - started
@@ -194,8 +201,32 @@ def run_other_tool(preset: Preset, seed: int, recipe: str, finetune_epochs: int 
         "finetune_epochs": epochs, "extra_training_epochs": 0, "widths": tool_widths(inputs.model, model),
         "search": {"strategy": info["recipe"], "evaluations": 0,
                    "distinct_structures": 1, "spread": 0.0, "notes": info, "distinct": 1, "mean_pairwise_l1": 0.0},
-        "warnings": [], "seconds": {"search": search_seconds, "finetune": finetune_seconds},
+        "warnings": [], "seconds": {"search": search_seconds, "finetune": finetune_seconds}, "machine": machine(),
     }
+
+
+def machine() -> dict[str, Any]:
+    """Where a run ran: processor, cores, the device (GPU name), torch's threads and version, and how many
+    benchmark processes shared the machine (``SEARCH_QUALITY_PROCESSES``, set by the scripts that run several)."""
+    gpu = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None
+    return {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(), "device": str(DEVICE),
+            "gpu": gpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "processes": int(os.environ.get("SEARCH_QUALITY_PROCESSES", "1"))}
+
+
+def _machine_line(runs: list[dict[str, Any]]) -> str:
+    """The summary's machine sentence: from the runs' own records where they carry one."""
+    seen = sorted({json.dumps(r["machine"], sort_keys=True) for r in runs if r.get("machine")})
+    if not seen:  # runs written before the records said where they ran (all on this CPU machine)
+        return (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only, 1 torch "
+                "thread per run (OMP_NUM_THREADS=1), two benchmark processes side by side")
+    parts = []
+    for text in seen:
+        m = json.loads(text)
+        where = f"GPU {m['gpu']} ({m['device']})" if m.get("gpu") else "CPU only"
+        parts.append(f"{m['processor']}, {m['cores']} cores, {where}, torch {m['torch']}, {m['threads']} torch "
+                     f"thread(s) per run, {m['processes']} benchmark process(es) side by side")
+    return "Machine: " + "; ".join(parts)
 
 
 def _fmt(values: list[float]) -> str:
@@ -223,8 +254,8 @@ def summarise(folder: Path, preset_name: str, preset: Preset, tag: str = "") -> 
             "evaluations": [r["search"]["evaluations"] for r in items],
             "macs_reduction": [round(r["macs_reduction"], 4) for r in sorted(items, key=lambda r: r["seed"])],
         })
-    (folder / "summary.json").write_text(json.dumps({"preset": preset_name, "rows": rows,
-                                                     "paired": paired_comparisons(by_method)}, indent=1))
+    _write(folder / "summary.json", json.dumps({"preset": preset_name, "rows": rows,
+                                                "paired": paired_comparisons(by_method)}, indent=1))
     lines = [f"# Search quality: {preset_name}", "",
              f"{preset.dataset}, MACs reduction {preset.macs_reduction}, budget {preset.budget}, "
              f"{preset.finetune_epochs} shared fine-tuning epochs (distill {preset.distill}); "
@@ -262,13 +293,21 @@ def summarise(folder: Path, preset_name: str, preset: Preset, tag: str = "") -> 
               f"{' '.join(map(str, sorted({r['seed'] for r in runs})))} --methods {' '.join(m for m in by_method)}"
               + "".join(sorted({f" --engine {k}={json.dumps(v)}" for r in runs
                                 for k, v in (r.get("engine_options") or {}).items()}))
+              + "".join(sorted({f" --device {r['machine']['device']}" for r in runs
+                                if r.get("machine", {}).get("device", "cpu") != "cpu"}))
               + (f" --tag {tag}" if tag else "") + "` "
               "(each (seed, method) one run file; the table is rewritten from all of them).",
-              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only, 1 torch "
-              "thread per run (OMP_NUM_THREADS=1), two benchmark processes side by side; load average at writing "
+              f"{_machine_line(runs)}; load average at writing "
               f"{os.getloadavg()[0]:.1f}; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
               f"commit {_commit()}."]
-    (folder / "summary.md").write_text("\n".join(lines) + "\n")
+    _write(folder / "summary.md", "\n".join(lines) + "\n")
+
+
+def _write(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: processes running side by side rewrite the summary."""
+    scratch = path.with_name(f".{path.name}.{os.getpid()}")
+    scratch.write_text(text)
+    os.replace(scratch, path)
 
 
 def paired_comparisons(by_method: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -314,14 +353,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="override the preset's shared fine-tuning epochs (a proxy; tag the folder)")
     parser.add_argument("--model-path", default=None, help="another base model file than the preset's (tag the folder)")
     parser.add_argument("--tag", default="", help="suffix of the results folder (variants of an experiment)")
+    parser.add_argument("--data-dir", default=None, help="the dataset's directory, if not the preset's")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many training and test images (trials)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="rewrite the summary from the run files, run nothing")
     parser.add_argument("--force", action="store_true", help="re-run finished (seed, method) pairs")
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     preset = PRESETS[args.preset]
     if args.finetune_epochs is not None:
         preset = Preset(**{**preset.__dict__, "finetune_epochs": args.finetune_epochs})
     if args.model_path:
         preset = Preset(**{**preset.__dict__, "model_path": args.model_path})
+    if args.data_dir:
+        preset = Preset(**{**preset.__dict__, "data_dir": args.data_dir})
+    if args.limit:
+        preset = Preset(**{**preset.__dict__, "limit": args.limit})
     budget = args.budget or preset.budget
     options: dict[str, dict[str, Any]] = {}
     for item in args.option:
@@ -331,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     engine_options = {key: json.loads(value) for key, _, value in (item.partition("=") for item in args.engine)}
     folder = RESULTS / (args.preset + (f"_{args.tag}" if args.tag else ""))
     (folder / "runs").mkdir(parents=True, exist_ok=True)
+    if args.summarise_only:
+        summarise(folder, args.preset, preset, args.tag)
+        return 0
     failed = 0
     for seed in args.seeds:
         for method in args.methods or preset.methods:
@@ -347,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                           type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "")
                 failed += 1
                 continue
-            path.write_text(json.dumps(row, indent=1))
+            _write(path, json.dumps(row, indent=1))
             log.info("%s: %.2f points (distinct %d, %s)", path.name, row["delta_points"], row["search"]["distinct"],
                      row["seconds"])
             summarise(folder, args.preset, preset, args.tag)
