@@ -50,6 +50,7 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
 
 
 _nonneg_int, _pos_int, _seed = _int_in(0, 10**9), _int_in(1, 10**9), _int_in(0, MAX_SEED)
+_latency_batch = _int_in(1, 65536)
 
 
 def _float(text: str) -> float:
@@ -132,7 +133,8 @@ def _add_pruning(p: argparse.ArgumentParser) -> None:
     f.add_argument("--distill", type=_float, default=0.0,
                    help="weight of distillation from the unpruned model during fine-tuning, 0..1 (default 0)")
     m = p.add_argument_group("measurement")
-    m.add_argument("--latency-batch", type=_pos_int, default=64, help="large batch size for latency (default 64)")
+    m.add_argument("--latency-batch", type=_latency_batch, default=64,
+                   help="large batch size for latency (default 64)")
     m.add_argument("--latency-repeats", type=_pos_int, default=30, help="timed runs per model and batch (default 30)")
     m.add_argument("--threads", type=_pos_int, help="CPU threads for latency measurement")
     p.add_argument("--out", help="output directory")
@@ -185,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_trust(p)
     _add_data(p)
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--latency-batch", type=_pos_int, default=64, help="large batch size for latency (default 64)")
+    p.add_argument("--latency-batch", type=_latency_batch, default=64,
+                   help="large batch size for latency (default 64)")
     _add_common(p)
 
     p = sub.add_parser("export", help="export a saved model to ONNX (checked in onnxruntime)")
@@ -195,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the factory that built the model file, if it was not a registered architecture")
     p.add_argument("--opset", type=_int_in(7, 30), help="ONNX opset (default 17)")
     p.add_argument("--no-verify", action="store_true", help="do not check the file in onnxruntime")
+    p.add_argument("--force", action="store_true", help="replace --onnx if it exists (never the model file itself)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     p = sub.add_parser("methods", help="list the pruning methods and their options")
@@ -219,7 +223,7 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     args = parser.parse_args(argv)
     if getattr(args, "config", None) is None:
         return args
-    from autoprune.errors import AutopruneError
+    from autoprune.errors import AutopruneError, short
 
     sub = _subparser(parser, args.command)
     values = _read_config(args.config)
@@ -227,6 +231,9 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     options = values.pop("method_options", {})
     if not isinstance(options, dict):
         raise AutopruneError(f"method_options in {args.config!r} must be a mapping, e.g. {{particles: 20}}")
+    if "method_option" in values:
+        raise AutopruneError(f"method_option in {args.config!r}: write method options as a mapping, "
+                             "method_options: {particles: 20}")
     unknown = sorted(set(values) - set(dests))
     if unknown:
         raise AutopruneError(f"unknown setting {unknown[0]!r} in {args.config!r}; settings are the long option names "
@@ -235,12 +242,18 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     for key, value in values.items():
         action = dests[key]
         if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction) and not isinstance(value, bool):
-            raise AutopruneError(f"{key}: {value!r} in {args.config!r}: must be true or false")
+            raise AutopruneError(f"{key}: {short(value)} in {args.config!r}: must be true or false")
         if action.type is not None and value is not None and not isinstance(value, bool):
             try:
                 value = action.type(str(value))
             except argparse.ArgumentTypeError as exc:
-                raise AutopruneError(f"{key}: {value!r} in {args.config!r}: {exc}") from None
+                raise AutopruneError(f"{key}: {short(value)} in {args.config!r}: {exc}") from None
+        elif action.type is None and action.nargs == 0:
+            pass  # a flag (true / false, checked above)
+        elif action.type is None and not _text_setting(key, value):
+            raise AutopruneError(f"{key}: {short(value)} in {args.config!r}: must be "
+                                 + ("a comma-separated string or a list of method names" if key == "methods"
+                                    else "a string (a name or a path)"))
         defaults[key] = value
     defaults["method_option"] = [(str(k), v) for k, v in options.items()]
     sub.set_defaults(**defaults)
@@ -248,6 +261,14 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     given = args.method_option[len(defaults["method_option"]):]  # argparse appends the flags' to the file's
     args.method_option = list({**dict(defaults["method_option"]), **dict(given)}.items())  # the flags win
     return args
+
+
+def _text_setting(key: str, value: object) -> bool:
+    """Whether a config file's value fits a setting that takes text (a path, an address, a title): a string;
+    ``methods`` also takes a list of strings."""
+    if key == "methods" and isinstance(value, list):
+        return bool(value) and all(isinstance(v, str) and v for v in value)
+    return isinstance(value, str)
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
@@ -262,8 +283,19 @@ def _read_config(path: str) -> dict[str, Any]:
 
     from autoprune.errors import AutopruneError
 
+    class UniqueKeys(yaml.SafeLoader):
+        """A safe loader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+        def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+            twice = next((k for i, k in enumerate(keys) if isinstance(k, str) and k in keys[:i]), None)
+            if twice is not None:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {twice!r} is given twice",
+                                                        node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=UniqueKeys)  # noqa: S506 (a SafeLoader)
     except OSError as exc:
         raise AutopruneError(f"cannot read --config {path!r}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -634,14 +666,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
+    from autoprune.errors import AutopruneError
     from autoprune.export import export_onnx
     from autoprune.io.modelfile import load_with_spec
 
+    target = Path(args.onnx)
+    if target.exists() and Path(args.model_file).exists() and os.path.samefile(target, args.model_file):
+        raise AutopruneError(f"--onnx {args.onnx!r} is the model file being exported; name another file")
+    if target.is_dir():
+        raise AutopruneError(f"--onnx {args.onnx!r} is a directory; name the ONNX file to write")
+    if target.exists() and not args.force:
+        raise AutopruneError(f"{args.onnx!r} exists; name another file for --onnx, or pass --force to replace it")
     model, file = load_with_spec(args.model_file, factory=args.factory)
     shape = (file.spec.get("dataset") or {}).get("input_shape")
     if not shape:
-        from autoprune.errors import AutopruneError
-
         raise AutopruneError(f"{args.model_file!r} does not record its input shape; export it from Python with "
                              "autoprune.export_onnx(model, example_inputs, path)")
     report = export_onnx(model, torch.rand(1, *shape), args.onnx, opset=args.opset, verify=not args.no_verify)
@@ -719,10 +757,10 @@ FLAGS = {"macs_reduction": "--macs-reduction", "latency_reduction": "--latency-r
 
 def error_line(exc: Exception) -> str:
     """The one line the CLI prints for a user error."""
-    from autoprune.errors import ConfigError, first_line
+    from autoprune.errors import ConfigError, first_line, short
 
     if isinstance(exc, ConfigError) and exc.field in FLAGS:
-        return f"{FLAGS[exc.field]} {exc.value!r}: {exc.problem}"
+        return f"{FLAGS[exc.field]} {short(exc.value)}: {exc.problem}"
     return first_line(exc)
 
 
@@ -734,7 +772,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # commands install their own
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     args: argparse.Namespace | None = None
-    started = time.time()
     try:
         args = apply_config_file(parser, argv)
         if getattr(args, "resume", None):
@@ -750,7 +787,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = "" if "--resume" in line else _resume_hint(args)  # a comparison's message names it already
             sys.stderr.write(f"autoprune: {line}{hint}\n")
             return EXIT_INTERRUPTED
-        sys.stderr.write(f"autoprune: error: {error_line(exc)}{_failed_run_hint(args, started)}\n")
+        sys.stderr.write(f"autoprune: error: {error_line(exc)}{_failed_run_hint(args)}\n")
         return EXIT_ERROR
     except KeyboardInterrupt:
         if debug:
@@ -770,15 +807,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     signal.signal(sig, handler)
 
 
-def _failed_run_hint(args: argparse.Namespace | None, started: float) -> str:
+def _failed_run_hint(args: argparse.Namespace | None) -> str:
     """After a pruning run that failed once its search had begun (its run.json written by this command): how to
     continue it rather than search again."""
     run = getattr(args, "resume", None) or getattr(args, "out", None)
     if args is None or args.command != "prune" or not run:
         return ""
-    run_file = Path(run) / "run.json"
+    from autoprune.runs.job import STARTED
+
     try:
-        fresh = run_file.stat().st_mtime >= started - 1 and not (Path(run) / "report.json").exists()
+        fresh = str(Path(run).resolve()) in STARTED and not (Path(run) / "report.json").exists()
     except OSError:
         return ""
     return (f"; the search so far is kept: after the fix, continue it with `autoprune prune --resume {run}` (and the "

@@ -14,6 +14,12 @@ class AutopruneError(ValueError):
     """A problem with the user's input, files or targets; the message names it and the fix."""
 
 
+def short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: error messages echo what they refuse, never a megabyte of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...]"
+
+
 class ConfigError(AutopruneError):
     """A bad setting: which one, its value, and what is allowed.
 
@@ -24,7 +30,7 @@ class ConfigError(AutopruneError):
 
     def __init__(self, field: str, value: Any, problem: str):
         self.field, self.value, self.problem = field, value, problem
-        super().__init__(f"{field}={value!r}: {problem}")
+        super().__init__(f"{field}={short(value)}: {problem}")
 
 
 class Interrupted(AutopruneError):

@@ -17,7 +17,7 @@ import typing
 from collections.abc import Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
-from autoprune.errors import AutopruneError, unknown_name
+from autoprune.errors import AutopruneError, short, unknown_name
 
 T = TypeVar("T")
 
@@ -175,7 +175,7 @@ def coerce_options(factory: Any, raw: Mapping[str, Any], label: str) -> dict[str
     """
     check_options(factory, raw, label)
     types_ = option_types(factory)
-    return {key: _coerce(value, types_.get(key, Any), f"option {key}={value!r} for {label}")
+    return {key: _coerce(value, types_.get(key, Any), f"option {key}={short(value)} for {label}")
             for key, value in raw.items()}
 
 

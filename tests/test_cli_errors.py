@@ -56,6 +56,9 @@ CONFIGS = {  # --config files, by name
     "cfg_option_name": "method: pso\nmethod_options: {particle: 4}\n",
     "cfg_not_yaml": "macs_reduction: [0.5\n",
     "cfg_list": "- 1\n- 2\n",
+    "cfg_out_int": "out: 123\n",
+    "cfg_option_singular": "method_option: [particles=2]\n",
+    "cfg_huge_option": "method: pso\nmethod_options: {particles: [" + ", ".join(["1"] * 5000) + "]}\n",
 }
 
 
@@ -186,7 +189,8 @@ CASES = [
     ("train-model-factory-exits", [*T, "--model", "okmodule_xyz:exits"], ERROR,
      "model factory 'okmodule_xyz:exits' failed with SystemExit: 3"),
     ("train-model-wrong-image-size", [*T, "--model", "vgg11"], ERROR, "model 'vgg11' cannot take 1x28x28 images"),
-    ("train-diverges", [*T, "--lr", "1e30", "--batch-size", "16"], ERROR, "training diverged: loss is nan at epoch 1"),
+    ("train-diverges", [*T, "--lr", "1e4", "--batch-size", "16"], ERROR, "training diverged: loss is nan at epoch 1"),
+    ("train-lr-overflows", [*T, "--lr", "1e308"], ERROR, "invalid training setting lr=1e+308; "),
     # ---- prune
     ("prune-nothing", ["prune"], ERROR, "give a target: --macs-reduction R"),
     ("prune-no-model", ["prune", "--macs-reduction", "0.5", "--out", "{out}"], ERROR,
@@ -219,7 +223,7 @@ CASES = [
      "argument --finetune-epochs: must be between 0 and 1000000000, got -1"),
     ("prune-extra-epochs-is-gone", [*R, "--extra-epochs", "1"], USAGE, "unrecognized arguments: --extra-epochs 1"),
     ("prune-negative-method-epochs", [*R, "--method", "sa", "--method-option", "epochs=-1"], ERROR,
-     "option epochs must be an integer >= 0, got -1"),
+     "option epochs must be an integer in [0, 1000000], got -1"),
     ("prune-zero-finetune-lr", [*R, "--finetune-lr", "0"], ERROR, "lr=0.0"),
     ("prune-distill-range", [*R, "--distill", "2"], ERROR, "distill=2.0"),
     ("prune-zero-val-samples", [*R, "--val-samples", "0"], USAGE,
@@ -239,7 +243,7 @@ CASES = [
     ("prune-option-type", [*R, "--method", "pso", "--method-option", "particles=many"], ERROR,
      "option particles='many' for method 'pso' must be an integer"),
     ("prune-option-range", [*R, "--method", "ssa", "--method-option", "grid=0"], ERROR,
-     "option grid must be a number in (0.0, 1.0], got 0.0"),
+     "option grid must be a number in [0.001, 1.0], got 0.0"),
     ("prune-slim-without-bn", [*R, "--method", "slim"], ERROR, "needs a BatchNorm"),
     ("prune-unknown-dataset", [*R, "--dataset", "nosuchdata"], ERROR, "valid datasets:"),
     ("prune-dataset-files-missing", [*R, "--dataset", "cifar10", "--data-dir", "{emptydir}"], ERROR,
@@ -276,7 +280,7 @@ CASES = [
     ("prune-resume-damaged", ["prune", "--resume", "{damaged}"], ERROR, "is damaged"),
     ("prune-resume-incomplete", ["prune", "--resume", "{nokeys}"], ERROR, "damaged or from another version"),
     ("prune-unknown-device", [*R, "--device", "tpu"], ERROR, "unknown device 'tpu'"),
-    ("prune-finetune-diverges", [*R, "--finetune-epochs", "1", "--finetune-lr", "1e30", "--batch-size", "16"],
+    ("prune-finetune-diverges", [*R, "--finetune-epochs", "1", "--finetune-lr", "1e4", "--batch-size", "16"],
      ERROR, "training diverged: loss is nan"),
     # ---- prune --config
     ("config-missing", [*P, "--config", "{missing}"], ERROR, "cannot read --config"),
@@ -290,6 +294,23 @@ CASES = [
      ERROR, "unknown option 'particle' for method 'pso'"),
     ("config-not-yaml", [*R, "--config", "{cfg_not_yaml}"], ERROR, "is not valid YAML"),
     ("config-not-a-mapping", [*R, "--config", "{cfg_list}"], ERROR, "must be a mapping of settings"),
+    ("config-path-not-text", [*R, "--config", "{cfg_out_int}"], ERROR, "out: 123 in"),
+    ("config-singular-method-option", [*R, "--config", "{cfg_option_singular}"], ERROR,
+     "write method options as a mapping, method_options: {particles: 20}"),
+    ("config-huge-value-echoed-short", [*R[:4], "--macs-reduction", "0.5", "--out", "{out}", "--config",
+                                        "{cfg_huge_option}"], ERROR, "option particles=[1, 1, 1"),
+    ("prune-particles-unbounded", [*R[:4], "--method", "pso", "--method-option", "particles=1000000000", *R[6:]],
+     ERROR, "option particles must be an integer in [1, 10000], got 1000000000"),
+    ("prune-ssa-grid-tiny", [*R[:4], "--method", "ssa", "--method-option", "grid=1e-300", *R[6:]], ERROR,
+     "option grid must be a number in [0.001, 1.0], got 1e-300"),
+    ("prune-threads-per-worker-over-cores", [*R, "--workers", "2", "--threads-per-worker", "100000"], ERROR,
+     "--threads-per-worker 100000: must be an integer between 1 and"),
+    ("export-onto-the-model-file", ["export", "{base}", "--onnx", "{base}"], ERROR,
+     "is the model file being exported; name another file"),
+    ("export-onto-an-existing-file", ["export", "{base}", "--onnx", "{afile}"], ERROR,
+     "exists; name another file for --onnx, or pass --force to replace it"),
+    ("eval-huge-latency-batch", [*E, "--latency-batch", "1000000000"], USAGE,
+     "argument --latency-batch: must be between 1 and 65536"),
     # ---- eval
     ("eval-missing-args", ["eval"], USAGE, "the following arguments are required: MODEL, --dataset"),
     ("eval-no-dataset", ["eval", "{base}"], USAGE, "required: --dataset"),
@@ -306,7 +327,7 @@ CASES = [
     ("eval-dataset-files-missing", [*E, "--dataset", "mnist", "--data-dir", "{emptydir}"], ERROR,
      "train-images-idx3-ubyte"),
     ("eval-zero-latency-batch", [*E, "--latency-batch", "0"], USAGE,
-     "argument --latency-batch: must be between 1 and 1000000000, got 0"),
+     "argument --latency-batch: must be between 1 and 65536, got 0"),
     ("eval-unknown-device", [*E, "--device", "tpu"], ERROR, "unknown device 'tpu'"),
     # ---- export
     ("export-missing-onnx", ["export", "{base}"], USAGE, "the following arguments are required: --onnx"),
@@ -338,6 +359,7 @@ def test_bad_input_is_one_clear_line(argv, code, phrase, files, tmp_path, capsys
     got, _, err = run_cli(args, capsys)
     assert got == code, err
     assert_one_line_error(err, phrase)
+    assert len(err) < 1000, "an error line echoes a huge value in full"
     assert not Path(files["marker"]).exists(), "the malicious payload ran"
     if "diverged" not in phrase:
         assert not (tmp_path / "out" / "history.jsonl").exists(), "a search started before the input was checked"

@@ -232,8 +232,9 @@ def call(model, task, **kwargs):
     x, y = task
     train = kwargs.pop("train", DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True))
     val = DataLoader(TensorDataset(x[:128], y[:128]), batch_size=64)
-    return autoprune.prune(model, X, method="l1", macs_reduction=0.4, train_loader=train, val_loader=val,
-                           **{"finetune": autoprune.TrainConfig(epochs=1), "latency_repeats": 1, **kwargs})
+    return autoprune.prune(model, X, train_loader=train, val_loader=val,
+                           **{"method": "l1", "macs_reduction": 0.4, "finetune": autoprune.TrainConfig(epochs=1),
+                              "latency_repeats": 1, **kwargs})
 
 
 def test_frozen_parameters_stay_frozen_and_untrained(task):
@@ -288,3 +289,23 @@ def test_slim_takes_any_batchnorm():
     result = autoprune.prune(copy.deepcopy(model), x[:1], method="slim", macs_reduction=0.3, train_loader=loader,
                              val_loader=loader, finetune=None, method_options={"epochs": 1}, latency_repeats=1)
     assert result.pruned.macs <= 0.7 * result.base.macs
+
+
+# ---- arguments as users pass them ------------------------------------------------------------------------
+
+def test_numpy_scalars_are_numbers_and_strings_are_not(task):
+    model = trained(task)
+    result = call(model, task, macs_reduction=np.float32(0.4), budget=np.int64(2), min_ratio=np.float64(0.1),
+                  finetune=None)
+    assert result.target.macs_reduction == pytest.approx(0.4) and result.config.budget == 2
+    for name, value in (("macs_reduction", "0.5"), ("min_ratio", "0.1")):
+        with pytest.raises(AutopruneError, match=f"{name}='{value}': must be a number"):
+            call(model, task, **{name: value, "finetune": None})
+
+
+def test_meta_device_and_torchscript_get_one_line(task):
+    model = trained(task)
+    with pytest.raises(AutopruneError, match="device 'meta' holds no values"):
+        call(model, task, device="meta")
+    with pytest.raises(AutopruneError, match="TorchScript .* pass the nn.Module it was made from"):
+        call(torch.jit.script(model), task)

@@ -127,6 +127,10 @@ def list_image_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, 
     return classes, files
 
 
+#: what PIL raises on a file it cannot (or will not: a decompression bomb) decode
+_BAD_IMAGE = (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError)
+
+
 def _decode_chunk(paths: list[str], size: tuple[int, int], first: str) -> tuple[np.ndarray, np.ndarray]:
     """Decode images of PIL size ``size`` to ``(n, H, W, 3)`` uint8, plus a grayscale flag per image.
 
@@ -150,7 +154,7 @@ def _decode_chunk(paths: list[str], size: tuple[int, int], first: str) -> tuple[
                     out[i] = np.asarray(im if im.mode == "L" else im.convert("L"))[:, :, None]
                 else:
                     out[i] = np.asarray(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        except _BAD_IMAGE as e:
             raise AutopruneError(f"cannot decode image {path}: {e}; remove or replace the file") from None
     return out, gray
 
@@ -167,7 +171,7 @@ def _decode_files(paths: list[str], desc: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with Image.open(paths[0]) as im:
             size = im.size
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except _BAD_IMAGE as e:
         raise AutopruneError(f"cannot decode image {paths[0]}: {e}; remove or replace the file") from None
     chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
     workers = min(_usable_cpus(), 8)

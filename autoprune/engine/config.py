@@ -8,8 +8,10 @@ the CLI re-words them with its flag names.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
+from numbers import Integral, Real
 from typing import Any
 
 from autoprune.engine.scoring import DEFAULT_SCORE, DEFAULT_SELECT_STEPS, DEFAULT_SELECT_TOP, create_score, score_names
@@ -20,10 +22,18 @@ from autoprune.errors import AutopruneError, ConfigError
 MAX_SEED = 2**63 - 1
 
 
+def _number(value: Any) -> float | None:
+    """``value`` as a float if it is a real number (numpy scalars included, bools not), else None."""
+    return None if isinstance(value, bool) or not isinstance(value, Real) else float(value)
+
+
 def _fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+    number = _number(value)
+    if number is None:
+        raise ConfigError(name, value, "must be a number strictly between 0 and 1 (0.5 removes half)")
+    if not 0 < number < 1:
         raise ConfigError(name, value, "must lie strictly between 0 and 1 (0.5 removes half)")
-    return float(value)
+    return number
 
 
 @dataclass(frozen=True)
@@ -54,10 +64,10 @@ class Target:
         if self.latency_reduction is not None:
             object.__setattr__(self, "latency_reduction", _fraction("latency_reduction", self.latency_reduction))
         if self.max_drop is not None:
-            value = self.max_drop
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100:
-                raise ConfigError("max_drop", value, "is in accuracy points, between 0 and 100")
-            object.__setattr__(self, "max_drop", float(value))
+            value = _number(self.max_drop)
+            if value is None or not 0 <= value <= 100:
+                raise ConfigError("max_drop", self.max_drop, "is in accuracy points, a number between 0 and 100")
+            object.__setattr__(self, "max_drop", value)
 
     @property
     def mode(self) -> str:
@@ -91,13 +101,15 @@ def _pct(value: float) -> str:
     return f"{100 * value:.4g}%"
 
 
-def _int(name: str, value: Any, minimum: int, maximum: int = MAX_SEED, *, optional: bool = False) -> None:
+def _int(name: str, value: Any, minimum: int, maximum: int = MAX_SEED, *, optional: bool = False) -> Any:
+    """``value`` as an int (numpy integers included) if it lies in ``[minimum, maximum]``."""
     if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-        too_large = isinstance(value, int) and value > maximum  # (a bool never is)
+        return None
+    if isinstance(value, bool) or not isinstance(value, Integral) or not minimum <= value <= maximum:
+        too_large = isinstance(value, Integral) and not isinstance(value, bool) and value > maximum
         bound = f"between {minimum} and {maximum}" if maximum < MAX_SEED or too_large else f">= {minimum}"
         raise ConfigError(name, value, f"must be an integer {bound}")
+    return int(value)
 
 
 #: Settings a resumed run may change: how it fine-tunes, computes and measures, not what its search evaluates
@@ -179,24 +191,28 @@ class PruneConfig:
         if not isinstance(self.score, str):
             raise ConfigError("score", self.score, f"must be a score name: {', '.join(score_names())}")
         create_score(self.score, self.score_options)  # an unknown name or option: the registry's one line
-        _int("select_top", self.select_top, 0, 1024)
-        _int("select_steps", self.select_steps, 1, 1_000_000)
+        object.__setattr__(self, "select_top", _int("select_top", self.select_top, 0, 1024))
+        object.__setattr__(self, "select_steps", _int("select_steps", self.select_steps, 1, 1_000_000))
         object.__setattr__(self, "ignored_layers", tuple(self.ignored_layers))
-        _int("budget", self.budget, 1, optional=True)
-        _int("round_to", self.round_to, 1, 4096)
-        _int("val_samples", self.val_samples, 1, optional=True)
-        _int("calibration_samples", self.calibration_samples, 0)
-        _int("seed", self.seed, 0)
-        _int("latency_batch", self.latency_batch, 1, 65536)
-        _int("latency_repeats", self.latency_repeats, 1, 100_000)
-        _int("threads", self.threads, 1, 4096, optional=True)
-        _int("workers", self.workers, 1, 4096)
-        _int("threads_per_worker", self.threads_per_worker, 1, 4096, optional=True)
-        ratio = self.min_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not (math.isfinite(ratio)
-                                                                                 and 0 <= ratio < 1):
-            raise ConfigError("min_ratio", ratio, "must lie in [0, 1)")
-        object.__setattr__(self, "min_ratio", float(ratio))
+        object.__setattr__(self, "budget", _int("budget", self.budget, 1, optional=True))
+        object.__setattr__(self, "round_to", _int("round_to", self.round_to, 1, 4096))
+        object.__setattr__(self, "val_samples", _int("val_samples", self.val_samples, 1, optional=True))
+        object.__setattr__(self, "calibration_samples", _int("calibration_samples", self.calibration_samples, 0))
+        object.__setattr__(self, "seed", _int("seed", self.seed, 0))
+        object.__setattr__(self, "latency_batch", _int("latency_batch", self.latency_batch, 1, 65536))
+        object.__setattr__(self, "latency_repeats", _int("latency_repeats", self.latency_repeats, 1, 100_000))
+        cores = os.cpu_count() or 1  # threads on this machine; a Ray cluster's nodes may have more
+        object.__setattr__(self, "threads", _int("threads", self.threads, 1, cores, optional=True))
+        object.__setattr__(self, "workers", _int("workers", self.workers, 1, 4096))
+        remote = self.ray_address is not None or self.executor == "ray"
+        object.__setattr__(self, "threads_per_worker", _int("threads_per_worker", self.threads_per_worker, 1,
+                                                            4096 if remote else cores, optional=True))
+        ratio = _number(self.min_ratio)
+        if ratio is None:
+            raise ConfigError("min_ratio", self.min_ratio, "must be a number in [0, 1)")
+        if not (math.isfinite(ratio) and 0 <= ratio < 1):
+            raise ConfigError("min_ratio", self.min_ratio, "must lie in [0, 1)")
+        object.__setattr__(self, "min_ratio", ratio)
         if self.finetune is not None and not isinstance(self.finetune, TrainConfig):
             raise ConfigError("finetune", self.finetune, "must be a TrainConfig or None")
         if self.executor not in ("auto", "serial", "pool", "ray"):

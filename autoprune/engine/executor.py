@@ -37,6 +37,8 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -151,14 +153,17 @@ class Worker:
 _WORKER: Worker | None = None
 
 
-def _init_pool_worker(payload: str, threads: int, fault: Fault | None) -> None:
-    """Pool initializer: load the payload once, pin threads; Ctrl-C is the driver's to handle.
+def _init_pool_worker(payload: str, threads: int, fault: Fault | None, driver: int) -> None:
+    """Pool initializer: load the payload once, pin threads; Ctrl-C is the driver's to handle, and the worker
+    ends when the driver dies (``driver``: its pid), a ``kill -9`` included, rather than live on as an orphan.
 
     The payload is this run's own file, written by the driver into a private temporary directory a moment
     ago, so it is loaded with full unpickling (it holds the model object and ``score_fn``).
     """
     global _WORKER
+    Path(payload).with_suffix(".started").touch()  # the driver tells a death in start-up from one while working
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_end_with, args=(driver,), name="autoprune-driver-watch", daemon=True).start()
     pin_threads(threads)
     try:
         state = torch.load(payload, map_location=None, weights_only=False)
@@ -166,6 +171,13 @@ def _init_pool_worker(payload: str, threads: int, fault: Fault | None) -> None:
         Path(payload).with_suffix(".error").write_text(_first_line(exc), encoding="utf-8")
         os._exit(1)
     _WORKER = Worker(state, threads, fault)
+
+
+def _end_with(driver: int, every: float = 1.0) -> None:
+    """Exit this process once ``driver`` is no longer its parent (it died and the worker was re-parented)."""
+    while os.getppid() == driver:
+        time.sleep(every)
+    os._exit(1)
 
 
 def _evaluate_in_pool(keep: np.ndarray) -> Fitness:
@@ -299,7 +311,7 @@ class PoolExecutor(Executor):
     def _start(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_pool_worker,
-                                   initargs=(str(self.payload), self.threads, self._fault))
+                                   initargs=(str(self.payload), self.threads, self._fault, os.getpid()))
 
     def worker_pids(self) -> list[int]:
         """Process ids of the pool's live workers (started lazily, on the first batch)."""
@@ -326,7 +338,12 @@ class PoolExecutor(Executor):
         return results  # type: ignore[return-value]
 
     def _check_loaded(self) -> None:
-        """A worker that could not load the payload failed for good (restarting would fail the same way)."""
+        """A worker that could not load the payload, or died before it came to load it, failed for good
+        (restarting would fail the same way)."""
+        if not self.payload.with_suffix(".started").exists():
+            raise AutopruneError("worker processes died while starting, before loading the model: a script that asks "
+                                 "for workers must run its top-level code under if __name__ == '__main__': (each "
+                                 "worker imports the script again), or use workers=1")
         error = self.payload.with_suffix(".error")
         if error.exists():
             raise AutopruneError(f"worker processes cannot load the model and data sent to them "

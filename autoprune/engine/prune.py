@@ -122,6 +122,8 @@ def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch
         raise AutopruneError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise AutopruneError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
+    if resolved.type == "meta":
+        raise AutopruneError("device 'meta' holds no values to evaluate on; use 'cpu' or 'cuda'")
     return resolved
 
 
@@ -134,6 +136,9 @@ def check_model_tensors(model: nn.Module) -> None:
     """Refuse a model whose weights are on the meta device (none there) or in half precision."""
     if not isinstance(model, nn.Module):
         return
+    if isinstance(model, torch.jit.ScriptModule):
+        raise AutopruneError("the model is TorchScript (torch.jit.script / trace), which cannot be pruned; pass the "
+                             "nn.Module it was made from")
     tensors = [*model.parameters(), *model.buffers()]
     if any(t.is_meta for t in tensors):
         raise AutopruneError(f"the model {type(model).__name__} is on the meta device (no weights); load its weights "

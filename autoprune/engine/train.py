@@ -54,6 +54,12 @@ class TrainingInterrupted(Interrupted):
     """``stop_requested()`` became true: training stopped after an epoch, whose checkpoint resumes it."""
 
 
+#: the largest learning rate, weight decay and distillation temperature (beyond, SGD's float32 steps overflow)
+MAX_RATE = 1e4
+#: the most epochs a training runs
+MAX_EPOCHS = 1_000_000
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters of one training or fine-tuning run.
@@ -89,18 +95,19 @@ class TrainConfig:
                 object.__setattr__(self, name, float(value))
             except OverflowError as exc:
                 raise ConfigError(name, value, f"must be a finite number (TrainConfig's {name})") from exc
-        checks = {  # written so that NaN fails every test
-            "epochs": self.epochs >= 0, "batch_size": self.batch_size >= 1, "lr": 0 < self.lr < math.inf,
-            "momentum": 0 <= self.momentum < 1, "weight_decay": 0 <= self.weight_decay < math.inf,
-            "warmup_epochs": 0 <= self.warmup_epochs < math.inf, "distill": 0 <= self.distill <= 1,
-            "temperature": 0 < self.temperature < math.inf, "seed": self.seed >= 0,
+        checks = {  # written so that NaN fails every test; the upper bounds keep SGD's float32 arithmetic finite
+            "epochs": 0 <= self.epochs <= MAX_EPOCHS, "batch_size": self.batch_size >= 1,
+            "lr": 0 < self.lr <= MAX_RATE, "momentum": 0 <= self.momentum < 1,
+            "weight_decay": 0 <= self.weight_decay <= MAX_RATE, "warmup_epochs": 0 <= self.warmup_epochs <= MAX_EPOCHS,
+            "distill": 0 <= self.distill <= 1, "temperature": 0 < self.temperature <= MAX_RATE, "seed": self.seed >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             k = bad[0]
             raise AutopruneError(f"invalid training setting {k}={getattr(self, k)!r}; epochs, seed, warmup and weight "
-                                 "decay must be >= 0, lr and temperature > 0 (all finite), momentum in [0, 1), "
-                                 "distill in [0, 1]")
+                                 f"decay must be >= 0, lr and temperature > 0, lr, weight decay and temperature at "
+                                 f"most {MAX_RATE:g}, epochs at most {MAX_EPOCHS}, momentum in [0, 1), distill in "
+                                 "[0, 1]")
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,7 @@ class PSO(Method):
         start_streams: in a network with residual streams, one particle starts with the streams pruned a
             quarter as much as the other layers.
         """
-        self.particles = check_int("particles", particles, minimum=1)
+        self.particles = check_int("particles", particles, minimum=1, maximum=10_000)
         self.iterations = check_int("iterations", iterations, minimum=1)
         self.band = check_float("band", band, low=0.0, high=1.0, high_open=True)
         self.start_uniform = check_bool("start_uniform", start_uniform)
@@ -181,7 +181,7 @@ class SSA(Method):
     def __init__(self, *, grid: float = 1 / 16, population: int = 20, iterations: int = 50, band: float = 0.05,
                  start_uniform: bool = True, start_streams: bool = True) -> None:
         """Args:
-        grid: the constraint set's keep-ratio step, in (0, 1].
+        grid: the constraint set's keep-ratio step, in [0.001, 1].
         population: sparrows.
         iterations: update rounds.
         band: relative width of the band below the MACs ceiling where positions are evaluated as they are.
@@ -189,8 +189,8 @@ class SSA(Method):
         start_streams: in a network with residual streams, one sparrow starts with the streams pruned a
             quarter as much as the other layers.
         """
-        self.grid = check_float("grid", grid, low=0.0, high=1.0, low_open=True)
-        self.population = check_int("population", population, minimum=2)
+        self.grid = check_float("grid", grid, low=0.001, high=1.0)
+        self.population = check_int("population", population, minimum=2, maximum=10_000)
         self.iterations = check_int("iterations", iterations, minimum=1)
         self.band = check_float("band", band, low=0.0, high=1.0, high_open=True)
         self.start_uniform = check_bool("start_uniform", start_uniform)

@@ -41,6 +41,8 @@ from autoprune.runs.lock import Layout, check_replaceable, clear_directory, lock
 log = logging.getLogger(__name__)
 
 RUN_FILE, HISTORY_FILE, WORK_DIR, LOCK_FILE = "run.json", "history.jsonl", "work", ".autoprune.lock"
+#: the run directories whose search this process started (or resumed): a failure after that keeps the search
+STARTED: set[str] = set()
 
 
 def run_layout() -> Layout:
@@ -162,6 +164,7 @@ class RunDirectory(Callback):
         write_text(history, "".join(json.dumps(r.to_json()) + "\n" for r in self.recorded))
         write_json(self.path / RUN_FILE, {"config": self.config.to_json(), "invocation": self.invocation,
                                           "info": self.info, "start": start, "autoprune": autoprune.__version__})
+        STARTED.add(str(self.path.resolve()))
         self._history = open(history, "a", encoding="utf-8")  # noqa: SIM115 (closed in __exit__)
         self._written = len(self.recorded)
 

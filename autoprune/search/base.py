@@ -90,7 +90,7 @@ class Strategy(ABC):
         if not isinstance(problem, Problem):
             raise AutopruneError(f"a strategy needs a search Problem, got {type(problem).__name__}")
         self.problem = problem
-        self.seed = check_int("seed", seed, minimum=0)
+        self.seed = check_int("seed", seed, minimum=0, maximum=2**63 - 1)
         self.rng = np.random.default_rng([self.seed, stream_key(self.name or type(self).__name__)])
         self._finished = False
         self._asked: list[np.ndarray] = []

@@ -89,7 +89,7 @@ class ParticleSwarm(Strategy):
                 so a vector gives the pattern of pruning, the budget its amount).
         """
         super().__init__(problem, seed=seed)
-        self.particles = check_int("particles", particles, minimum=1)
+        self.particles = check_int("particles", particles, minimum=1, maximum=10_000)
         self.iterations = check_int("iterations", iterations, minimum=1)
         self.inertia_start = check_float("inertia_start", inertia_start, low=0.0, high=2.0)
         self.inertia_end = check_float("inertia_end", inertia_end, low=0.0, high=2.0)

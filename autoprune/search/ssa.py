@@ -97,7 +97,7 @@ class SparrowSearch(Strategy):
             starts: Hand-set keep vectors the next sparrows start from (projected like every position).
         """
         super().__init__(problem, seed=seed)
-        self.population = check_int("population", population, minimum=2)
+        self.population = check_int("population", population, minimum=2, maximum=10_000)
         self.producers = check_float("producers", producers, low=0.0, high=1.0, low_open=True)
         self.vigilant = check_float("vigilant", vigilant, low=0.0, high=1.0)
         self.safety = check_float("safety", safety, low=0.5, high=1.0)
