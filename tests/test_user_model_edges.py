@@ -141,6 +141,47 @@ def test_split_channels_are_kept_whole_and_the_rest_prunes():
     assert counted_cost(pruned, X) == space.cost(keep)
 
 
+class Crop(nn.Module):
+    """A UNet-style skip: spatial crops (x[:, :, 1:-1, 1:-1]) pass every channel through, and cut none."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU()), block(16, 16)
+        self.c, self.head = nn.Sequential(nn.Conv2d(32, 24, 3), nn.BatchNorm2d(24), nn.ReLU()), nn.Linear(24, 4)
+
+    def forward(self, x):
+        a = self.a(x)
+        b = self.b(a)
+        return self.head(self.c(torch.cat([a[:, :, 1:-1, 1:-1], b[:, :, 1:-1, 1:-1]], 1)).mean((2, 3)))
+
+
+class Ghost(nn.Module):
+    """A Ghost block: x[:, :12] slices channels apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3, self.head = block(3, 16), block(12, 4), block(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = self.c1(x)[:, :12]
+        return self.head(self.c3(torch.cat([y, self.c2(y)], 1)).mean((2, 3)))
+
+
+def test_a_spatial_crop_prunes_and_a_channel_slice_is_kept_whole():
+    x = torch.randn(1, 3, 20, 20)
+    crop = Crop().eval()
+    space = PruningSpace(crop, x)
+    assert [g.root for g in space.groups] == ["a.0", "b.0", "c.0"] and not space.kept_whole
+    keep = random_keep(space)
+    assert counted_cost(space.apply(crop, keep, scores(space)), x) == space.cost(keep)
+    ghost = Ghost().eval()
+    space = PruningSpace(ghost, x)
+    assert any("sliced apart" in why for why in space.kept_whole.values())
+    assert [g.root for g in space.groups] == ["c3.0"]
+    keep = random_keep(space)
+    assert space.apply(ghost, keep, scores(space))(x).shape == (1, 4)
+
+
 def test_channels_reaching_attention_are_kept_whole():
     model = Attention().eval()
     space = PruningSpace(model, X)
