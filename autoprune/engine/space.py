@@ -587,7 +587,7 @@ def _groups_from_graph(graph: tp.DependencyGraph, names: dict[nn.Module, str], l
             name = names.get(module) if isinstance(module, nn.Module) else None
             if _returns_channels(graph, item):
                 whole.append("the forward returns its channels")
-            elif isinstance(module, _SPLITTING_OPS) and _splits_channels(module):
+            elif isinstance(module, _SPLITTING_OPS) and _splits_channels(graph.module2node.get(module)):
                 whole.append("its channels are split or sliced apart (torch.split, chunk, x[:, a:b])")
             elif isinstance(module, UNMODELLED_TYPES):
                 whole.append(f"its channels reach {name or type(module).__name__} (attention or recurrent)")
@@ -641,12 +641,11 @@ def _groups_from_graph(graph: tp.DependencyGraph, names: dict[nn.Module, str], l
         yield Group(-1, root, channels, floor, _dedupe(members), chunks, step)
 
 
-def _splits_channels(op: nn.Module) -> bool:
-    """Whether a split / slice / unbind node cuts along the channels (dimension 1), not a spatial crop
-    (``x[:, :, 1:-1]``, which passes every channel through)."""
-    grad_fn = getattr(op, "grad_fn", None)
-    dim = getattr(grad_fn, "_saved_dim", None)
-    return not (isinstance(op, tp.ops._SliceOp) and isinstance(dim, int) and dim >= 2)
+def _splits_channels(node: object) -> bool:
+    """Whether a split / slice / unbind node cuts along the channels (dimension 1), not along a spatial
+    dimension (a crop ``x[:, :, 1:-1]`` or ``torch.split(x, 8, dim=2)`` passes every channel through)."""
+    dim = getattr(getattr(node, "grad_fn", None), "_saved_dim", None)
+    return not (isinstance(dim, int) and dim >= 2)
 
 
 def _tied_modules(names: dict[nn.Module, str]) -> set[str]:
