@@ -350,3 +350,62 @@ def test_meta_device_and_torchscript_get_one_line(task):
         call(model, task, device="meta")
     with pytest.raises(AutopruneError, match="TorchScript .* pass the nn.Module it was made from"):
         call(torch.jit.script(model), task)
+
+
+# ---- the analytic MACs follow Torch-Pruning's counter on layouts and types it treats its own way -------------
+
+class TokenMLP(nn.Module):
+    """Linear + GELU on (N, T, C) tokens: channels are the last dimension; x[:, 1:] drops the class token."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.head = nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16), nn.Linear(16, 4)
+
+    def forward(self, t):
+        return self.head(self.fc2(self.act(self.fc1(t)))[:, 1:].mean(1))
+
+
+class WSConv2d(nn.Conv2d):
+    """A weight-standardised convolution (BiT / NFNet): Torch-Pruning's counter skips subclasses."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class MyBN(nn.BatchNorm2d):
+    pass
+
+
+class Subclassed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = WSConv2d(3, 16, 3, padding=1), MyBN(16)
+        self.c2, self.b2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.pool, self.head = nn.MaxPool2d(2, return_indices=True), nn.Linear(32, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+        return self.head(self.pool(x)[0].mean((2, 3)))
+
+
+@pytest.mark.parametrize("cls, example", [(TokenMLP, torch.randn(1, 9, 16)), (Subclassed, X)])
+def test_analytic_macs_equal_the_counter_on_tokens_subclasses_and_pools_with_indices(cls, example):
+    model = cls().eval()
+    space = PruningSpace(model, example)
+    assert space.base_macs == tp.utils.count_ops_and_params(model, example)[0]
+    assert not space.kept_whole  # a class-token slice cuts no channels
+    for seed in range(3):
+        keep = random_keep(space, seed)
+        assert counted_cost(space.apply(model, keep, scores(space)), example) == space.cost(keep)
+    assert space.relative_macs(space.lower) > 0
+
+
+def test_a_pixel_shuffle_keeps_its_channels_whole():
+    model = nn.Sequential(block(3, 16), nn.Conv2d(16, 16, 3, padding=1), nn.PixelShuffle(2), block(4, 8),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    space = PruningSpace(model, X)
+    assert any("PixelShuffle" in why for why in space.kept_whole.values())
+    keep = random_keep(space)
+    assert counted_cost(space.apply(model, keep, scores(space)), X) == space.cost(keep)

@@ -212,6 +212,9 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
                          ignored=config.ignored_layers)
     for root, why in space.kept_whole.items():
         log.info("the channels of %s are kept whole: %s", root, why)
+    if space.uncounted:
+        log.warning("Torch-Pruning's counter does not count %d layer(s) of subclassed types (%s): MACs and MACs "
+                    "targets leave them out", len(space.uncounted), ", ".join(space.uncounted[:3]))
     check_reachable(space, config)
     if data.val is None and data.score_fn is None:
         raise AutopruneError("autoprune scores the base model, every candidate and the pruned model on validation "

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -63,6 +64,8 @@ COMPUTE_TYPES = (*CONV_TYPES, nn.Linear)
 #: layers with parameters that Torch-Pruning would cut along a group's channels in ways the space does not model
 #: (attention heads, recurrent gates): a group reaching one is kept whole
 UNMODELLED_TYPES = (nn.MultiheadAttention, nn.RNNBase)
+#: autograd ops that fold channels into positions or back (Torch-Pruning treats them as element-wise)
+_MIXES_CHANNELS = re.compile(r"PixelShuffle|PixelUnshuffle", re.IGNORECASE)
 #: Torch-Pruning's nodes for torch.split / chunk, x[:, a:b] and unbind
 _SPLITTING_OPS = (tp.ops._SplitOp, tp.ops._SliceOp, tp.ops._UnbindOp)
 
@@ -145,6 +148,7 @@ class _LayerShape:
     fixed_params: int  # parameters of modules the space never changes
     per_channel: int = 0  # parameters per output channel of a normalisation layer or a loose parameter
     macs_per_channel: int = 0  # counted operations per channel of a normalisation layer or an element-wise call
+    counted: bool = True  # whether Torch-Pruning's counter counts the layer's MACs (it skips subclasses)
 
 
 def _out_channels(module: nn.Module) -> int:
@@ -217,6 +221,8 @@ class PruningSpace:
                 "(no convolution or linear layer feeds another one)"))
         self._shapes = _record_shapes(model, self.example_inputs, names, loose, graph.autoprune_calls)
         self._member_index = [[(m.module, m.dim, m.ratio) for m in g.members] for g in self.groups]
+        #: convolution and linear layers whose MACs Torch-Pruning's counter does not count (subclasses)
+        self.uncounted = [n for n, s in self._shapes.items() if s.kind in ("conv", "linear") and not s.counted]
         # what Torch-Pruning's counter counts that the space does not model (recurrent and attention layers,
         # whose channels are kept whole): a constant
         self._fixed_macs = 0
@@ -305,10 +311,10 @@ class PruningSpace:
             if s.kind == "conv":
                 groups = cout if s.depthwise else s.groups
                 weight = cout * (cin // groups) * s.kernel
-                macs += weight * s.positions + (cout * s.positions if s.bias else 0)
+                macs += (weight * s.positions + (cout * s.positions if s.bias else 0)) * s.counted
                 params += weight + (cout if s.bias else 0)
             elif s.kind == "linear":
-                macs += cin * cout * s.positions + (cout if s.bias else 0)
+                macs += (cin * cout * s.positions + (cout if s.bias else 0)) * s.counted
                 params += cin * cout + (cout if s.bias else 0)
             else:  # normalisation layers, loose parameters, element-wise calls
                 params += s.per_channel * cout
@@ -499,7 +505,7 @@ def _build_graph(model: nn.Module, example_inputs: Inputs, *, record_calls: bool
                                                           forward_fn=traced_forward, verbose=False)
         graph.autoprune_outputs = {t.grad_fn for out in returned for t in tp.utils.flatten_as_list(out)
                                    if isinstance(t, torch.Tensor) and t.grad_fn is not None}
-        graph.autoprune_calls = list(calls)
+        graph.autoprune_calls = _with_channels(graph, calls)
         return graph
     except AutopruneError:
         raise
@@ -534,13 +540,15 @@ def _tensors_only(out: object) -> bool:
 @dataclass(frozen=True)
 class _Call:
     """One call of a module that Torch-Pruning's counter counts element-wise: ``key`` (``"name#k"``), the
-    operations counted per sample, the channels of the counted tensor, and the autograd node of its output
-    (which identifies the call among Torch-Pruning's graph nodes)."""
+    operations counted per sample, the shape of the counted tensor and its channels (along the channel
+    dimension, :func:`_channel_dim`), and the autograd node of its output (which identifies the call among
+    Torch-Pruning's graph nodes)."""
 
     key: str
     counted: int
-    channels: int
+    shape: tuple[int, ...]
     grad_fn: object
+    channels: int = 1
 
 
 def _elementwise_counts() -> dict[type, str]:
@@ -558,13 +566,53 @@ _ELEMENTWISE_COUNTS = _elementwise_counts()
 
 def _call_recorder(name: str, counts: str, calls: list[_Call]):
     def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+        if isinstance(output, tuple | list) and output:  # MaxPool2d(return_indices=True): (values, indices)
+            output = output[0]
         tensor = output if counts == "out" else (inputs[0] if inputs else None)
         if not isinstance(tensor, torch.Tensor) or not isinstance(output, torch.Tensor):
             return
         k = sum(c.key.split("#")[0] == name for c in calls)
-        channels = int(tensor.shape[1]) if tensor.dim() >= 2 else 1
-        calls.append(_Call(f"{name}#{k}", int(tensor.numel()), max(1, channels), output.grad_fn))
+        calls.append(_Call(f"{name}#{k}", int(tensor.numel()), tuple(tensor.shape), output.grad_fn))
     return hook
+
+
+def _counted_by_torch_pruning(module: nn.Module) -> bool:
+    """Whether Torch-Pruning's counter counts the module: it looks its exact type up (a subclass of
+    ``nn.Conv2d`` or ``nn.BatchNorm2d`` counts nothing)."""
+    from torch_pruning.utils import op_counter
+
+    return type(module) in op_counter.MODULES_MAPPING or type(module) in op_counter.CUSTOM_MODULES_MAPPING
+
+
+def _with_channels(graph: tp.DependencyGraph, calls: list[_Call]) -> list[_Call]:
+    """The calls with their channel counts, read along each call's channel dimension."""
+    nodes = {n.grad_fn: n for n in graph.module2node.values() if n.grad_fn is not None}
+    out = []
+    for c in calls:
+        ndim = len(c.shape)
+        channels = c.shape[_channel_dim(nodes.get(c.grad_fn), ndim)] if ndim >= 2 else 1
+        out.append(replace(c, channels=max(1, int(channels))))
+    return out
+
+
+def _channel_dim(node: object, ndim: int) -> int:
+    """The channel dimension of the tensor a graph node computes: the last behind a linear layer or a
+    ``LayerNorm`` (tokens, channels-last features), else 1 (``N, C, ...``). The nearest layer upstream decides
+    (activations, pooling and element-wise ops pass its layout on)."""
+    seen: set[int] = set()
+    frontier = list(getattr(node, "inputs", ()))
+    while frontier:
+        current = frontier.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        module = getattr(current, "module", None)
+        if isinstance(module, nn.Linear | nn.LayerNorm):
+            return ndim - 1
+        if isinstance(module, COMPUTE_TYPES + NORM_TYPES):
+            return 1
+        frontier.extend(getattr(current, "inputs", ()))
+    return 1
 
 
 def _groups_from_graph(graph: tp.DependencyGraph, names: dict[nn.Module, str], loose: dict[int, tuple[str, int]],
@@ -574,7 +622,9 @@ def _groups_from_graph(graph: tp.DependencyGraph, names: dict[nn.Module, str], l
     ignored_modules = [m for m, n in names.items() if n in ignored]
     found = graph.get_all_groups(ignored_layers=ignored_modules, root_module_types=COMPUTE_TYPES)
     tied = _tied_modules(names)
-    flows = {c.grad_fn: c.key for c in getattr(graph, "autoprune_calls", ()) if c.grad_fn is not None}
+    calls = getattr(graph, "autoprune_calls", ())
+    flows = {c.grad_fn: c.key for c in calls if c.grad_fn is not None}
+    reused = {c.key.split("#")[0] for c in calls if not c.key.endswith("#0")}  # modules called more than once
     seen_roots: set[str] = set()
     for tp_group in found:
         root_module = tp_group[0].dep.target.module
@@ -593,6 +643,12 @@ def _groups_from_graph(graph: tp.DependencyGraph, names: dict[nn.Module, str], l
                 whole.append(f"its channels reach {name or type(module).__name__} (attention or recurrent)")
             elif name in tied:
                 whole.append(f"{name} shares its weight with another layer")
+            elif name in reused and isinstance(module, nn.PReLU):  # one graph node for every call
+                whole.append(f"{name} is one PReLU applied to several layers")
+            elif isinstance(module, nn.LayerNorm) and len(module.normalized_shape) > 1:
+                whole.append(f"{name} normalises the channels and the positions together")
+            elif isinstance(module, tp.ops._ElementWiseOp) and _MIXES_CHANNELS.search(str(module._grad_fn)):
+                whole.append(f"an op mixes its channels with the positions ({module._grad_fn})")
             if isinstance(module, tp.ops._OutputOp):
                 continue
             node = graph.module2node.get(module)
@@ -642,10 +698,16 @@ def _groups_from_graph(graph: tp.DependencyGraph, names: dict[nn.Module, str], l
 
 
 def _splits_channels(node: object) -> bool:
-    """Whether a split / slice / unbind node cuts along the channels (dimension 1), not along a spatial
-    dimension (a crop ``x[:, :, 1:-1]`` or ``torch.split(x, 8, dim=2)`` passes every channel through)."""
-    dim = getattr(getattr(node, "grad_fn", None), "_saved_dim", None)
-    return not (isinstance(dim, int) and dim >= 2)
+    """Whether a split / slice / unbind node cuts along the channels, not along a spatial or token dimension
+    (a crop ``x[:, :, 1:-1]``, ``torch.split(x, 8, dim=2)`` or dropping a class token ``t[:, 1:]`` passes
+    every channel through). Where the node does not say, it is taken to cut the channels."""
+    grad_fn = getattr(node, "grad_fn", None)
+    dim = getattr(grad_fn, "_saved_dim", None)
+    sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    if not isinstance(dim, int) or not sizes:
+        return True
+    ndim = len(sizes)
+    return dim % ndim == _channel_dim(node, ndim)
 
 
 def _tied_modules(names: dict[nn.Module, str]) -> set[str]:
@@ -739,14 +801,15 @@ def _record_shapes(model: nn.Module, example_inputs: Inputs, names: dict[nn.Modu
                 bias=module.bias is not None,
                 depthwise=not linear and module.groups > 1 and module.groups == module.in_channels
                 == module.out_channels,
-                fixed_params=0)
+                fixed_params=0, counted=_counted_by_torch_pruning(module))
         elif isinstance(module, nn.PReLU):
             shapes[name] = _LayerShape("param", 0, module.num_parameters, 1, 1, 1, False, False, 0, per_channel=1)
         else:
             channels = _out_channels(module)
             own = sum(p.numel() for p in module.parameters(recurse=False))
             affine = getattr(module, "affine", getattr(module, "elementwise_affine", False))
-            counted = inputs[0].numel() * (2 if affine else 1)  # Torch-Pruning's counter: inputs, x2 if affine
+            # Torch-Pruning's counter: the input's elements, twice if affine (and a subclass not at all)
+            counted = inputs[0].numel() * (2 if affine else 1) if _counted_by_torch_pruning(module) else 0
             shapes[name] = _LayerShape("norm", channels, channels, 1, 1, 1, False, False, 0,
                                        per_channel=own // channels if channels else 0,
                                        macs_per_channel=counted // channels if channels else 0)
