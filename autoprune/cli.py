@@ -50,7 +50,7 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
 
 
 _nonneg_int, _pos_int, _seed = _int_in(0, 10**9), _int_in(1, 10**9), _int_in(0, MAX_SEED)
-_latency_batch = _int_in(1, 65536)
+_latency_batch, _count = _int_in(1, 65536), _int_in(1, 1_000_000)
 
 
 def _float(text: str) -> float:
@@ -106,7 +106,7 @@ def _add_pruning(p: argparse.ArgumentParser) -> None:
     t.add_argument("--max-drop", type=_float,
                    help="instead: remove as many MACs as possible losing at most PP points of validation accuracy")
     s = p.add_argument_group("search")
-    s.add_argument("--budget", type=_pos_int, help="candidate evaluations allowed (default: the method's)")
+    s.add_argument("--budget", type=_count, help="candidate evaluations allowed (default: the method's)")
     s.add_argument("--method-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. particles=20 (repeatable; `autoprune methods` lists them)")
     s.add_argument("--score", help="how candidates are scored during the search: none, bn (adaptive BatchNorm, "
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--macs-reduction", type=_float, default=0.7, help="MACs to remove (default 0.7)")
     p.add_argument("--epochs", type=_nonneg_int, default=20, help="training epochs (default 20)")
     p.add_argument("--finetune-epochs", type=_nonneg_int, default=3, help="fine-tuning epochs (default 3)")
-    p.add_argument("--budget", type=_pos_int, help="candidate evaluations (default: the method's)")
+    p.add_argument("--budget", type=_count, help="candidate evaluations (default: the method's)")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo); an earlier demo's "
                    "output there is replaced, anything else only with --force")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -253,7 +253,7 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
         elif action.type is None and not _text_setting(key, value):
             raise AutopruneError(f"{key}: {short(value)} in {args.config!r}: must be "
                                  + ("a comma-separated string or a list of method names" if key == "methods"
-                                    else "a string (a name or a path)"))
+                                    else "text (a name, a path or an address)" if key != "title" else "text"))
         defaults[key] = value
     defaults["method_option"] = [(str(k), v) for k, v in options.items()]
     sub.set_defaults(**defaults)

@@ -7,6 +7,7 @@ prints that line and exits non-zero; anything else is a bug and shows a tracebac
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 
@@ -15,9 +16,15 @@ class AutopruneError(ValueError):
 
 
 def short(value: Any, limit: int = 80) -> str:
-    """``repr(value)``, cut to ``limit`` characters: error messages echo what they refuse, never a megabyte of it."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 5] + " ...]"
+    """A ``repr`` of ``value`` of at most ``limit`` characters, built without the whole of a huge value (a YAML
+    alias bomb): error messages echo what they refuse, never a megabyte of it."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxset = 3, 8, 8, 8, 8
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 80, 80, 80
 
 
 class ConfigError(AutopruneError):

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from numbers import Integral, Real
 from typing import Any
 
+from autoprune.checks import MAX_COUNT
 from autoprune.engine.scoring import DEFAULT_SCORE, DEFAULT_SELECT_STEPS, DEFAULT_SELECT_TOP, create_score, score_names
 from autoprune.engine.train import TrainConfig
 from autoprune.errors import AutopruneError, ConfigError
@@ -194,7 +195,7 @@ class PruneConfig:
         object.__setattr__(self, "select_top", _int("select_top", self.select_top, 0, 1024))
         object.__setattr__(self, "select_steps", _int("select_steps", self.select_steps, 1, 1_000_000))
         object.__setattr__(self, "ignored_layers", tuple(self.ignored_layers))
-        object.__setattr__(self, "budget", _int("budget", self.budget, 1, optional=True))
+        object.__setattr__(self, "budget", _int("budget", self.budget, 1, MAX_COUNT, optional=True))
         object.__setattr__(self, "round_to", _int("round_to", self.round_to, 1, 4096))
         object.__setattr__(self, "val_samples", _int("val_samples", self.val_samples, 1, optional=True))
         object.__setattr__(self, "calibration_samples", _int("calibration_samples", self.calibration_samples, 0))
