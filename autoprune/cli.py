@@ -564,6 +564,7 @@ def _check_out(args: argparse.Namespace) -> Path:
 def cmd_prune(args: argparse.Namespace) -> int:
     from autoprune.api import execute
     from autoprune.engine.config import PruneConfig
+    from autoprune.errors import AutopruneError, first_line
     from autoprune.methods import create_method
     from autoprune.runs.job import read_run_file
 
@@ -571,7 +572,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         saved = read_run_file(Path(args.resume))
         config = resume_config(args, PruneConfig.from_json(saved["config"]))
         _resumed(args, saved)
-        method = create_method(config.method, config.method_options)
+        try:
+            method = create_method(config.method, config.method_options)
+        except AutopruneError as exc:
+            raise AutopruneError(f"{args.resume}/run.json names {first_line(exc)}: the run cannot be resumed; start "
+                                 "it again with --force") from exc
     else:
         config = prune_config(args, args.method)
         method = create_method(config.method, config.method_options, from_text=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import pickle
 import shutil
@@ -110,6 +111,10 @@ def files(tmp_path_factory):
     nokeys = d / "nokeys-run"
     nokeys.mkdir()
     (nokeys / "run.json").write_text('{"config": {"method": "l1"}}')
+    badvalue = d / "badvalue-run"
+    badvalue.mkdir()
+    config = PruneConfig(method="l1", target=Target(macs_reduction=0.5)).to_json()
+    (badvalue / "run.json").write_text(json.dumps({"config": {**config, "budget": "abc"}}))
     (d / "badmodule_xyz.py").write_text("raise RuntimeError('boom at import')\n")
     (d / "exitmodule_xyz.py").write_text("import sys\nsys.exit(3)\n")
     (d / "okmodule_xyz.py").write_text(
@@ -124,7 +129,8 @@ def files(tmp_path_factory):
     made["single_class"] = write_mnist(d / "single-class", 40, 20, label=3)
     made["no_train"] = write_mnist(d / "no-train", 0, 20)
     made.update(emptydir=d / "emptydir", nonempty=d / "nonempty", afile=d / "afile", holder=d / "holder",
-                damaged=damaged, nokeys=nokeys, missing=d / "missing.pt", dir=d, missingdir=d / "no-such-dir")
+                damaged=damaged, nokeys=nokeys, badvalue=badvalue, missing=d / "missing.pt", dir=d,
+                missingdir=d / "no-such-dir")
     return {k: str(v) for k, v in made.items()}
 
 
@@ -281,6 +287,8 @@ CASES = [
     ("prune-resume-nothing", ["prune", "--resume", "{emptydir}"], ERROR, "nothing to resume"),
     ("prune-resume-damaged", ["prune", "--resume", "{damaged}"], ERROR, "is damaged"),
     ("prune-resume-incomplete", ["prune", "--resume", "{nokeys}"], ERROR, "damaged or from another version"),
+    ("prune-resume-bad-value", ["prune", "--resume", "{badvalue}"], ERROR,
+     "run.json' is damaged (budget='abc': must be an integer between 1 and 1000000), so the run cannot be resumed"),
     ("prune-unknown-device", [*R, "--device", "tpu"], ERROR, "unknown device 'tpu'"),
     ("prune-finetune-diverges", [*R, "--finetune-epochs", "1", "--finetune-lr", "1e4", "--batch-size", "16"],
      ERROR, "training diverged: loss is nan"),

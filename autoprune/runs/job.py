@@ -34,7 +34,7 @@ import autoprune
 from autoprune.engine.callbacks import Callback
 from autoprune.engine.config import PruneConfig
 from autoprune.engine.result import Evaluation, PruneResult
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, first_line
 from autoprune.io.files import write_json, write_text
 from autoprune.runs.lock import Layout, check_replaceable, clear_directory, lock_output
 
@@ -82,9 +82,11 @@ def read_run_file(path: Path) -> dict[str, Any]:
         saved = json.loads(file.read_text(encoding="utf-8"))
         if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
             raise ValueError("no configuration")
-    except (OSError, ValueError) as exc:
-        raise AutopruneError(f"{str(file)!r} is damaged ({type(exc).__name__}), so the run cannot be resumed; start "
-                             "it again with --force") from exc
+        PruneConfig.from_json(saved["config"])  # a value in it that no run could have written
+    except (OSError, ValueError) as exc:  # (an AutopruneError is a ValueError)
+        why = first_line(exc, "") if isinstance(exc, AutopruneError) else type(exc).__name__
+        raise AutopruneError(f"{str(file)!r} is damaged ({why}), so the run cannot be resumed; start it again with "
+                             "--force") from exc
     return saved
 
 
