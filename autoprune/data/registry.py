@@ -116,7 +116,7 @@ def load_dataset(
                 f"check the path{hint}"
             )
     elif data_dir is not None:
-        logger.debug("dataset %r needs no data directory; ignoring %s", name, data_dir)
+        logger.warning("dataset %r is built in and reads no files: --data-dir %s is ignored", name, data_dir)
     raw = spec.reader(path)
     check_labels(raw.train.labels, raw.info.num_classes, f"the training data of {name!r}")
     check_labels(raw.test.labels, raw.info.num_classes, f"the test data of {name!r}")
