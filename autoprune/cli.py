@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from autoprune.checks import MAX_COUNT
+
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 MAX_SEED = 2**63 - 1
 
@@ -50,7 +52,7 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
 
 
 _nonneg_int, _pos_int, _seed = _int_in(0, 10**9), _int_in(1, 10**9), _int_in(0, MAX_SEED)
-_latency_batch, _count = _int_in(1, 65536), _int_in(1, 1_000_000)
+_latency_batch, _count = _int_in(1, 65536), _int_in(1, MAX_COUNT)
 
 
 def _float(text: str) -> float:
@@ -563,14 +565,13 @@ def _check_out(args: argparse.Namespace) -> Path:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from autoprune.api import execute
-    from autoprune.engine.config import PruneConfig
     from autoprune.errors import AutopruneError, first_line
     from autoprune.methods import create_method
     from autoprune.runs.job import read_run_file
 
     if args.resume:
         saved = read_run_file(Path(args.resume))
-        config = resume_config(args, PruneConfig.from_json(saved["config"]))
+        config = resume_config(args, saved["config"])
         _resumed(args, saved)
         try:
             method = create_method(config.method, config.method_options)

@@ -193,7 +193,7 @@ class PruneConfig:
             raise ConfigError("score", self.score, f"must be a score name: {', '.join(score_names())}")
         create_score(self.score, self.score_options)  # an unknown name or option: the registry's one line
         object.__setattr__(self, "select_top", _int("select_top", self.select_top, 0, 1024))
-        object.__setattr__(self, "select_steps", _int("select_steps", self.select_steps, 1, 1_000_000))
+        object.__setattr__(self, "select_steps", _int("select_steps", self.select_steps, 1, MAX_COUNT))
         object.__setattr__(self, "ignored_layers", tuple(self.ignored_layers))
         object.__setattr__(self, "budget", _int("budget", self.budget, 1, MAX_COUNT, optional=True))
         object.__setattr__(self, "round_to", _int("round_to", self.round_to, 1, 4096))

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoprune.engine.batches import Batch, Inputs, forward, to_device
+from autoprune.engine.batches import Batch, Inputs, batch_size_of, forward, to_device
 from autoprune.engine.scoring import (
     CandidateScore,
     Measurement,
@@ -67,7 +67,7 @@ def recalibrate_bn(model: nn.Module, calibration: Sequence[Inputs]) -> None:
         return
     # a batch of one sample says little about the statistics (each batch counts once in the average) and a
     # BatchNorm1d cannot take it in training mode: left out where there are others
-    several = [inputs for inputs in calibration if _samples(inputs) != 1]
+    several = [inputs for inputs in calibration if batch_size_of(inputs) != 1]
     calibration = several or calibration
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in bns}
@@ -85,11 +85,6 @@ def recalibrate_bn(model: nn.Module, calibration: Sequence[Inputs]) -> None:
             m.train(mode)
         for m, momentum in momenta.items():
             m.momentum = momentum
-
-
-def _samples(inputs: Inputs) -> int | None:
-    first = inputs[0] if isinstance(inputs, tuple | list) and inputs else inputs
-    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else None
 
 
 def measure_score(model: nn.Module, val: Sequence[Batch], score_fn: ScoreFn | None) -> float:

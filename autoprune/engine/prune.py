@@ -329,8 +329,7 @@ def check_reachable(space: PruningSpace, config: PruneConfig) -> None:
         return
     floor = space.relative_macs(space.lower)
     if floor > 1 - target + 1e-9:
-        whole = "; ".join(f"{root}: {why}" for root, why in list(space.kept_whole.items())[:3])
-        more = f" (kept whole as they are: {whole}{'; ...' if len(space.kept_whole) > 3 else ''})" if whole else ""
+        more = f" (kept whole as they are: {space.describe_kept_whole()})" if space.kept_whole else ""
         raise AutopruneError(f"macs_reduction={target} is unreachable: at the minimum widths the model keeps "
                              f"{floor:.1%} of its MACs (largest reduction {1 - floor:.3f}){more}; lower the "
                              "target or min_ratio")
@@ -759,11 +758,11 @@ def run(model: nn.Module, example_inputs: Any, config: PruneConfig, method: Meth
     with torch.inference_mode(False), torch.enable_grad():
         result = _run(model, example_inputs, config, method, data, device=device, finetune_fn=finetune_fn,
                       callbacks=callbacks, recorded=recorded, checkpoint=checkpoint, progress=progress, info=info)
-        like_caller(result.model, model)
+        _keep_memory_format(result.model, model)
     return result
 
 
-def like_caller(pruned: nn.Module, model: nn.Module) -> None:
+def _keep_memory_format(pruned: nn.Module, model: nn.Module) -> None:
     """Give ``pruned`` the memory format of the caller's ``model`` (its frozen parameters it has from
     :meth:`PruningSpace.apply`)."""
     if any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)

@@ -215,20 +215,24 @@ class PruningSpace:
         self.groups: tuple[Group, ...] = tuple(
             replace(g, index=i) for i, g in enumerate(found))
         if not self.groups:
-            whole = "; ".join(f"{root}: {why}" for root, why in list(self.kept_whole.items())[:3])
             raise AutopruneError("the model has no prunable channels " + (
-                f"(kept whole as they are: {whole})" if whole else
+                f"(kept whole as they are: {self.describe_kept_whole()})" if self.kept_whole else
                 "(no convolution or linear layer feeds another one)"))
         self._shapes = _record_shapes(model, self.example_inputs, names, loose, graph.autoprune_calls)
         self._member_index = [[(m.module, m.dim, m.ratio) for m in g.members] for g in self.groups]
         #: convolution and linear layers whose MACs Torch-Pruning's counter does not count (subclasses)
         self.uncounted = [n for n, s in self._shapes.items() if s.kind in ("conv", "linear") and not s.counted]
         # what Torch-Pruning's counter counts that the space does not model (recurrent and attention layers,
-        # whose channels are kept whole): a constant
+        # whose channels are kept whole): a constant, so that the unpruned model costs what the counter says
         self._fixed_macs = 0
-        self._fixed_macs = counted_cost(model, self.example_inputs).macs - self.cost(np.ones(len(self.groups))).macs
-        full = self.cost(np.ones(len(self.groups)))
-        self.base_macs, self.base_params = full.macs, full.params
+        modelled = self.cost(np.ones(len(self.groups)))
+        self.base_macs = counted_cost(model, self.example_inputs).macs
+        self._fixed_macs, self.base_params = self.base_macs - modelled.macs, modelled.params
+
+    def describe_kept_whole(self, limit: int = 3) -> str:
+        """The groups kept whole and why, for messages: ``"c2.0: its channels reach mha ...; ..."``."""
+        shown = "; ".join(f"{root}: {why}" for root, why in list(self.kept_whole.items())[:limit])
+        return shown + ("; ..." if len(self.kept_whole) > limit else "")
 
     # ---- keep vectors -------------------------------------------------------------------------
 
@@ -554,8 +558,7 @@ class _Call:
 def _elementwise_counts() -> dict[type, str]:
     """Module types Torch-Pruning's counter counts element-wise, and which tensor it counts (``"in"`` /
     ``"out"``): activations and upsampling count their output, pooling its input."""
-    from torch_pruning.utils import op_counter
-
+    op_counter = tp.utils.op_counter
     which = {op_counter.relu_flops_counter_hook: "out", op_counter.upsample_flops_counter_hook: "out",
              op_counter.pool_flops_counter_hook: "in"}
     return {t: which[hook] for t, hook in op_counter.MODULES_MAPPING.items() if hook in which}
@@ -579,9 +582,8 @@ def _call_recorder(name: str, counts: str, calls: list[_Call]):
 def _counted_by_torch_pruning(module: nn.Module) -> bool:
     """Whether Torch-Pruning's counter counts the module: it looks its exact type up (a subclass of
     ``nn.Conv2d`` or ``nn.BatchNorm2d`` counts nothing)."""
-    from torch_pruning.utils import op_counter
-
-    return type(module) in op_counter.MODULES_MAPPING or type(module) in op_counter.CUSTOM_MODULES_MAPPING
+    counter = tp.utils.op_counter
+    return type(module) in counter.MODULES_MAPPING or type(module) in counter.CUSTOM_MODULES_MAPPING
 
 
 def _with_channels(graph: tp.DependencyGraph, calls: list[_Call]) -> list[_Call]:

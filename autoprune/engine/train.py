@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from autoprune.checks import MAX_COUNT
 from autoprune.engine.batches import (
     TRAINING_FIX,
     check_class_targets,
@@ -56,8 +57,6 @@ class TrainingInterrupted(Interrupted):
 
 #: the largest learning rate, weight decay and distillation temperature (beyond, SGD's float32 steps overflow)
 MAX_RATE = 1e4
-#: the most epochs a training runs
-MAX_EPOCHS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -96,9 +95,9 @@ class TrainConfig:
             except OverflowError as exc:
                 raise ConfigError(name, value, f"must be a finite number (TrainConfig's {name})") from exc
         checks = {  # written so that NaN fails every test; the upper bounds keep SGD's float32 arithmetic finite
-            "epochs": 0 <= self.epochs <= MAX_EPOCHS, "batch_size": self.batch_size >= 1,
+            "epochs": 0 <= self.epochs <= MAX_COUNT, "batch_size": self.batch_size >= 1,
             "lr": 0 < self.lr <= MAX_RATE, "momentum": 0 <= self.momentum < 1,
-            "weight_decay": 0 <= self.weight_decay <= MAX_RATE, "warmup_epochs": 0 <= self.warmup_epochs <= MAX_EPOCHS,
+            "weight_decay": 0 <= self.weight_decay <= MAX_RATE, "warmup_epochs": 0 <= self.warmup_epochs <= MAX_COUNT,
             "distill": 0 <= self.distill <= 1, "temperature": 0 < self.temperature <= MAX_RATE, "seed": self.seed >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
@@ -106,7 +105,7 @@ class TrainConfig:
             k = bad[0]
             raise AutopruneError(f"invalid training setting {k}={getattr(self, k)!r}; epochs, seed, warmup and weight "
                                  f"decay must be >= 0, lr and temperature > 0, lr, weight decay and temperature at "
-                                 f"most {MAX_RATE:g}, epochs at most {MAX_EPOCHS}, momentum in [0, 1), distill in "
+                                 f"most {MAX_RATE:g}, epochs at most {MAX_COUNT}, momentum in [0, 1), distill in "
                                  "[0, 1]")
 
 

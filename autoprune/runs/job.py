@@ -73,7 +73,7 @@ def read_history(path: Path) -> list[Evaluation]:
 
 
 def read_run_file(path: Path) -> dict[str, Any]:
-    """``run.json`` of a run directory, checked."""
+    """``run.json`` of a run directory, checked; its ``"config"`` parsed into a :class:`PruneConfig`."""
     file = path / RUN_FILE
     if not file.exists():
         raise AutopruneError(f"nothing to resume in {str(path)!r}: it has no {RUN_FILE} (was it made by "
@@ -82,7 +82,7 @@ def read_run_file(path: Path) -> dict[str, Any]:
         saved = json.loads(file.read_text(encoding="utf-8"))
         if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
             raise ValueError("no configuration")
-        PruneConfig.from_json(saved["config"])  # a value in it that no run could have written
+        saved["config"] = PruneConfig.from_json(saved["config"])  # also refuses a value no run could write
     except (OSError, ValueError) as exc:  # (an AutopruneError is a ValueError)
         why = first_line(exc, "") if isinstance(exc, AutopruneError) else type(exc).__name__
         raise AutopruneError(f"{str(file)!r} is damaged ({why}), so the run cannot be resumed; start it again with "
@@ -137,7 +137,7 @@ class RunDirectory(Callback):
         if self.resume:
             saved = read_run_file(self.path)
             trains = _trains_in_plan(self.config.method)
-            before = json.loads(json.dumps(PruneConfig.from_json(saved["config"]).search_json(plan_trains=trains)))
+            before = json.loads(json.dumps(saved["config"].search_json(plan_trains=trains)))
             now = json.loads(json.dumps(self.config.search_json(plan_trains=trains)))  # as saved: tuples are lists
             changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
             if changed:
