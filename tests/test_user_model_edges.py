@@ -402,6 +402,33 @@ def test_analytic_macs_equal_the_counter_on_tokens_subclasses_and_pools_with_ind
     assert space.relative_macs(space.lower) > 0
 
 
+class SharedHead(nn.Module):
+    """One head applied to two scales (as RetinaNet's and FCOS's heads are): its layers run twice a pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = block(3, 16), block(16, 16, 2)
+        self.head = nn.Sequential(block(16, 24), nn.Conv2d(24, 4, 1))
+
+    def forward(self, x):
+        a = self.c1(x)
+        return self.head(a).mean((2, 3)) + self.head(self.c2(a)).mean((2, 3))
+
+
+def test_a_head_shared_across_scales_prunes_and_counts_every_call():
+    model = SharedHead().eval()
+    space = PruningSpace(model, X)
+    assert space.base_macs == tp.utils.count_ops_and_params(model, X)[0]
+    assert "head.0.0" in [g.root for g in space.groups]
+    for seed in range(3):
+        keep = random_keep(space, seed)
+        pruned = space.apply(model, keep, scores(space))
+        assert counted_cost(pruned, X) == space.cost(keep)
+        assert pruned(X).shape == (1, 4)
+    smallest = space.apply(model, space.lower, scores(space))
+    assert smallest.head[0][0].out_channels < 24 and smallest(X).shape == (1, 4)
+
+
 def test_a_pixel_shuffle_keeps_its_channels_whole():
     model = nn.Sequential(block(3, 16), nn.Conv2d(16, 16, 3, padding=1), nn.PixelShuffle(2), block(4, 8),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()

@@ -171,7 +171,7 @@ def _record(model: nn.Module, example_inputs: Inputs, names: Sequence[str], devi
             x = inputs[0]
             if name in recorded:
                 raise AutopruneError(f"layer {name!r} runs twice in one forward pass; a latency table needs "
-                                     "each prunable layer to run once")
+                                     "each prunable layer to run once; give this model a MACs target instead")
             positions = int(np.prod(output.shape[2:] if not isinstance(module, nn.Linear) else output.shape[1:-1]))
             recorded[name] = _Recorded(name, _config_of(module, x), module, positions=max(1, positions))
             tail[id(output)] = (name, output)

@@ -15,10 +15,11 @@ The space offers, for any keep vector and without tracing:
   model. MACs are Torch-Pruning's counter's total (``tp.utils.count_ops_and_params``, batch 1): the
   convolution (transposed ones included) and linear layers (multiply-accumulates plus bias additions),
   and the normalisation, activation, pooling and upsampling modules it counts element-wise, each call
-  following the channels of the group that flows through it (an activation module called twice counts
-  twice, as in the counter); what the space does not model (recurrent and attention layers, whose
-  channels are kept whole) is a constant measured on the base. Parameters are all parameters, including
-  those of no layer that a group prunes (a layer-scale vector, a PReLU's slopes).
+  following the channels of the group that flows through it (a module called twice, an activation or a
+  head shared across scales, counts twice, as in the counter); what the space does not model (recurrent
+  and attention layers, whose channels are kept whole) is a constant measured on the base. Parameters
+  are all parameters, including those of no layer that a group prunes (a layer-scale vector, a PReLU's
+  slopes).
 
 and, given per-channel scores (lowest go first):
 
@@ -783,38 +784,43 @@ def _dedupe(members: list[Member]) -> tuple[Member, ...]:
     return tuple(out.values())
 
 
+def _shape_of_call(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> _LayerShape:
+    """What one call of a convolution, linear, normalisation or PReLU layer costs, per sample."""
+    if isinstance(module, COMPUTE_TYPES):
+        linear = isinstance(module, nn.Linear)
+        positions = int(np.prod(output.shape[1:-1])) if linear else int(np.prod(output.shape[2:]))
+        return _LayerShape(
+            kind="linear" if linear else "conv",
+            in_channels=_in_channels(module), out_channels=_out_channels(module),
+            kernel=1 if linear else int(np.prod(module.kernel_size)),
+            groups=1 if linear else module.groups, positions=max(1, positions),
+            bias=module.bias is not None,
+            depthwise=not linear and module.groups > 1 and module.groups == module.in_channels
+            == module.out_channels,
+            fixed_params=0, counted=_counted_by_torch_pruning(module))
+    if isinstance(module, nn.PReLU):
+        return _LayerShape("param", 0, module.num_parameters, 1, 1, 1, False, False, 0, per_channel=1)
+    channels = _out_channels(module)
+    own = sum(p.numel() for p in module.parameters(recurse=False))
+    affine = getattr(module, "affine", getattr(module, "elementwise_affine", False))
+    # Torch-Pruning's counter: the input's elements, twice if affine (and a subclass not at all)
+    counted = inputs[0].numel() * (2 if affine else 1) if _counted_by_torch_pruning(module) else 0
+    return _LayerShape("norm", channels, channels, 1, 1, 1, False, False, 0,
+                       per_channel=own // channels if channels else 0,
+                       macs_per_channel=counted // channels if channels else 0)
+
+
 def _record_shapes(model: nn.Module, example_inputs: Inputs, names: dict[nn.Module, str],
                    loose: dict[int, tuple[str, int]], calls: Sequence[_Call] = ()) -> dict[str, _LayerShape]:
     shapes: dict[str, _LayerShape] = {}
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         name = names[module]
-        if name in shapes:
-            raise AutopruneError(f"module {name!r} is called twice in one forward pass; shared layers "
-                                 "cannot be pruned independently")
-        if isinstance(module, COMPUTE_TYPES):
-            linear = isinstance(module, nn.Linear)
-            positions = int(np.prod(output.shape[1:-1])) if linear else int(np.prod(output.shape[2:]))
-            shapes[name] = _LayerShape(
-                kind="linear" if linear else "conv",
-                in_channels=_in_channels(module), out_channels=_out_channels(module),
-                kernel=1 if linear else int(np.prod(module.kernel_size)),
-                groups=1 if linear else module.groups, positions=max(1, positions),
-                bias=module.bias is not None,
-                depthwise=not linear and module.groups > 1 and module.groups == module.in_channels
-                == module.out_channels,
-                fixed_params=0, counted=_counted_by_torch_pruning(module))
-        elif isinstance(module, nn.PReLU):
-            shapes[name] = _LayerShape("param", 0, module.num_parameters, 1, 1, 1, False, False, 0, per_channel=1)
-        else:
-            channels = _out_channels(module)
-            own = sum(p.numel() for p in module.parameters(recurse=False))
-            affine = getattr(module, "affine", getattr(module, "elementwise_affine", False))
-            # Torch-Pruning's counter: the input's elements, twice if affine (and a subclass not at all)
-            counted = inputs[0].numel() * (2 if affine else 1) if _counted_by_torch_pruning(module) else 0
-            shapes[name] = _LayerShape("norm", channels, channels, 1, 1, 1, False, False, 0,
-                                       per_channel=own // channels if channels else 0,
-                                       macs_per_channel=counted // channels if channels else 0)
+        shape = _shape_of_call(module, inputs, output)
+        if name in shapes:  # a module called again (a head shared across scales): the counter adds every call
+            shape = replace(shape, positions=shapes[name].positions + shape.positions,
+                            macs_per_channel=shapes[name].macs_per_channel + shape.macs_per_channel)
+        shapes[name] = shape
 
     handles = []
     for module in names:
