@@ -344,12 +344,18 @@ def test_numpy_scalars_are_numbers_and_strings_are_not(task):
             call(model, task, **{name: value, "finetune": None})
 
 
-def test_meta_device_and_torchscript_get_one_line(task):
+def test_meta_device_torchscript_and_compiled_models_get_one_line(task):
     model = trained(task)
     with pytest.raises(AutopruneError, match="device 'meta' holds no values"):
         call(model, task, device="meta")
     with pytest.raises(AutopruneError, match="TorchScript .* pass the nn.Module it was made from"):
         call(torch.jit.script(model), task)
+    with pytest.raises(AutopruneError, match=r"the model is compiled with torch.compile.*\._orig_mod"):
+        call(torch.compile(model), task)
+    partly = copy.deepcopy(model)
+    partly.features = torch.compile(partly.features)
+    with pytest.raises(AutopruneError, match="layer 'features' is compiled with torch.compile"):
+        call(partly, task)
 
 
 # ---- the analytic MACs follow Torch-Pruning's counter on layouts and types it treats its own way -------------
@@ -427,6 +433,39 @@ def test_a_head_shared_across_scales_prunes_and_counts_every_call():
         assert pruned(X).shape == (1, 4)
     smallest = space.apply(model, space.lower, scores(space))
     assert smallest.head[0][0].out_channels < 24 and smallest(X).shape == (1, 4)
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """As in torchvision.ops.misc (detection backbones): the statistics and the affine are buffers."""
+
+    def __init__(self, n):
+        super().__init__()
+        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+            self.register_buffer(name, torch.full((n,), value))
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        return x * scale.reshape(1, -1, 1, 1) + (self.bias - self.running_mean * scale).reshape(1, -1, 1, 1)
+
+
+class FrozenBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), FrozenBatchNorm2d(16)
+        self.c2, self.head = block(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.c2(torch.relu(self.b1(self.c1(x)))).mean((2, 3)))
+
+
+def test_channels_through_per_channel_buffers_are_kept_whole_and_the_rest_prunes():
+    model = FrozenBN().eval()
+    space = PruningSpace(model, X)
+    assert [g.root for g in space.groups] == ["c2.0"]
+    assert "b1 (FrozenBatchNorm2d) holds buffers" in space.kept_whole["c1"]
+    pruned = space.apply(model, space.lower, scores(space))
+    assert pruned.b1.weight.shape == (16,) and pruned.c2[0].out_channels < 32
+    assert counted_cost(pruned, X) == space.cost(space.lower)
 
 
 def test_a_pixel_shuffle_keeps_its_channels_whole():

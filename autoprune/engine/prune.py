@@ -139,6 +139,12 @@ def check_model_tensors(model: nn.Module) -> None:
     if isinstance(model, torch.jit.ScriptModule):
         raise AutopruneError("the model is TorchScript (torch.jit.script / trace), which cannot be pruned; pass the "
                              "nn.Module it was made from")
+    compiled = next((n for n, m in model.named_modules()
+                     if type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod")), None)  # torch.compile
+    if compiled is not None:
+        where = "the model is" if compiled == "" else f"layer {compiled!r} is"
+        raise AutopruneError(f"{where} compiled with torch.compile, whose graph hides its layers from pruning; pass "
+                             "the module it was made from (its ._orig_mod) and compile the pruned model afterwards")
     tensors = [*model.parameters(), *model.buffers()]
     if any(t.is_meta for t in tensors):
         raise AutopruneError(f"the model {type(model).__name__} is on the meta device (no weights); load its weights "

@@ -449,8 +449,8 @@ def _check_runs(pruned: nn.Module, example_inputs: Inputs) -> None:
     except Exception as exc:
         raise AutopruneError(
             f"the pruned model fails on its example inputs ({type(exc).__name__}: {first_line(exc, '')}); its forward "
-            "probably hard-codes a channel count (a view or reshape with a fixed number of channels): pass the "
-            "layers that produce those channels in ignored_layers") from exc
+            "probably hard-codes a channel count (a view or reshape with a fixed number of channels, or a buffer "
+            "with one value per channel): pass the layers that produce those channels in ignored_layers") from exc
     finally:
         pruned.train(was_training)
 
@@ -486,15 +486,19 @@ def _build_graph(model: nn.Module, example_inputs: Inputs, *, record_calls: bool
     returned: list[object] = []
     calls: list[_Call] = []
     handles = []
+    buffered: dict[object, str] = {}
     if record_calls:
         for name, module in model.named_modules():
             counts = _ELEMENTWISE_COUNTS.get(type(module))
             if counts is not None:
                 handles.append(module.register_forward_hook(_call_recorder(name, counts, calls)))
+            if not isinstance(module, NORM_TYPES) and not any(module.children()) and _float_buffers(module):
+                handles.append(module.register_forward_hook(_buffer_recorder(name, buffered)))
 
     def traced_forward(model: nn.Module, inputs: Inputs) -> object:
         returned.clear()
         calls.clear()
+        buffered.clear()
         out = forward(model, inputs)
         returned.append(out)
         return out
@@ -511,6 +515,7 @@ def _build_graph(model: nn.Module, example_inputs: Inputs, *, record_calls: bool
         graph.autoprune_outputs = {t.grad_fn for out in returned for t in tp.utils.flatten_as_list(out)
                                    if isinstance(t, torch.Tensor) and t.grad_fn is not None}
         graph.autoprune_calls = _with_channels(graph, calls)
+        graph.autoprune_buffered = dict(buffered)
         return graph
     except AutopruneError:
         raise
@@ -580,6 +585,27 @@ def _call_recorder(name: str, counts: str, calls: list[_Call]):
     return hook
 
 
+def _float_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """A module's own floating-point buffers of more than one value (a frozen BatchNorm's statistics)."""
+    return [(n, b) for n, b in module.named_buffers(recurse=False)
+            if b is not None and b.is_floating_point() and b.numel() > 1]
+
+
+def _buffer_recorder(name: str, buffered: dict[object, str]):
+    """A forward hook noting, by the autograd node of its output, a module whose buffers hold one value per
+    channel of that output: Torch-Pruning cuts parameters, not buffers, so those channels must stay whole."""
+    def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+        if not isinstance(output, torch.Tensor) or output.grad_fn is None or output.ndim < 2:
+            return
+        widths = {int(output.shape[1]), int(output.shape[-1])} - {1}
+        per_channel = [n for n, b in _float_buffers(module) if widths & set(b.shape)]
+        if per_channel:
+            buffered[output.grad_fn] = (f"{name} ({type(module).__name__}) holds buffers with one value per "
+                                        f"channel ({', '.join(per_channel)}), which pruning cannot cut; make "
+                                        "them parameters (e.g. nn.BatchNorm2d with frozen parameters)")
+    return hook
+
+
 def _counted_by_torch_pruning(module: nn.Module) -> bool:
     """Whether Torch-Pruning's counter counts the module: it looks its exact type up (a subclass of
     ``nn.Conv2d`` or ``nn.BatchNorm2d`` counts nothing)."""
@@ -628,6 +654,7 @@ def _groups_from_graph(graph: tp.DependencyGraph, names: dict[nn.Module, str], l
     calls = getattr(graph, "autoprune_calls", ())
     flows = {c.grad_fn: c.key for c in calls if c.grad_fn is not None}
     reused = {c.key.split("#")[0] for c in calls if not c.key.endswith("#0")}  # modules called more than once
+    buffered = getattr(graph, "autoprune_buffered", {})
     seen_roots: set[str] = set()
     for tp_group in found:
         root_module = tp_group[0].dep.target.module
@@ -652,6 +679,8 @@ def _groups_from_graph(graph: tp.DependencyGraph, names: dict[nn.Module, str], l
                 whole.append(f"{name} normalises the channels and the positions together")
             elif isinstance(module, tp.ops._ElementWiseOp) and _MIXES_CHANNELS.search(str(module._grad_fn)):
                 whole.append(f"an op mixes its channels with the positions ({module._grad_fn})")
+            elif getattr(graph.module2node.get(module), "grad_fn", None) in buffered:
+                whole.append(buffered[graph.module2node[module].grad_fn])
             if isinstance(module, tp.ops._OutputOp):
                 continue
             node = graph.module2node.get(module)
