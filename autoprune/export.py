@@ -390,9 +390,11 @@ def _verify(onnx: ModuleType, ort: ModuleType, file: Path, net: nn.Module, input
         options.log_severity_level = 4  # fatal only: its errors reach the caller in the AutopruneError
         session = ort.InferenceSession(str(file), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:
+        fix = ("export model.float() with float32 inputs: onnxruntime's CPU provider lacks float64 kernels for "
+               "some layers (Conv)" if any(t.dtype == torch.float64 for t in (*net.parameters(), *inputs))
+               else "upgrade onnxruntime or export with a lower opset")
         raise AutopruneError(f"the ONNX file exported from {name} fails onnx.checker or onnxruntime "
-                             f"{getattr(ort, '__version__', '?')} ({_first_line(exc)}); upgrade onnxruntime or "
-                             f"export with a lower opset") from exc
+                             f"{getattr(ort, '__version__', '?')} ({_first_line(exc)}); {fix}") from exc
     run_options = ort.RunOptions()
     run_options.log_severity_level = 4
     cases = [(inputs, reference)]

@@ -243,6 +243,15 @@ def test_unwritable_destination_gives_one_line_error_and_no_file(tmp_path, onnx)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+def test_a_float64_model_that_onnxruntime_cannot_run_is_told_to_export_float32(tmp_path, onnx, ort):
+    path = tmp_path / "f64.onnx"
+    with pytest.raises(AutopruneError) as excinfo:
+        export_onnx(plain_cnn().double(), torch.rand(2, 3, 16, 16, dtype=torch.float64), path)
+    assert "export model.float() with float32 inputs" in _one_line_error(excinfo)
+    assert not path.exists()
+    assert export_onnx(plain_cnn().double().float(), torch.rand(2, 3, 16, 16), path).verified
+
+
 def test_directory_as_destination_is_refused(tmp_path, onnx):
     with pytest.raises(AutopruneError, match="is a directory") as excinfo:
         export_onnx(plain_cnn(), torch.rand(2, 3, 16, 16), tmp_path)

@@ -149,8 +149,9 @@ class RunDirectory(Callback):
             check_replaceable(self.path, run_layout())
             if not self.force:
                 state = "a run" if (self.path / "report.json").exists() else "an unfinished run (interrupted or failed)"
-                raise AutopruneError(f"output directory {str(self.path)!r} already holds {state}; pass --force "
-                                     "(force=True) to replace it, --resume to continue it, or choose another --out")
+                raise AutopruneError(f"output directory {str(self.path)!r} already holds {state}; pass force=True "
+                                     "(--force) to replace it, resume=True (--resume) to continue it, or choose "
+                                     "another out= (--out)")
         self.recorded = read_history(self.path / HISTORY_FILE) if self.resume else []
         self._started = saved.get("start") if self.resume else None
 
