@@ -332,6 +332,21 @@ def test_slim_takes_any_batchnorm():
     assert result.pruned.macs <= 0.7 * result.base.macs
 
 
+def test_slim_names_every_layer_without_batchnorm_and_prunes_the_rest_once_they_are_ignored():
+    model = nn.Sequential(block(3, 16), block(16, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 4))
+    x, y = torch.randn(16, 3, 16, 16), torch.arange(16) % 4
+    loader = [(x[:8], y[:8]), (x[8:], y[8:])]
+    kwargs = dict(method="slim", macs_reduction=0.3, train_loader=loader, val_loader=loader, finetune=None,
+                  method_options={"epochs": 1}, latency_repeats=1)
+    with pytest.raises(AutopruneError, match=r"\['4', '6'\] have none: keep them whole with "
+                                             r"ignored_layers=\['4', '6'\]"):
+        autoprune.prune(copy.deepcopy(model), x[:1], **kwargs)
+    result = autoprune.prune(copy.deepcopy(model), x[:1], ignored_layers=["4", "6"], **kwargs)
+    assert result.pruned.macs <= 0.7 * result.base.macs
+    assert (result.model[4].out_features, result.model[6].out_features) == (24, 24)
+
+
 # ---- arguments as users pass them ------------------------------------------------------------------------
 
 def test_numpy_scalars_are_numbers_and_strings_are_not(task):

@@ -10,7 +10,7 @@ from torch import nn
 from autoprune.checks import check_float, check_int
 from autoprune.engine.batches import METHOD_TRAINING_FIX
 from autoprune.engine.train import fit
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, short
 from autoprune.methods.base import Method, MethodContext, Plan, criterion_scores, normalized, register_method
 from autoprune.methods.papers import SEARCH_CRITERION
 
@@ -120,8 +120,9 @@ class Slim(Method):
                    if not any(m.dim == "out" and isinstance(ctx.model.get_submodule(m.module),
                                                              nn.modules.batchnorm._BatchNorm) for m in g.members)]
         if missing:
-            raise AutopruneError(f"method 'slim' needs a BatchNorm after every prunable layer; {missing[0]!r} "
-                                 "has none (use l1, global or a search method for this model)")
+            raise AutopruneError(f"method 'slim' needs a BatchNorm after every prunable layer; {short(missing)} "
+                                 f"{'has' if len(missing) == 1 else 'have'} none: keep them whole with "
+                                 f"ignored_layers={short(missing, 200)} (Python), or use l1, global or a search method")
         model = copy.deepcopy(ctx.model)
         fit(model, ctx.loader(self.name, "sparsity training"), ctx.training(self.epochs),
             targets_fix=METHOD_TRAINING_FIX, regularizer=bn_l1_penalty(self.sparsity), progress=ctx.progress,
