@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -91,6 +92,10 @@ def prune(model: nn.Module, example_inputs: Any, *, method: str | Method = "pso"
         raise ConfigError("score_fn", score_fn, "must be a callable(model) -> float")
     if isinstance(callbacks, Callback) or not isinstance(callbacks, Sequence | set | frozenset):
         raise ConfigError("callbacks", callbacks, "must be a list of autoprune.Callback instances")
+    for name, flag in (("resume", resume), ("force", force), ("progress", progress)):
+        if not isinstance(flag, bool | np.bool_):  # "no" would count as on
+            raise ConfigError(name, flag, "must be True or False")
+    resume, force, progress = bool(resume), bool(force), bool(progress)
     if not isinstance(method, str | Method) and not (isinstance(method, type) and issubclass(method, Method)):
         raise ConfigError("method", method, "must be a method name (see autoprune.method_names()) or a Method "
                                             "instance such as autoprune.methods.PSO(particles=20)")

@@ -599,6 +599,16 @@ def _labels(n: int) -> torch.Tensor:
     return torch.arange(n) % CLASSES
 
 
+def _infinite_after_first_call():
+    """A score_fn finite for the unpruned model and infinite for every candidate."""
+    calls = []
+
+    def score(model):
+        calls.append(1)
+        return 0.5 if len(calls) == 1 else float("inf")
+    return score
+
+
 def _one_class(n: int, cls: int = 0) -> list:
     return [(toy_images(n, 0)[0], torch.full((n,), cls, dtype=torch.long))]
 
@@ -621,7 +631,8 @@ def _one_class(n: int, cls: int = 0) -> list:
     ({"score_fn": "accuracy"}, "score_fn='accuracy': must be a callable"),
     ({"score_fn": lambda model: 1 / 0}, "score_fn raised ZeroDivisionError: division by zero"),
     ({"score_fn": lambda model: "high"}, "score_fn must return a number (higher is better), it returned str 'high'"),
-    ({"score_fn": lambda model: float("nan")}, "score_fn returned nan for the unpruned model"),
+    ({"score_fn": lambda model: float("nan")}, "score_fn returned nan; it must return a finite number for every"),
+    ({"score_fn": _infinite_after_first_call()}, "score_fn returned inf; it must return a finite number"),
     ({"val_loader": RaisingLoader(OSError("disk gone"))}, "the validation loader raised OSError reading batch 1: disk"),
     ({"train_loader": RaisingLoader(RuntimeError())}, "the training loader raised RuntimeError reading batch 1: (no"),
     ({"val_loader": NaNLoader()}, "NaN or infinite outputs on validation batch 0; the inputs hold NaN"),
@@ -648,6 +659,10 @@ def _one_class(n: int, cls: int = 0) -> list:
     ({"example_inputs": torch.randn(1, 3, SIZE, SIZE, device="meta")}, "example_inputs are on the meta device"),
     ({"out": 5}, "out=5: must be a directory path (str or os.PathLike)"),
     ({"out": ""}, "out='': is empty"),
+    ({"resume": "yes"}, "resume='yes': must be True or False"),
+    ({"progress": "no"}, "progress='no': must be True or False"),
+    ({"ray_address": 5, "workers": 2}, "ray_address=5: must be 'auto', 'local' or a cluster address"),
+    ({"executor": "serial", "workers": 2}, "workers=2: needs a parallel executor; executor='serial' runs one"),
     ({"callbacks": [BoomCallback()]}, "callback BoomCallback.on_evaluation raised RuntimeError: cb boom; fix the"),
     ({"train_loader": (batch for batch in [toy_images(8, 0)])}, "train_loader is a generator, which can be read only"),
     ({"test_loader": iter([toy_images(8, 0)])}, "test_loader is an iterator (list_iterator), which can be read only"),

@@ -216,10 +216,16 @@ class PruneConfig:
         object.__setattr__(self, "min_ratio", ratio)
         if self.finetune is not None and not isinstance(self.finetune, TrainConfig):
             raise ConfigError("finetune", self.finetune, "must be a TrainConfig or None")
-        if self.executor not in ("auto", "serial", "pool", "ray"):
+        if not isinstance(self.executor, str) or self.executor not in ("auto", "serial", "pool", "ray"):
             raise ConfigError("executor", self.executor, "must be auto, serial, pool or ray")
+        if self.ray_address is not None and not (isinstance(self.ray_address, str) and self.ray_address.strip()):
+            raise ConfigError("ray_address", self.ray_address, "must be 'auto', 'local' or a cluster address "
+                                                               "such as '10.0.0.1:6379'")
         if self.ray_address is not None and self.executor not in ("auto", "ray"):
             raise ConfigError("ray_address", self.ray_address, f"needs executor='ray', not {self.executor!r}")
+        if self.executor == "serial" and self.workers > 1:
+            raise ConfigError("workers", self.workers, "needs a parallel executor; executor='serial' runs one "
+                                                       "evaluation at a time (use executor='auto', 'pool' or 'ray')")
         if not all(isinstance(n, str) and n for n in self.ignored_layers):
             raise ConfigError("ignored_layers", self.ignored_layers, "must be module names (strings)")
 

@@ -14,7 +14,6 @@ import contextlib
 import copy
 import hashlib
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -243,9 +242,6 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
     train = _score_training_batches(config, score, data, device)
     _check_finite_outputs(base, val, example)
     base_score = measure_score(base, val, data.score_fn)
-    if not math.isfinite(base_score):
-        raise AutopruneError(f"score_fn returned {base_score} for the unpruned model; it must return a finite number "
-                             "(higher is better)")
     chance = None
     if data.score_fn is None:  # the targets were read (and checked) by the base model's validation pass above
         counts = _class_counts(val)

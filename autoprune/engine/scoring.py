@@ -222,6 +222,9 @@ def call_score_fn(score_fn: ScoreFn, model: nn.Module) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise AutopruneError(f"score_fn must return a number (higher is better), it returned "
                              f"{type(value).__name__} {value!r:.60}")
+    if not math.isfinite(value):
+        raise AutopruneError(f"score_fn returned {float(value)}; it must return a finite number for every network "
+                             "it is given (higher is better): give a network it cannot score a low finite value")
     return float(value)
 
 
