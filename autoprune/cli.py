@@ -280,10 +280,15 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     raise KeyError(name)
 
 
+#: the largest --config file read
+CONFIG_LIMIT = 2**20
+
+
 def _read_config(path: str) -> dict[str, Any]:
     import yaml
 
     from autoprune.errors import AutopruneError
+    from autoprune.io.files import read_text
 
     class UniqueKeys(yaml.SafeLoader):
         """A safe loader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
@@ -297,7 +302,7 @@ def _read_config(path: str) -> dict[str, Any]:
             return super().construct_mapping(node, deep=deep)
 
     try:
-        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=UniqueKeys)  # noqa: S506 (a SafeLoader)
+        data = yaml.load(read_text(path, limit=CONFIG_LIMIT), Loader=UniqueKeys)  # noqa: S506 (a SafeLoader)
     except OSError as exc:
         raise AutopruneError(f"cannot read --config {path!r}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -305,6 +310,11 @@ def _read_config(path: str) -> dict[str, Any]:
                              "e.g. 'macs_reduction: 0.6'") from None
     except yaml.YAMLError as exc:
         raise AutopruneError(f"--config {path!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise AutopruneError(f"--config {path!r} is nested too deeply; give a flat file of settings, "
+                             "e.g. 'macs_reduction: 0.6'") from None
+    except ValueError as exc:  # a device, a pipe or a huge file
+        raise AutopruneError(f"--config: {exc}; give a YAML file of settings") from None
     if data is None:
         return {}
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
@@ -523,12 +533,41 @@ def _resumed(args: argparse.Namespace, run_file: dict[str, Any]) -> None:
     from autoprune.errors import AutopruneError
 
     invocation = run_file.get("invocation") or {}
+    _check_invocation(args.resume, invocation)
     if not invocation.get("model") or not invocation.get("dataset"):
         raise AutopruneError(f"{args.resume!r} does not name its model file and dataset (was the run started from "
                              "Python?); resume it with autoprune.prune(..., out=DIR, resume=True)")
     args.model_file, args.factory = invocation["model"], invocation.get("model_factory")
     args.dataset, args.data_dir = invocation["dataset"], invocation.get("data_dir")
     args.val_fraction, args.limit = invocation.get("val_fraction", 0.1), invocation.get("limit")
+
+
+def _check_invocation(run_dir: str, invocation: Any) -> None:
+    """Refuse a saved invocation whose values no run writes (an edited run.json), naming the first such value."""
+    from numbers import Integral, Real
+
+    from autoprune.errors import AutopruneError, short
+
+    def text(v: Any) -> bool:
+        return isinstance(v, str) and bool(v)
+
+    def fraction(v: Any) -> bool:
+        return isinstance(v, Real) and not isinstance(v, bool) and 0 <= v < 1
+
+    def count(v: Any) -> bool:
+        return isinstance(v, Integral) and not isinstance(v, bool) and v >= 1
+
+    where = str(Path(run_dir) / "run.json")
+    if not isinstance(invocation, dict):
+        raise AutopruneError(f"{where!r} is damaged (invocation={short(invocation)}), so the run cannot be resumed; "
+                             "start it again with --force")
+    expected = {"model": (text, True), "dataset": (text, True), "model_factory": (text, True),
+                "data_dir": (text, True), "val_fraction": (fraction, False), "limit": (count, True)}
+    for key, (check, optional) in expected.items():
+        value = invocation.get(key)
+        if key in invocation and not (value is None and optional) and not check(value):
+            raise AutopruneError(f"{where!r} is damaged (invocation {key}={short(value)}), so the run cannot be "
+                                 "resumed; start it again with --force")
 
 
 def _inputs(args: argparse.Namespace, config: Any):

@@ -115,6 +115,16 @@ def files(tmp_path_factory):
     badvalue.mkdir()
     config = PruneConfig(method="l1", target=Target(macs_reduction=0.5)).to_json()
     (badvalue / "run.json").write_text(json.dumps({"config": {**config, "budget": "abc"}}))
+    badinvocation = d / "badinvocation-run"
+    badinvocation.mkdir()
+    (badinvocation / "run.json").write_text(json.dumps({"config": config, "invocation": {
+        "model": str(base), "dataset": "mnist", "limit": "abc"}}))
+    deep = d / "deep-run"
+    deep.mkdir()
+    (deep / "run.json").write_text("[" * 100_000 + "]" * 100_000)
+    (d / "zero.yaml").symlink_to("/dev/zero")
+    os.mkfifo(d / "fifo.yaml")
+    (d / "deep.yaml").write_text("a: " + "[" * 100_000 + "]" * 100_000 + "\n")
     (d / "badmodule_xyz.py").write_text("raise RuntimeError('boom at import')\n")
     (d / "exitmodule_xyz.py").write_text("import sys\nsys.exit(3)\n")
     (d / "okmodule_xyz.py").write_text(
@@ -129,7 +139,8 @@ def files(tmp_path_factory):
     made["single_class"] = write_mnist(d / "single-class", 40, 20, label=3)
     made["no_train"] = write_mnist(d / "no-train", 0, 20)
     made.update(emptydir=d / "emptydir", nonempty=d / "nonempty", afile=d / "afile", holder=d / "holder",
-                damaged=damaged, nokeys=nokeys, badvalue=badvalue, missing=d / "missing.pt", dir=d,
+                damaged=damaged, nokeys=nokeys, badvalue=badvalue, badinvocation=badinvocation, deep=deep,
+                zero=d / "zero.yaml", fifo=d / "fifo.yaml", deepyaml=d / "deep.yaml", missing=d / "missing.pt", dir=d,
                 missingdir=d / "no-such-dir")
     return {k: str(v) for k, v in made.items()}
 
@@ -289,6 +300,12 @@ CASES = [
     ("prune-resume-incomplete", ["prune", "--resume", "{nokeys}"], ERROR, "damaged or from another version"),
     ("prune-resume-bad-value", ["prune", "--resume", "{badvalue}"], ERROR,
      "run.json' is damaged (budget='abc': must be an integer between 1 and 1000000), so the run cannot be resumed"),
+    ("prune-resume-bad-invocation", ["prune", "--resume", "{badinvocation}"], ERROR,
+     "run.json' is damaged (invocation limit='abc'), so the run cannot be resumed"),
+    ("prune-resume-deep", ["prune", "--resume", "{deep}"], ERROR, "run.json' is damaged (nested too deeply)"),
+    ("prune-config-device", [*R, "--config", "{zero}"], ERROR, "zero.yaml' is not a regular file (a device, pipe"),
+    ("prune-config-fifo", [*R, "--config", "{fifo}"], ERROR, "fifo.yaml' is not a regular file (a device, pipe"),
+    ("prune-config-deep", [*R, "--config", "{deepyaml}"], ERROR, "deep.yaml' is nested too deeply; give a flat"),
     ("prune-unknown-device", [*R, "--device", "tpu"], ERROR, "unknown device 'tpu'"),
     ("prune-finetune-diverges", [*R, "--finetune-epochs", "1", "--finetune-lr", "1e4", "--batch-size", "16"],
      ERROR, "training diverged: loss is nan"),

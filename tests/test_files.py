@@ -206,3 +206,21 @@ def test_read_only_directory(tmp_path):
         assert leftovers(ro) == []
     finally:
         ro.chmod(0o700)
+
+
+def test_record_files_that_are_devices_pipes_or_huge_are_refused_not_read_forever(tmp_path):
+    from autoprune.io.files import read_text
+    from autoprune.runs.job import read_history
+
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "big").write_text("x" * 101)
+    (tmp_path / "ok").write_text("é")
+    for name in ("zero", "pipe"):
+        with pytest.raises(ValueError, match=f"'{tmp_path / name}' is not a regular file"):
+            read_text(tmp_path / name)
+    with pytest.raises(ValueError, match="holds more than 100 bytes"):
+        read_text(tmp_path / "big", limit=100)
+    assert read_text(tmp_path / "ok") == "é"
+    with pytest.raises(AutopruneError, match="cannot read the history .* is not a regular file"):
+        read_history(tmp_path / "zero")

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,6 +46,24 @@ _CAUSES: dict[int, tuple[str, str]] = {
 # how torch.save's C++ writer reports a failed write (it does not raise OSError)
 _TORCH_WRITE_FAILURE = re.compile(r"PytorchStreamWriter|inline_container|file write failed|unexpected pos",
                                   re.IGNORECASE)
+
+
+#: the most bytes autoprune reads from a settings or record file it wrote (run.json, a --config file)
+SMALL_FILE_LIMIT = 16 * 2**20
+
+
+def read_text(path: str | os.PathLike[str], *, limit: int = SMALL_FILE_LIMIT, errors: str = "strict") -> str:
+    """The UTF-8 text of a regular file of at most ``limit`` bytes. A device (a link to ``/dev/zero``), a pipe
+    or a file larger than autoprune ever writes there raises ``ValueError`` naming it, instead of being read
+    forever or into all memory; a missing or unreadable file raises ``OSError``."""
+    file = Path(path)
+    if not stat.S_ISREG(file.stat().st_mode):
+        raise ValueError(f"{str(file)!r} is not a regular file (a device, pipe or socket)")
+    with open(file, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{str(file)!r} holds more than {limit} bytes, more than autoprune writes there")
+    return data.decode("utf-8", errors=errors)
 
 
 def check_path(path: Any, name: str = "path", kind: str = "a file path") -> Path:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from autoprune.engine.result import PruneResult
-from autoprune.io.files import write_json, write_text
+from autoprune.io.files import read_text, write_json, write_text
 
 #: File names of the figures, in the order they appear on a page.
 FIGURES = {
@@ -18,6 +18,8 @@ FIGURES = {
 }
 #: The reports a run or a comparison writes besides its figures.
 REPORTS = ("report.md", "report.html", "report.json")
+#: the largest report.json read back
+REPORT_LIMIT = 256 * 2**20
 
 
 def _mb(n: float) -> str:
@@ -100,7 +102,7 @@ def read_report(path: Path) -> PruneResult | None:
     if not file.exists():
         return None
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(read_text(file, limit=REPORT_LIMIT))
         return PruneResult.from_json(data, read_history(path / "history.jsonl"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # (an AutopruneError is a ValueError)
         return None

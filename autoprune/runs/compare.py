@@ -34,7 +34,7 @@ from autoprune.engine.config import PruneConfig
 from autoprune.engine.prune import Data
 from autoprune.engine.result import PruneResult
 from autoprune.errors import AutopruneError, Interrupted, first_line
-from autoprune.io.files import write_json, write_text
+from autoprune.io.files import read_text, write_json, write_text
 from autoprune.methods import METHODS, create_method, method_names
 from autoprune.registry import coerce_options, option_defaults
 from autoprune.report import FIGURES, REPORTS, plots, read_report
@@ -131,11 +131,14 @@ def load_comparison_run(out: Path) -> dict[str, Any]:
         raise AutopruneError(f"nothing to resume in {str(out)!r}: it has no {RUN_FILE} (was it made by "
                              "`autoprune compare --out`?)")
     try:
-        saved = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+        saved = json.loads(read_text(out / RUN_FILE))
         saved["config"] = PruneConfig.from_json(saved["config"])
         saved["methods"] = parse_methods(saved["methods"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise AutopruneError(f"{str(out / RUN_FILE)!r} is damaged ({type(exc).__name__}: {exc}); start the "
+    except AutopruneError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else f"{type(exc).__name__}: {first_line(exc, '')}"
+        raise AutopruneError(f"{str(out / RUN_FILE)!r} is damaged ({why}); start the "
                              "comparison again with --force") from exc
     return saved
 

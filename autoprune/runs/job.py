@@ -35,7 +35,7 @@ from autoprune.engine.callbacks import Callback
 from autoprune.engine.config import PruneConfig
 from autoprune.engine.result import Evaluation, PruneResult
 from autoprune.errors import AutopruneError, first_line
-from autoprune.io.files import write_json, write_text
+from autoprune.io.files import read_text, write_json, write_text
 from autoprune.runs.lock import Layout, check_replaceable, clear_directory, lock_output
 
 log = logging.getLogger(__name__)
@@ -53,18 +53,27 @@ def run_layout() -> Layout:
                   markers=(RUN_FILE, "report.json"), directories={WORK_DIR: frozenset({"finetune.ckpt"})})
 
 
+#: the largest history file read back (a row is under 1 kB; a budget is at most a million evaluations)
+HISTORY_LIMIT = 2 * 2**30
+
+
 def read_history(path: Path) -> list[Evaluation]:
     """The intact leading rows of a history file (a torn, malformed or inconsistent row ends it)."""
     rows: list[Evaluation] = []
     if not path.exists():
         return rows
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    try:
+        text = read_text(path, limit=HISTORY_LIMIT, errors="replace")
+    except (OSError, ValueError) as exc:
+        raise AutopruneError(f"cannot read the history {str(path)!r} ({first_line(exc, type(exc).__name__)}); "
+                             "start the run again with --force (force=True)") from exc
+    for line in text.splitlines():
         try:
             data = json.loads(line)
             if not isinstance(data, dict):
                 raise ValueError("not an object")
             row = Evaluation.from_json(data, len(rows[0].counts) if rows else len(data.get("counts") or []))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             break  # a line cut short by a hard kill, or not a row this code wrote: everything before it is intact
         if row.index != len(rows):
             break
@@ -79,12 +88,13 @@ def read_run_file(path: Path) -> dict[str, Any]:
         raise AutopruneError(f"nothing to resume in {str(path)!r}: it has no {RUN_FILE} (was it made by "
                              "`autoprune prune --out` or autoprune.prune(out=...)?)")
     try:
-        saved = json.loads(file.read_text(encoding="utf-8"))
+        saved = json.loads(read_text(file))
         if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
             raise ValueError("no configuration")
         saved["config"] = PruneConfig.from_json(saved["config"])  # also refuses a value no run could write
-    except (OSError, ValueError) as exc:  # (an AutopruneError is a ValueError)
-        why = first_line(exc, "") if isinstance(exc, AutopruneError) else type(exc).__name__
+    except (OSError, ValueError, RecursionError) as exc:  # (an AutopruneError is a ValueError)
+        why = (first_line(exc, "") if isinstance(exc, AutopruneError) or type(exc) is ValueError
+               else "nested too deeply" if isinstance(exc, RecursionError) else type(exc).__name__)
         raise AutopruneError(f"{str(file)!r} is damaged ({why}), so the run cannot be resumed; start it again with "
                              "--force") from exc
     return saved
