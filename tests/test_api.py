@@ -12,6 +12,7 @@ callbacks, run directories, resume, determinism, the caller's RNG state) and a s
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import subprocess
@@ -590,6 +591,18 @@ class RaisingIter:
         raise OSError("disk gone")
 
 
+class AnswersNo(autoprune.Callback):
+    def should_stop(self):
+        return "no"
+
+
+class EndlessLoader:
+    """A loader whose every pass cycles for ever."""
+
+    def __iter__(self):
+        return itertools.cycle([(torch.randn(8, 3, SIZE, SIZE), torch.arange(8) % CLASSES)])
+
+
 class BoomCallback(autoprune.Callback):
     def on_evaluation(self, evaluation) -> None:
         raise RuntimeError("cb boom")
@@ -660,10 +673,15 @@ def _one_class(n: int, cls: int = 0) -> list:
     ({"out": 5}, "out=5: must be a directory path (str or os.PathLike)"),
     ({"out": ""}, "out='': is empty"),
     ({"resume": "yes"}, "resume='yes': must be True or False"),
+    ({"val_loader": EndlessLoader()}, "the validation loader never ends (iter() gives an itertools.cycle)"),
+    ({"test_loader": EndlessLoader()}, "test_loader never ends (iter() gives an itertools.cycle), but each pass"),
+    ({"val_loader": [(torch.randn(8, 3, SIZE, SIZE, device="meta"), _labels(8))]},
+     "batch 0 of the validation loader is on the meta device (no data)"),
     ({"progress": "no"}, "progress='no': must be True or False"),
     ({"ray_address": 5, "workers": 2}, "ray_address=5: must be 'auto', 'local' or a cluster address"),
     ({"executor": "serial", "workers": 2}, "workers=2: needs a parallel executor; executor='serial' runs one"),
     ({"callbacks": [BoomCallback()]}, "callback BoomCallback.on_evaluation raised RuntimeError: cb boom; fix the"),
+    ({"callbacks": [AnswersNo()]}, "callback AnswersNo.should_stop returned 'no'; it must return True (stop) or"),
     ({"train_loader": (batch for batch in [toy_images(8, 0)])}, "train_loader is a generator, which can be read only"),
     ({"test_loader": iter([toy_images(8, 0)])}, "test_loader is an iterator (list_iterator), which can be read only"),
     ({"ignored_layers": "no.such.layer"}, "ignored layer(s) ['no.such.layer'] are not"),  # one name, not letters

@@ -746,3 +746,15 @@ def test_random_specs_never_raise_anything_but_autoprune_errors(base_payload, mu
             load(path)
         except AutopruneError as exc:
             assert "\n" not in str(exc)
+
+
+def test_load_and_save_refuse_bad_devices_meta_instances_and_directories_in_one_line(tmp_path, lenet_file):
+    path, pruned, _ = lenet_file
+    for location, named in (("gpu", "unknown device 'gpu'"), (5, "unknown device 5"),
+                            ("meta", "device 'meta' holds no values")):
+        with pytest.raises(AutopruneError, match=named):
+            modelfile.load(path, map_location=location)
+    with pytest.raises(AutopruneError, match="model= is on the meta device; pass a fresh instance on the CPU"):
+        modelfile.load(path, model=nn.Linear(2, 2).to("meta"))
+    with pytest.raises(AutopruneError, match="is a directory; give a file name, e.g."):
+        modelfile.save_model(tmp_path, pruned)

@@ -87,6 +87,24 @@ def check_reiterable(loader: Any, name: str) -> None:
                              "DataLoader or a list of batches")
 
 
+def _check_ends(iterator: Iterator[Any], what: str) -> None:
+    """Refuse an iterator that never ends (``itertools.cycle`` of a loader): every pass over a loader must."""
+    if isinstance(iterator, itertools.cycle | itertools.repeat | itertools.count):
+        raise AutopruneError(f"{what} never ends (iter() gives an itertools.{type(iterator).__name__}), but each pass "
+                             "over it must: pass the DataLoader itself, not a cycle of it")
+
+
+def check_ends(loader: Any, what: str) -> None:
+    """:func:`_check_ends` on a loader read only at the end of a run (the test loader), so that an endless one is
+    refused before the search; a DataLoader (whose ``iter`` would start its workers) always ends."""
+    if loader is None or isinstance(loader, torch.utils.data.DataLoader | Iterator):
+        return
+    try:
+        _check_ends(iter(loader), what)
+    except TypeError:
+        return  # not iterable: said when it is read
+
+
 def to_device(obj: Any, device: torch.device | str) -> Any:
     """Move the tensors in ``obj`` (nested tuples, lists, dicts) to ``device``."""
     if isinstance(obj, torch.Tensor):
@@ -146,6 +164,9 @@ def split_batch(batch: Any, where: str = "a batch") -> Batch:
             isinstance(inputs, tuple | list) and inputs and all(isinstance(t, torch.Tensor) for t in inputs)):
         raise AutopruneError(f"the inputs of {where} must be a tensor or a tuple of tensors, got "
                              f"{type(inputs).__name__}")
+    tensors = [*(inputs if isinstance(inputs, tuple | list) else [inputs]), targets]
+    if any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
+        raise AutopruneError(f"{where} is on the meta device (no data); make the loader yield real tensors")
     return inputs, targets
 
 
@@ -213,6 +234,7 @@ def _batches(loader: Iterable[Any], device: torch.device | str | None, what: str
                                  "iterable of (inputs, targets) batches") from exc
         raise AutopruneError(f"{what} raised {type(exc).__name__} starting a pass (iter(loader), before batch 0): "
                              f"{first_line(exc, '(no message)')}; fix the loader or its data") from exc
+    _check_ends(iterator, what)
     for i in itertools.count():
         try:
             batch = next(iterator)

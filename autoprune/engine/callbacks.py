@@ -69,7 +69,19 @@ class CallbackList(Callback):
         self._each("on_end", result)
 
     def should_stop(self) -> bool:
-        return any(_call(c, "should_stop") for c in self.callbacks)
+        return any(_stop_requested(c) for c in self.callbacks)
+
+
+def _stop_requested(callback: Callback) -> bool:
+    """``callback.should_stop()``, which must be a bool (numpy's included; ``None`` counts as False): a string
+    such as ``"no"`` would otherwise stop the run."""
+    from autoprune.errors import AutopruneError, short
+
+    answer = _call(callback, "should_stop")
+    if answer is None or isinstance(answer, bool) or type(answer).__name__ == "bool_":
+        return bool(answer)
+    raise AutopruneError(f"callback {type(callback).__name__}.should_stop returned {short(answer)}; it must return "
+                         "True (stop) or False")
 
 
 def _call(callback: Callback, hook: str, *args: Any) -> Any:

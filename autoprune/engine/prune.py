@@ -34,6 +34,7 @@ from autoprune.engine.batches import (
     Inputs,
     as_inputs,
     check_class_targets,
+    check_ends,
     check_reiterable,
     count_batches,
     describe_shape,
@@ -174,6 +175,7 @@ def check_loaders(data: Data) -> None:
     is read once, into memory, so an iterator is fine there."""
     check_reiterable(data.train, "train_loader")
     check_reiterable(data.test, "test_loader")
+    check_ends(data.test, "test_loader")
 
 
 def check_forward(model: nn.Module, example: Inputs) -> Any:

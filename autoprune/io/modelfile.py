@@ -154,6 +154,8 @@ def save_model(path: str | os.PathLike[str], model: nn.Module, *, architecture: 
     from autoprune.models import NormalizedModel
 
     path = check_path(path)
+    if path.is_dir():
+        raise AutopruneError(f"{str(path)!r} is a directory; give a file name, e.g. {str(path / 'pruned.pt')!r}")
     if not isinstance(model, nn.Module):
         raise AutopruneError(f"save_model() needs an nn.Module, got {type(model).__name__}")
     if isinstance(model, NormalizedModel):
@@ -716,6 +718,15 @@ def load_with_spec(path: str | os.PathLike[str], *, model: nn.Module | None = No
                    factory: str | Callable[..., nn.Module] | None = None,
                    map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelFile]:
     """Like :func:`load`, and also return the validated :class:`ModelFile` (spec, info, dataset)."""
+    from autoprune.engine.prune import resolve_device
+
+    if model is not None and not isinstance(model, nn.Module):
+        raise AutopruneError(f"model= must be a fresh instance of the saved model's class (an nn.Module), got "
+                             f"{type(model).__name__}")
+    if model is not None and any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise AutopruneError("model= is on the meta device; pass a fresh instance on the CPU (it receives the "
+                             "file's weights)")
+    map_location = resolve_device(nn.Module(), map_location)
     mf = read_model_file(path)
     arch, where = mf.architecture, str(mf.path)
     if model is not None and factory is not None:
