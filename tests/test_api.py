@@ -555,6 +555,20 @@ class HardCodedReshape(nn.Module):
         return self.fc(self.conv(x).reshape(-1, 4 * SIZE * SIZE))
 
 
+class InPlaceOnView(nn.Module):
+    """Runs forward, but changes in place a tensor that autograd needs: no backward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.f(x)
+        y[:, :4].mul_(2)
+        return self.fc(y.mean((2, 3)))
+
+
 class RaisingLoader:
     """Yields one good batch, then raises ``error`` (a disk or a decoder failing mid-pass)."""
 
@@ -673,6 +687,10 @@ def _one_class(n: int, cls: int = 0) -> list:
     ({"out": 5}, "out=5: must be a directory path (str or os.PathLike)"),
     ({"out": ""}, "out='': is empty"),
     ({"resume": "yes"}, "resume='yes': must be True or False"),
+    ({"model": InPlaceOnView(), "finetune": FINETUNE},
+     "the model's backward pass failed during a check of the fine-tuning on training batch 0 (one of the variables"),
+    ({"model": InPlaceOnView(), "method": "gdp", "finetune": None},
+     "the model's backward pass failed during the gradient criterion's gradients"),
     ({"val_loader": EndlessLoader()}, "the validation loader never ends (iter() gives an itertools.cycle)"),
     ({"test_loader": EndlessLoader()}, "test_loader never ends (iter() gives an itertools.cycle), but each pass"),
     ({"val_loader": [(torch.randn(8, 3, SIZE, SIZE, device="meta"), _labels(8))]},

@@ -20,6 +20,7 @@ from autoprune.engine.batches import (
     check_class_targets,
     describe_shape,
     forward,
+    gradients,
     split_batch,
     to_device,
 )
@@ -214,7 +215,7 @@ def parameter_gradient_scores(model: nn.Module, space: PruningSpace, batches: Ba
         totals = [torch.zeros(g.channels, device=device) for g in space.groups]
         count = 0
         for inputs, labels in calibration(batches, max_batches, device, criterion):
-            grads = torch.autograd.grad(loss(work, inputs, labels), params, allow_unused=True)
+            grads = gradients(loss(work, inputs, labels), params, f"the {criterion} criterion's gradients")
             with torch.no_grad():
                 for group, entries, total in zip(space.groups, owners, totals, strict=True):
                     for i, writer, pname in entries:

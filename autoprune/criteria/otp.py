@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from autoprune.engine.batches import Inputs, forward
+from autoprune.engine.batches import Inputs, forward, gradients
 from autoprune.engine.space import PruningSpace
 
 from ._common import (
@@ -283,7 +283,7 @@ def _first_order(model: nn.Module, space: PruningSpace, terminal: Sequence[Membe
     sums = [torch.zeros(g.channels, device=device) for g in space.groups]
     try:
         for inputs, labels in data:
-            grads = torch.autograd.grad(loss(model, inputs, labels), gates, allow_unused=True)
+            grads = gradients(loss(model, inputs, labels), gates, "otp's sensitivity gradients")
             for total, grad in zip(sums, grads, strict=True):
                 if grad is not None:
                     total += grad.abs()

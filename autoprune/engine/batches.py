@@ -77,6 +77,22 @@ def forward_failure(exc: BaseException) -> str | None:
     return getattr(exc, _FORWARD_MARK, None)
 
 
+def gradients(loss: torch.Tensor, params: Sequence[torch.Tensor] | None, where: str) -> Any:
+    """``torch.autograd.grad(loss, params)`` (``loss.backward()`` for None params); a backward pass that fails,
+    typically on a forward that changes a tensor in place which autograd still needs, is one line naming the
+    stage and the fix."""
+    try:
+        if params is None:
+            loss.backward()
+            return None
+        return torch.autograd.grad(loss, params, allow_unused=True)
+    except RuntimeError as exc:
+        cause = first_line(exc, "").split(" Hint:")[0]
+        raise AutopruneError(f"the model's backward pass failed during {where} ({cause}); its forward "
+                             "probably changes in place a tensor that autograd needs (y[:, :4].mul_(2), "
+                             "x += ...): use out-of-place ops there (y = y * 2, torch.cat)") from exc
+
+
 def check_reiterable(loader: Any, name: str) -> None:
     """Refuse an iterator (a generator, ``iter(...)``, a ``map``) given as a loader that is read more than once.
 

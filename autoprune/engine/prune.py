@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import parametrize
@@ -41,6 +42,7 @@ from autoprune.engine.batches import (
     first_sample,
     forward,
     forward_failure,
+    gradients,
     take,
     to_device,
 )
@@ -581,6 +583,11 @@ def check_finetune(base: nn.Module, config: PruneConfig, data: Data, device: tor
     if outputs is None or not first:
         outputs = forward_batch(base, inputs, "training batch 0", example)
     check_class_targets(outputs, targets, what="fine-tuning", fix=TRAINING_FIX)
+    trained = [p for p in base.parameters() if p.requires_grad]
+    if trained:  # a forward that autograd cannot run backward through fails here, not after the search
+        with torch.enable_grad():
+            loss = F.cross_entropy(forward(base, inputs), targets)
+            gradients(loss, trained, "a check of the fine-tuning on training batch 0")
 
 
 EMPTY_TEST = ("the test loader yielded no samples; pass a non-empty test_loader (or none: the validation batches "

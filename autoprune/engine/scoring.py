@@ -97,7 +97,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoprune.checks import check_choice, check_float, check_int
-from autoprune.engine.batches import Batch, Inputs, check_class_targets, forward, seed_for
+from autoprune.engine.batches import Batch, Inputs, check_class_targets, forward, gradients, seed_for
 from autoprune.engine.train import distillation_loss, lr_at, subnormals_flushed
 from autoprune.errors import AutopruneError, first_line
 from autoprune.registry import Registry
@@ -306,7 +306,7 @@ def distill_steps(model: nn.Module, data: ScoreData, *, steps: int, lr: float, d
             if not torch.isfinite(loss):
                 return False
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            gradients(loss, None, "a candidate's short fine-tune (score 'finetune')")
             optimizer.step()
     finally:
         model.eval()

@@ -34,6 +34,7 @@ from autoprune.engine.batches import (
     correct_predictions,
     count_batches,
     forward,
+    gradients,
     iterate,
     to_device,
 )
@@ -330,7 +331,7 @@ def _epochs(model: nn.Module, trained: nn.Module, loader: Iterable[Any], config:
                                      f"step {i + 1} (learning rate {lr:.4g}); lower the learning rate or check "
                                      "the data")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            gradients(loss, None, f"{desc}, epoch {epoch + 1}")
             optimizer.step()
             running = 0.9 * running + 0.1 * float(loss.detach()) if i else float(loss.detach())
             if i % 20 == 0:
