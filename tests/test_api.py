@@ -677,6 +677,12 @@ def _one_class(n: int, cls: int = 0) -> list:
     ({"val_loader": RaisingIter()}, "the validation loader raised OSError starting a pass (iter(loader), before batch"),
     ({"train_loader": RaisingIter()}, "the training loader raised OSError starting a pass"),
     ({"finetune": lambda model: 1 / 0}, "finetune raised ZeroDivisionError: division by zero; fix your fine-tuning"),
+    ({"finetune": lambda model: model.double()}, "finetune (<lambda>) turned '0.weight' from torch.float32 on cpu "
+                                                 "into torch.float64 on cpu; make <lambda> train the model it is"),
+    ({"finetune": lambda model: model.append(nn.Identity()).append(nn.Linear(CLASSES, CLASSES))},
+     "finetune (<lambda>) changed the pruned model's layers (['13.bias', '13.weight'])"),
+    ({"finetune": lambda model: [p.data.fill_(float("nan")) for p in model.parameters()]},
+     "finetune (<lambda>) left NaN or infinite values in '0.weight'; it diverged"),
     ({"method": 123}, "method=123: must be a method name"),
     ({"model": sequential_cnn().half(), "example_inputs": torch.randn(1, 3, SIZE, SIZE).half()},
      "the model's parameters are float16; autoprune prunes float32 models: pass model.float()"),

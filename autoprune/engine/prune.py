@@ -69,7 +69,7 @@ from autoprune.engine.scoring import (
 )
 from autoprune.engine.space import PruningSpace, TraceFailed
 from autoprune.engine.train import EmptyData, TrainingInterrupted, evaluate, fit, subnormals_flushed
-from autoprune.errors import AutopruneError, Interrupted, first_line
+from autoprune.errors import AutopruneError, Interrupted, first_line, short
 from autoprune.methods import Method, MethodContext, Plan
 from autoprune.search import Fitness, Problem, create_strategy, run_search
 from autoprune.search.uniform import Uniform
@@ -537,16 +537,18 @@ def finetune(pruned: nn.Module, setup: Setup, config: PruneConfig, data: Data, f
     ``extra_epochs`` the method already trained the network (``Method.extra_training_epochs``)."""
     started = time.perf_counter()
     if finetune_fn is not None:
+        name = getattr(finetune_fn, "__name__", type(finetune_fn).__name__)
+        before = _layout(pruned)
         pruned.train()
         try:
             finetune_fn(pruned)
         except AutopruneError:
             raise
         except Exception as exc:
-            name = getattr(finetune_fn, "__name__", type(finetune_fn).__name__)
             raise AutopruneError(f"finetune raised {type(exc).__name__}: {first_line(exc, '(no message)')}; fix your "
                                  f"fine-tuning function ({name}, called as finetune(model) with the pruned model in "
                                  "train mode)") from exc
+        _check_finetuned(name, before, _layout(pruned), pruned)
         pruned.eval()
         return FinetuneStats(epochs=0, seconds=time.perf_counter() - started, custom=True)
     settings = config.finetune
@@ -563,6 +565,30 @@ def finetune(pruned: nn.Module, setup: Setup, config: PruneConfig, data: Data, f
         raise SearchInterrupted("interrupted during fine-tuning (finished epochs are checkpointed)") from exc
     return FinetuneStats(epochs=settings.epochs, seconds=time.perf_counter() - started, lr=settings.lr,
                          distill=settings.distill)
+
+
+def _layout(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]]:
+    """Shape, dtype and device of every parameter and buffer, by name: what a fine-tuning may not change."""
+    return {n: (tuple(t.shape), t.dtype, t.device) for n, t in (*model.named_parameters(), *model.named_buffers())}
+
+
+def _check_finetuned(name: str, before: dict[str, Any], after: dict[str, Any], model: nn.Module) -> None:
+    """A caller's fine-tuning must train the pruned model in place: the same tensors (names and shapes, as the
+    saved widths record them), dtype and device, and finite weights."""
+    fix = f"make {name} train the model it is given in place, and change the result only after autoprune returns"
+    changed = sorted(before.keys() ^ after.keys()) or [k for k in before if before[k][0] != after[k][0]]
+    if changed:
+        raise AutopruneError(f"finetune ({name}) changed the pruned model's layers ({short(changed)}); {fix}")
+    moved = next((k for k in before if before[k][1:] != after[k][1:]), None)
+    if moved is not None:
+        (_, dtype, device), (_, dtype2, device2) = before[moved], after[moved]
+        raise AutopruneError(f"finetune ({name}) turned {moved!r} from {dtype} on {device} into {dtype2} on "
+                             f"{device2}; {fix}")
+    broken = next((n for n, p in model.named_parameters()
+                   if p.is_floating_point() and not bool(torch.isfinite(p).all())), None)
+    if broken is not None:
+        raise AutopruneError(f"finetune ({name}) left NaN or infinite values in {broken!r}; it diverged: lower its "
+                             "learning rate")
 
 
 def check_finetune(base: nn.Module, config: PruneConfig, data: Data, device: torch.device,
