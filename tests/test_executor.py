@@ -381,3 +381,31 @@ def test_ray_refuses_an_unpicklable_score_fn(case, ray_instance):
     with pytest.raises(AutopruneError) as info:
         prune(case, workers=2, ray_address="local", score_fn=unpicklable_score_fn())
     assert str(info.value) == SCORE_FN_NOT_PICKLABLE
+
+
+def test_ray_names_a_model_class_its_workers_cannot_import(case, ray_instance, tmp_path, monkeypatch):
+    (tmp_path / "driver_only_models.py").write_text("from torch import nn\n\n\nclass DriverOnly(nn.Sequential):\n"
+                                                    "    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the driver imports it; Ray's workers, started before, cannot
+    from driver_only_models import DriverOnly
+
+    model = DriverOnly(*copy.deepcopy(case["model"]))
+    with pytest.raises(AutopruneError) as info:
+        autoprune.prune(model, case["example"], train_loader=case["train"], val_loader=case["val"],
+                        **{**RUN, "workers": 2, "ray_address": "local"})
+    assert str(info.value).startswith("Ray workers cannot load the model and data sent to them (ModuleNotFoundError: "
+                                      "No module named 'driver_only_models'); define the model's class")
+
+
+def test_ray_passes_on_what_score_fn_raised_in_a_worker_in_one_line(case, ray_instance):
+    driver = os.getpid()
+
+    def score(model):
+        if os.getpid() != driver:
+            raise ValueError("only the driver can score")
+        return 0.5
+
+    with pytest.raises(AutopruneError) as info:
+        prune(case, workers=2, ray_address="local", score_fn=score)
+    assert str(info.value) == ("score_fn raised ValueError: only the driver can score; fix score_fn (it is called "
+                               "with each candidate network in eval mode)")

@@ -34,6 +34,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -434,6 +435,7 @@ class RayExecutor(Executor):
             except Exception as exc:
                 raise AutopruneError(f"the model or its data cannot be sent to Ray workers ({_first_line(exc)}); "
                                      "use workers=1") from exc
+            self._check_payload_loads()
             # restarts are bounded; task retries are not (-1): a task sent while its actor restarts fails fast and
             # uses up a retry (ray-project/ray#44719), so a small count can lose a task the restart would have
             # served. Once the restarts are used up the actor is dead and its tasks fail with RayActorError.
@@ -452,23 +454,43 @@ class RayExecutor(Executor):
         if address not in (None, "local", "auto"):
             _check_reachable(address)
         try:
+            # workers' output stays in Ray's log files: their failures reach the caller as one line each
             if address in (None, "local"):
-                ray.init(num_cpus=self.workers, include_dashboard=False, logging_level=logging.WARNING)
+                ray.init(num_cpus=self.workers, include_dashboard=False, logging_level=logging.WARNING,
+                         log_to_driver=False)
             else:
-                ray.init(address=address, logging_level=logging.WARNING)
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         except Exception as exc:
             raise AutopruneError(f"cannot connect to Ray at {address!r} ({_first_line(exc)}); start a cluster with "
                                  "`ray start --head`, or use ray_address='local'") from exc
         return True
 
+    def _check_payload_loads(self) -> None:
+        """Load the payload in one Ray task before starting the actors: a model class or ``score_fn`` that the
+        workers cannot import fails there once, with its cause, rather than in every actor's restarts."""
+        probe = self._ray.remote(_payload_loads).options(num_cpus=1, max_retries=0)
+        try:
+            self._ray.get(probe.remote(self._payload))
+        except Exception as exc:
+            raise AutopruneError(f"Ray workers cannot load the model and data sent to them ({_ray_cause(exc)}); "
+                                 "define the model's class (and score_fn) in the script's __main__ or in a module "
+                                 "installed on every node, or use workers=1") from None
+
     def _run(self, keeps: list[np.ndarray]) -> list[Fitness]:
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
         try:
             return list(self._pool.map(lambda actor, keep: actor.evaluate.remote(keep), keeps))
+        except RayTaskError as exc:  # what the evaluation raised in the worker, without Ray's traceback
+            cause = _root_cause(exc)
+            if isinstance(cause, AutopruneError):
+                raise AutopruneError(_plain(str(cause))) from None
+            raise AutopruneError(f"a Ray worker failed evaluating a candidate ({_ray_cause(exc)})") from None
         except RayActorError as exc:
+            if getattr(exc, "actor_init_failed", False):
+                raise AutopruneError(f"Ray workers failed to start ({_ray_cause(exc)}); use workers=1") from None
             raise AutopruneError(f"a Ray worker died more than {MAX_RESTARTS} times evaluating candidates "
-                                 f"({_first_line(exc)}); use fewer workers or workers=1") from exc
+                                 f"({_ray_cause(exc)}); use fewer workers or workers=1") from exc
 
     def close(self, *, failed: bool = False) -> None:
         try:
@@ -482,6 +504,33 @@ class RayExecutor(Executor):
                 self._ray.shutdown()
         finally:
             super().close(failed=failed)
+
+
+def _payload_loads(state: Mapping[str, Any]) -> None:
+    """A Ray task whose argument is the workers' payload: it fails if a worker cannot unpickle it."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _plain(text: str) -> str:
+    """``text`` without terminal colour codes (Ray colours its worker names)."""
+    return _ANSI.sub("", text)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The exception under Ray's wrappers (``RayTaskError.cause``, ``RaySystemError.client_exc``)."""
+    for _ in range(8):
+        inner = getattr(exc, "cause", None) or getattr(exc, "client_exc", None)
+        if not isinstance(inner, BaseException) or inner is exc:
+            break
+        exc = inner
+    return exc
+
+
+def _ray_cause(exc: BaseException) -> str:
+    """The first line of the exception under Ray's wrappers, without colour codes."""
+    return _plain(_first_line(_root_cause(exc)))
 
 
 def create_executor(config: PruneConfig, evaluator: Evaluator) -> Executor:
