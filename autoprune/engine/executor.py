@@ -349,7 +349,7 @@ class PoolExecutor(Executor):
         if error.exists():
             raise AutopruneError(f"worker processes cannot load the model and data sent to them "
                                  f"({error.read_text(encoding='utf-8').strip()}); define the model's class in an "
-                                 "importable module, or use workers=1 or ray_address='local'")
+                                 "importable module (or in the script's __main__), or use workers=1")
 
     def _collect(self, keeps: list[np.ndarray], todo: list[int], results: list[Fitness | None]) -> None:
         """Submit ``todo`` and fill ``results``; candidates lost to a broken pool stay None."""
