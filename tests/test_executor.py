@@ -145,6 +145,20 @@ def test_pool_gives_the_serial_result(case, serial, caplog):
     assert any("2 pool workers" in r.getMessage() for r in caplog.records)
 
 
+class NoisyForward(nn.Sequential):
+    """A forward that draws random numbers at evaluation (dropout called with training=True)."""
+
+    def forward(self, x):
+        return super().forward(F.dropout(x, 0.3, training=True))
+
+
+def test_a_forward_drawing_random_numbers_gives_the_same_run_serially_and_on_the_pool(case):
+    noisy = {**case, "model": NoisyForward(*copy.deepcopy(case["model"]))}
+    serial, pooled = prune(noisy), prune(noisy, workers=2)
+    assert len({r.accuracy for r in serial.history}) > 1
+    assert_same_run(pooled, serial)
+
+
 def test_pool_worker_killed_mid_batch_gives_the_serial_result(case, serial, monkeypatch, tmp_path, caplog):
     marker = kill_on(monkeypatch, tmp_path, serial)
     result = prune(case, workers=2)

@@ -166,16 +166,23 @@ class Evaluator:
     def measure(self, keep: np.ndarray, score: CandidateScore | None = None) -> Measurement:
         """The candidate adapted and measured by ``score`` (default: the configured one); not cached."""
         score = score or self.candidate_score
-        score.prepare(self.data)  # the unpruned network's logits, before the working copy is masked
         seed = candidate_seed(self.seed, self.key(keep))
-        if self.physical or score.adapts:
-            return score(self.space.apply(self._model, keep, self.scores), self.data, seed)
-        try:
-            with self.space.masked(self._model, keep, self.scores) as masked:
-                return score(masked, self.data, seed)
-        finally:  # adaptive BatchNorm ran on the working copy: it stays the unpruned network (the teacher)
-            if self._bn_state:
-                self._model.load_state_dict(self._bn_state, strict=False)
+        device = model_device(self._model)
+        # a forward that draws random numbers (dropout called with training=True) draws the same ones for this
+        # candidate, and for the unpruned network's logits, in any process and at any point of the search: the
+        # same result on any executor
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(candidate_seed(self.seed, ()))
+            score.prepare(self.data)  # the unpruned network's logits, before the working copy is masked
+            torch.manual_seed(seed)
+            if self.physical or score.adapts:
+                return score(self.space.apply(self._model, keep, self.scores), self.data, seed)
+            try:
+                with self.space.masked(self._model, keep, self.scores) as masked:
+                    return score(masked, self.data, seed)
+            finally:  # adaptive BatchNorm ran on the working copy: it stays the unpruned network (the teacher)
+                if self._bn_state:
+                    self._model.load_state_dict(self._bn_state, strict=False)
 
     def state(self) -> dict[str, Any]:
         """What a worker process needs to build an equal evaluator (:meth:`from_state`), without the cache.
