@@ -626,6 +626,13 @@ def _labels(n: int) -> torch.Tensor:
     return torch.arange(n) % CLASSES
 
 
+def _trains_what_it_scores(model):
+    """A score_fn that changes the weights of the network it is given (as an optimizer step does)."""
+    with torch.no_grad():
+        next(model.parameters()).mul_(0.5)
+    return 0.5
+
+
 def _infinite_after_first_call():
     """A score_fn finite for the unpruned model and infinite for every candidate."""
     calls = []
@@ -660,6 +667,8 @@ def _one_class(n: int, cls: int = 0) -> list:
     ({"score_fn": lambda model: "high"}, "score_fn must return a number (higher is better), it returned str 'high'"),
     ({"score_fn": lambda model: float("nan")}, "score_fn returned nan; it must return a finite number for every"),
     ({"score_fn": _infinite_after_first_call()}, "score_fn returned inf; it must return a finite number"),
+    ({"score_fn": _trains_what_it_scores}, "score_fn changed the network it was given (its weights, buffers or "
+                                           "layers); it must only evaluate it: train or edit copy.deepcopy(model)"),
     ({"val_loader": RaisingLoader(OSError("disk gone"))}, "the validation loader raised OSError reading batch 1: disk"),
     ({"train_loader": RaisingLoader(RuntimeError())}, "the training loader raised RuntimeError reading batch 1: (no"),
     ({"val_loader": NaNLoader()}, "NaN or infinite outputs on validation batch 0; the inputs hold NaN"),

@@ -208,8 +208,14 @@ class Measurement:
         return math.exp(-raw) if math.isfinite(raw) else 0.0
 
 
+def _tensor_versions(model: nn.Module) -> list[tuple[str, int, int]]:
+    """Name, identity and in-place version counter of every parameter and buffer: any change to the network."""
+    return [(name, id(t), t._version) for name, t in (*model.named_parameters(), *model.named_buffers())]
+
+
 def call_score_fn(score_fn: ScoreFn, model: nn.Module) -> float:
     """``score_fn(model)`` as a float; what it raises, or a value that is not a number, is one line naming it."""
+    before = _tensor_versions(model)
     try:
         value = score_fn(model)
     except AutopruneError:
@@ -217,6 +223,9 @@ def call_score_fn(score_fn: ScoreFn, model: nn.Module) -> float:
     except Exception as exc:
         raise AutopruneError(f"score_fn raised {type(exc).__name__}: {first_line(exc, '(no message)')}; fix score_fn "
                              "(it is called with each candidate network in eval mode)") from exc
+    if _tensor_versions(model) != before:  # the network is the search's working copy: later candidates would be off
+        raise AutopruneError("score_fn changed the network it was given (its weights, buffers or layers); it must "
+                             "only evaluate it: train or edit copy.deepcopy(model) instead")
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
