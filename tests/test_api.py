@@ -569,6 +569,23 @@ class InPlaceOnView(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
+class ArgMax(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.argmax(1)
+
+
+class KeepsActivation(nn.Sequential):
+    """Stores its last output, as models exposing features for a loss do: not deep-copyable after a forward."""
+
+    def __init__(self) -> None:
+        super().__init__(*sequential_cnn())
+        self.last = super().forward(torch.randn(2, 3, SIZE, SIZE))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last = super().forward(x)
+        return self.last
+
+
 class RaisingLoader:
     """Yields one good batch, then raises ``error`` (a disk or a decoder failing mid-pass)."""
 
@@ -702,6 +719,14 @@ def _one_class(n: int, cls: int = 0) -> list:
     ({"out": 5}, "out=5: must be a directory path (str or os.PathLike)"),
     ({"out": ""}, "out='': is empty"),
     ({"resume": "yes"}, "resume='yes': must be True or False"),
+    ({"ignored_layers": ["0", "3", "6"]}, "ignored_layers (['0', '3', '6']) leave no layer to prune; keep fewer"),
+    ({"round_to": 64}, "is unreachable: at the minimum widths the model keeps 100.0% of its MACs (largest reduction "
+                       "0.000); lower the target, min_ratio or round_to=64"),
+    ({"model": nn.Sequential(sequential_cnn(), ArgMax())}, "model Sequential returns torch.int64 values (an argmax"),
+    ({"val_loader": [(torch.randn(8, 3, SIZE, SIZE), _labels(8).tolist())]},
+     "accuracy needs integer class targets as a tensor (B,), the loader gave a list"),
+    ({"model": KeepsActivation()}, "cannot copy model KeepsActivation: its attribute 'last' holds a tensor a forward "
+                                   "computed with gradients; store it detached"),
     ({"model": InPlaceOnView(), "finetune": FINETUNE},
      "the model's backward pass failed during a check of the fine-tuning on training batch 0 (one of the variables"),
     ({"model": InPlaceOnView(), "method": "gdp", "finetune": None},

@@ -319,6 +319,10 @@ def check_class_targets(outputs: Any, targets: Any, *, what: str = "accuracy",
                         fix: str = "for other tasks pass score_fn=callable(model) -> float") -> None:
     """Raise one line unless ``outputs`` are logits ``(B, K)`` and ``targets`` integer class indices ``(B,)`` in
     ``[0, K)`` (what accuracy and cross-entropy read); ``what`` needs them, ``fix`` says what to do otherwise."""
+    if isinstance(outputs, torch.Tensor) and outputs.dim() >= 2 and not isinstance(targets, torch.Tensor):
+        raise AutopruneError(f"{what} needs integer class targets as a tensor (B,), the loader gave a "
+                             f"{type(targets).__name__}; make it yield torch.tensor(targets) (a DataLoader's default "
+                             "collate does)")
     if not isinstance(outputs, torch.Tensor) or outputs.dim() < 2 or not isinstance(targets, torch.Tensor):
         got = type(outputs).__name__ if not isinstance(outputs, torch.Tensor) else f"shape {tuple(outputs.shape)}"
         raise AutopruneError(f"{what} needs logits (B, classes) and integer class targets (B,), the model gave "

@@ -184,12 +184,17 @@ def check_forward(model: nn.Module, example: Inputs) -> Any:
     """Run the model once on its example inputs; a failure is one line naming the model and the shapes."""
     try:
         with torch.no_grad():
-            return forward(model, example)
+            out = forward(model, example)
     except Exception as exc:
         first = first_line(exc, "")
         raise AutopruneError(f"model {type(model).__name__} fails on example inputs of shape "
                              f"{describe_shape(example)} ({type(exc).__name__}: {first}); pass example_inputs its "
                              "forward accepts") from exc
+    outputs = [t for t in tp.utils.flatten_as_list(out) if isinstance(t, torch.Tensor)]
+    if outputs and not any(t.is_floating_point() for t in outputs):
+        raise AutopruneError(f"model {type(model).__name__} returns {outputs[0].dtype} values (an argmax or "
+                             "labels?), which no gradient or channel reaches; return the logits (or scores) instead")
+    return out
 
 
 def _class_counts(val: Sequence[Batch]) -> torch.Tensor | None:
@@ -213,8 +218,16 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
     try:
         base = copy.deepcopy(model).to(device).eval()
     except Exception as exc:
-        raise AutopruneError(f"cannot copy model {type(model).__name__} ({type(exc).__name__}: {exc}); autoprune "
-                             "never changes the caller's model, so it must support copy.deepcopy") from exc
+        stored = next((f"{name}.{attr}".lstrip(".") for name, module in model.named_modules()
+                       for attr, value in vars(module).items()
+                       if isinstance(value, torch.Tensor) and not value.is_leaf), None)
+        if stored is not None:
+            raise AutopruneError(f"cannot copy model {type(model).__name__}: its attribute {stored!r} holds a tensor "
+                                 "a forward computed with gradients; store it detached (.detach()) or set it to None "
+                                 "before pruning (autoprune works on a copy: the caller's model is never changed)"
+                                 ) from exc
+        raise AutopruneError(f"cannot copy model {type(model).__name__} ({type(exc).__name__}: {first_line(exc, '')}); "
+                             "autoprune never changes the caller's model, so it must support copy.deepcopy") from exc
     example = to_device(first_sample(as_inputs(example_inputs)), device)
     check_forward(base, example)
     space = PruningSpace(base, example, round_to=config.round_to, min_ratio=config.min_ratio,
@@ -336,9 +349,11 @@ def check_reachable(space: PruningSpace, config: PruneConfig) -> None:
     floor = space.relative_macs(space.lower)
     if floor > 1 - target + 1e-9:
         more = f" (kept whole as they are: {space.describe_kept_whole()})" if space.kept_whole else ""
+        knobs = "min_ratio" + (f" or round_to={config.round_to}" if config.round_to > 1 else "") + (
+            f" or the {len(config.ignored_layers)} ignored_layers" if config.ignored_layers else "")
         raise AutopruneError(f"macs_reduction={target} is unreachable: at the minimum widths the model keeps "
                              f"{floor:.1%} of its MACs (largest reduction {1 - floor:.3f}){more}; lower the "
-                             "target or min_ratio")
+                             f"target, {knobs}")
 
 
 def make_plan(method: Method, setup: Setup, config: PruneConfig, train: Iterable[Any] | None,

@@ -56,7 +56,7 @@ from autoprune.engine.batches import (
     random_batch,
     to_device,
 )
-from autoprune.errors import AutopruneError, first_line
+from autoprune.errors import AutopruneError, first_line, short
 
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d,
               nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -215,6 +215,10 @@ class PruningSpace:
                                           self.kept_whole), key=lambda g: order[g.root])
         self.groups: tuple[Group, ...] = tuple(
             replace(g, index=i) for i, g in enumerate(found))
+        if not self.groups and ignored and _groups_without_ignored(graph, names, loose, round_to, min_ratio,
+                                                                    min_channels):
+            raise AutopruneError(f"ignored_layers ({short(list(ignored))}) leave no layer to prune; keep fewer "
+                                 "layers whole")
         if not self.groups:
             raise AutopruneError("the model has no prunable channels " + (
                 f"(kept whole as they are: {self.describe_kept_whole()})" if self.kept_whole else
@@ -727,6 +731,13 @@ def _groups_from_graph(graph: tp.DependencyGraph, names: dict[nn.Module, str], l
         floor = max(min_channels, math.ceil(min_ratio * channels))
         floor = min(channels, math.ceil(floor / step) * step)
         yield Group(-1, root, channels, floor, _dedupe(members), chunks, step)
+
+
+def _groups_without_ignored(graph: tp.DependencyGraph, names: dict[nn.Module, str],
+                            loose: dict[int, tuple[str, int]], round_to: int, min_ratio: float,
+                            min_channels: int) -> bool:
+    """Whether the model would have prunable groups if no layer were ignored."""
+    return any(True for _ in _groups_from_graph(graph, names, loose, set(), round_to, min_ratio, min_channels, {}))
 
 
 def _splits_channels(node: object) -> bool:
