@@ -430,6 +430,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from autoprune.engine.train import TrainConfig
     from autoprune.errors import AutopruneError
     from autoprune.models import resolve_factory
+    from autoprune.models.registry import accepted_arguments
     from autoprune.runs.training import train_base
 
     out = Path(args.out)
@@ -437,9 +438,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise AutopruneError(f"--out {args.out!r} is a directory; give a file name such as runs/model.pt")
     if out.exists() and not args.force:
         raise AutopruneError(f"{args.out!r} already exists; pass --force to overwrite it or choose another --out")
-    resolve_factory(args.model)
+    factory = resolve_factory(args.model)
     if args.width is not None and not 0 < args.width <= 64:
         raise AutopruneError(f"--width must be in (0, 64] (it multiplies every layer's width), got {args.width}")
+    if args.width is not None and not accepted_arguments(factory, {"width": args.width}):
+        raise AutopruneError(f"--width does not apply to --model {args.model} (it takes no width argument); leave it "
+                             "out, or use a vgg* or resnet* model")
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                          weight_decay=args.weight_decay, seed=args.seed)
     device = _device(args.device)
@@ -715,7 +719,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from autoprune.export import export_onnx
     from autoprune.io.modelfile import load_with_spec
 
+    if not args.onnx:
+        raise AutopruneError("--onnx is empty; name the ONNX file to write, e.g. --onnx model.onnx")
     target = Path(args.onnx)
+    blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise AutopruneError(f"--onnx {args.onnx!r}: {str(blocker)!r} is a file, not a directory; name a path in a "
+                             "directory")
     if target.exists() and Path(args.model_file).exists() and os.path.samefile(target, args.model_file):
         raise AutopruneError(f"--onnx {args.onnx!r} is the model file being exported; name another file")
     if target.is_dir():

@@ -719,6 +719,8 @@ def _one_class(n: int, cls: int = 0) -> list:
     ({"out": 5}, "out=5: must be a directory path (str or os.PathLike)"),
     ({"out": ""}, "out='': is empty"),
     ({"resume": "yes"}, "resume='yes': must be True or False"),
+    ({"method": "sa", "train_loader": [toy_images(8, 0)] * 2},
+     "method 'sa' trains each of its 3 shard networks on one training batch in 3, but the training loader has only 2"),
     ({"ignored_layers": ["0", "3", "6"]}, "ignored_layers (['0', '3', '6']) leave no layer to prune; keep fewer"),
     ({"round_to": 64}, "is unreachable: at the minimum widths the model keeps 100.0% of its MACs (largest reduction "
                        "0.000); lower the target, min_ratio or round_to=64"),

@@ -164,6 +164,7 @@ CASES = [
     # ---- train
     ("train-missing-args", ["train"], USAGE, "required: --model, --dataset, --out"),
     ("train-unknown-model", [*T, "--model", "nosuchnet"], ERROR, "valid models: lenet5"),
+    ("train-width-for-lenet", [*T, "--width", "2"], ERROR, "--width does not apply to --model lenet5 (it takes no"),
     ("train-unknown-dataset", [*T, "--dataset", "nosuchdata"], ERROR, "valid datasets: cifar10"),
     ("train-no-data-dir", [*T, "--dataset", "mnist"], ERROR, "--data-dir is required for dataset 'mnist'"),
     ("train-missing-data-dir", [*T, "--dataset", "mnist", "--data-dir", "{missingdir}"], ERROR, "does not exist"),
@@ -358,6 +359,9 @@ CASES = [
     ("eval-unknown-device", [*E, "--device", "tpu"], ERROR, "unknown device 'tpu'"),
     # ---- export
     ("export-missing-onnx", ["export", "{base}"], USAGE, "the following arguments are required: --onnx"),
+    ("export-empty-onnx", ["export", "{base}", "--onnx", ""], ERROR, "--onnx is empty; name the ONNX file to write"),
+    ("export-onnx-under-a-file", ["export", "{base}", "--onnx", "{afile}/model.onnx"], ERROR,
+     "afile' is a file, not a directory; name a path in a directory"),
     ("export-malicious-pickle", ["export", "{evil}", "--onnx", "{out}.onnx"], ERROR, "could run code"),
     ("export-factory-not-trusted", ["export", "{factory}", "--onnx", "{out}.onnx"], ERROR,
      "pass --model okmodule_xyz:lenet"),

@@ -603,6 +603,15 @@ def test_integer_weights_are_refused(tmp_path, base_payload, dtype):
                    f"holds {name} weights", "quantised files are not supported")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_files_are_refused_as_such(tmp_path, base_payload, dtype):
+    payload = copy.deepcopy(base_payload)
+    payload["state_dict"] = {k: v.to(dtype) if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    name = str(dtype).removeprefix("torch.")
+    one_line_error(lambda: read_model_file(save_raw(tmp_path / "h.pt", payload)), f"holds {name} (half precision) "
+                   "weights", "model.float()")
+
+
 def test_quantised_tensors_are_refused(tmp_path, base_payload):
     payload = copy.deepcopy(base_payload)
     w = payload["state_dict"]["net.features.0.weight"]

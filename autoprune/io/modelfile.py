@@ -599,6 +599,10 @@ def _check_state_dict(c: _Checker, value: Any, spec: dict[str, Any]) -> dict[str
             raise c.fail(f"state_dict{_key(k)}", f"holds {str(t.dtype).removeprefix('torch.')} weights; autoprune "
                          "model files hold float weights (quantised files are not supported)",
                          "save the float model instead")
+        if t.dtype in (torch.float16, torch.bfloat16):
+            raise c.fail(f"state_dict{_key(k)}", f"holds {str(t.dtype).removeprefix('torch.')} (half precision) "
+                         "weights; autoprune model files hold float32 or float64 weights",
+                         "save the model after model.float()")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise c.fail(f"state_dict{_key(k)}", "contains NaN or infinite values",
                          "the model diverged or the file is damaged; retrain it or use an earlier file")

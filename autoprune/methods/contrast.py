@@ -56,9 +56,10 @@ from torch import nn
 
 from autoprune.checks import check_float, check_int
 from autoprune.criteria import out_members
-from autoprune.engine.batches import METHOD_TRAINING_FIX
+from autoprune.engine.batches import METHOD_TRAINING_FIX, count_batches
 from autoprune.engine.space import COMPUTE_TYPES, PruningSpace
 from autoprune.engine.train import fit
+from autoprune.errors import AutopruneError
 from autoprune.methods.base import Method, MethodContext, Plan, ShardLoader, register_method, residual_start
 from autoprune.search.base import check_bool
 
@@ -218,6 +219,12 @@ class SA(Method):
     def probe_scales(self, ctx: MethodContext) -> list[list[np.ndarray]]:
         """Train the shard networks; per network, per group, its scale factors divided by the group's largest."""
         loader = ctx.loader(self.name, "training its shard networks")
+        batches = count_batches(loader)
+        if batches is not None and batches < self.networks:
+            raise AutopruneError(f"method 'sa' trains each of its {self.networks} shard networks on one training "
+                                 f"batch in {self.networks}, but the training loader has only {batches}; use a "
+                                 "smaller batch size (--batch-size, TrainConfig(batch_size=)), more training data, "
+                                 "or fewer networks (networks=2)")
         scales = []
         for k in range(self.networks):
             net = copy.deepcopy(ctx.model)
