@@ -719,6 +719,8 @@ def _one_class(n: int, cls: int = 0) -> list:
     ({"out": 5}, "out=5: must be a directory path (str or os.PathLike)"),
     ({"out": ""}, "out='': is empty"),
     ({"resume": "yes"}, "resume='yes': must be True or False"),
+    ({"train_loader": [toy_images(8, 0), (torch.randn(8, 1, SIZE, SIZE), _labels(8))]},
+     "the model fails on training batch 1, inputs of shape (8, 1, 16, 16)"),
     ({"method": "sa", "train_loader": [toy_images(8, 0)] * 2},
      "method 'sa' trains each of its 3 shard networks on one training batch in 3, but the training loader has only 2"),
     ({"ignored_layers": ["0", "3", "6"]}, "ignored_layers (['0', '3', '6']) leave no layer to prune; keep fewer"),

@@ -197,6 +197,12 @@ def check_forward(model: nn.Module, example: Inputs) -> Any:
     return out
 
 
+def _shapes(inputs: Inputs) -> list[tuple[int, ...]]:
+    """The shape of each input tensor without its batch dimension, then the batch sizes."""
+    tensors = inputs if isinstance(inputs, tuple | list) else (inputs,)
+    return [tuple(len(t) for t in tensors), *(tuple(t.shape[1:]) for t in tensors)]
+
+
 def _class_counts(val: Sequence[Batch]) -> torch.Tensor | None:
     """Samples per class of the validation targets (None unless every batch has class indices ``(B,)``); the
     majority-class rate is what a constant classifier scores (the chance level)."""
@@ -252,6 +258,9 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
     calibration = [x for x, _ in pairs]
     with torch.no_grad():
         first_outputs = forward_batch(base, pairs[0][0], "training batch 0", example) if pairs else None
+        for i, (inputs, _) in enumerate(pairs[1:], 1):  # a batch shaped unlike batch 0 must run too (calibration)
+            if _shapes(inputs)[1:] != _shapes(pairs[0][0])[1:]:
+                forward_batch(base, inputs, f"training batch {i}", example)
     if builtin_finetune:
         check_finetune(base, config, data, device, pairs[:1], example=example, outputs=first_outputs)
     score = resolve_score(config.score, config.score_options, base, data.score_fn, trainable=data.train is not None)
