@@ -724,10 +724,7 @@ def load_with_spec(path: str | os.PathLike[str], *, model: nn.Module | None = No
     """Like :func:`load`, and also return the validated :class:`ModelFile` (spec, info, dataset)."""
     from autoprune.engine.prune import resolve_device
 
-    if model is not None and not isinstance(model, nn.Module):
-        raise AutopruneError(f"model= must be a fresh instance of the saved model's class (an nn.Module), got "
-                             f"{type(model).__name__}")
-    if model is not None and any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+    if isinstance(model, nn.Module) and any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise AutopruneError("model= is on the meta device; pass a fresh instance on the CPU (it receives the "
                              "file's weights)")
     map_location = resolve_device(nn.Module(), map_location)
