@@ -736,7 +736,7 @@ def _one_class(n: int, cls: int = 0) -> list:
     ({"model": InPlaceOnView(), "method": "gdp", "finetune": None},
      "the model's backward pass failed during the gradient criterion's gradients"),
     ({"val_loader": EndlessLoader()}, "the validation loader never ends (iter() gives an itertools.cycle)"),
-    ({"test_loader": EndlessLoader()}, "test_loader never ends (iter() gives an itertools.cycle), but each pass"),
+    ({"test_loader": EndlessLoader()}, "the test loader never ends (iter() gives an itertools.cycle), but each"),
     ({"val_loader": [(torch.randn(8, 3, SIZE, SIZE, device="meta"), _labels(8))]},
      "batch 0 of the validation loader is on the meta device (no data)"),
     ({"progress": "no"}, "progress='no': must be True or False"),

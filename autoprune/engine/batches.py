@@ -110,17 +110,6 @@ def _check_ends(iterator: Iterator[Any], what: str) -> None:
                              "over it must: pass the DataLoader itself, not a cycle of it")
 
 
-def check_ends(loader: Any, what: str) -> None:
-    """:func:`_check_ends` on a loader read only at the end of a run (the test loader), so that an endless one is
-    refused before the search; a DataLoader (whose ``iter`` would start its workers) always ends."""
-    if loader is None or isinstance(loader, torch.utils.data.DataLoader | Iterator):
-        return
-    try:
-        _check_ends(iter(loader), what)
-    except TypeError:
-        return  # not iterable: said when it is read
-
-
 def to_device(obj: Any, device: torch.device | str) -> Any:
     """Move the tensors in ``obj`` (nested tuples, lists, dicts) to ``device``."""
     if isinstance(obj, torch.Tensor):

@@ -35,7 +35,6 @@ from autoprune.engine.batches import (
     Inputs,
     as_inputs,
     check_class_targets,
-    check_ends,
     check_reiterable,
     count_batches,
     describe_shape,
@@ -177,7 +176,6 @@ def check_loaders(data: Data) -> None:
     is read once, into memory, so an iterator is fine there."""
     check_reiterable(data.train, "train_loader")
     check_reiterable(data.test, "test_loader")
-    check_ends(data.test, "test_loader")
 
 
 def check_forward(model: nn.Module, example: Inputs) -> Any:
@@ -649,7 +647,7 @@ def _final_score(model: nn.Module, setup: Setup, data: Data, seed: int, *, share
         return measure_score(model, setup.val, data.score_fn)
     if data.test is not None:
         try:
-            return evaluate(model, data.test, seed=seed, shared=shared).accuracy
+            return evaluate(model, data.test, seed=seed, shared=shared, what="the test loader").accuracy
         except EmptyData as exc:
             raise AutopruneError(EMPTY_TEST) from exc
     return evaluate(model, setup.val).accuracy

@@ -170,7 +170,7 @@ class EmptyData(AutopruneError):
 @subnormals_flushed()
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Iterable[Any], *, seed: int = 0, progress: bool = False,
-             desc: str = "evaluate", shared: bool = True) -> EvalResult:
+             desc: str = "evaluate", shared: bool = True, what: str = "the loader") -> EvalResult:
     """Top-1 accuracy and mean cross-entropy of ``model`` on ``data`` in eval mode (the model's mode is restored).
 
     ``data`` is a loader or a list of ``(inputs, targets)`` batches (held in memory by the caller). Under
@@ -184,7 +184,7 @@ def evaluate(model: nn.Module, data: Iterable[Any], *, seed: int = 0, progress: 
     here = world()
     if shared and here.distributed and not isinstance(data, list):  # each rank its slice; counts summed below
         data = RankSlice(data, here, even=False)
-    batches = data if isinstance(data, list) else iterate(data, seed=seed, key=EVAL_KEY, device=device)
+    batches = data if isinstance(data, list) else iterate(data, seed=seed, key=EVAL_KEY, device=device, what=what)
     try:
         for inputs, targets in tqdm(batches, desc=desc, leave=False, disable=not progress or None):
             if isinstance(data, list):
