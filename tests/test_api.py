@@ -574,6 +574,14 @@ class ArgMax(nn.Module):
         return x.argmax(1)
 
 
+class ReturnsNothing(nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(*sequential_cnn())
+
+    def forward(self, x: torch.Tensor) -> None:
+        super().forward(x)
+
+
 class KeepsActivation(nn.Sequential):
     """Stores its last output, as models exposing features for a loss do: not deep-copyable after a forward."""
 
@@ -727,6 +735,7 @@ def _one_class(n: int, cls: int = 0) -> list:
     ({"round_to": 64}, "is unreachable: at the minimum widths the model keeps 100.0% of its MACs (largest reduction "
                        "0.000); lower the target, min_ratio or round_to=64"),
     ({"model": nn.Sequential(sequential_cnn(), ArgMax())}, "model Sequential returns torch.int64 values (an argmax"),
+    ({"model": ReturnsNothing()}, "the model returns a NoneType; autoprune (and Torch-Pruning) need a tensor"),
     ({"val_loader": [(torch.randn(8, 3, SIZE, SIZE), _labels(8).tolist())]},
      "accuracy needs integer class targets as a tensor (B,), the loader gave a list"),
     ({"model": KeepsActivation()}, "cannot copy model KeepsActivation: its attribute 'last' holds a tensor a forward "

@@ -66,7 +66,7 @@ from autoprune.engine.scoring import (
     selection_steps,
     successive_halving,
 )
-from autoprune.engine.space import PruningSpace, TraceFailed
+from autoprune.engine.space import PruningSpace, TraceFailed, returns_no_tensors
 from autoprune.engine.train import EmptyData, TrainingInterrupted, evaluate, fit, subnormals_flushed
 from autoprune.errors import AutopruneError, Interrupted, first_line, short
 from autoprune.methods import Method, MethodContext, Plan
@@ -188,11 +188,24 @@ def check_forward(model: nn.Module, example: Inputs) -> Any:
         raise AutopruneError(f"model {type(model).__name__} fails on example inputs of shape "
                              f"{describe_shape(example)} ({type(exc).__name__}: {first}); pass example_inputs its "
                              "forward accepts") from exc
-    outputs = [t for t in tp.utils.flatten_as_list(out) if isinstance(t, torch.Tensor)]
-    if outputs and not any(t.is_floating_point() for t in outputs):
+    outputs = _output_tensors(out)
+    if not outputs:
+        raise AutopruneError(returns_no_tensors(out))
+    if not any(t.is_floating_point() for t in outputs):
         raise AutopruneError(f"model {type(model).__name__} returns {outputs[0].dtype} values (an argmax or "
                              "labels?), which no gradient or channel reaches; return the logits (or scores) instead")
     return out
+
+
+def _output_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors in a forward's output (nested tuples, lists and dicts); anything else holds none."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, tuple | list):
+        return [t for item in out for t in _output_tensors(item)]
+    return []
 
 
 def _shapes(inputs: Inputs) -> list[tuple[int, ...]]:

@@ -526,9 +526,7 @@ def _build_graph(model: nn.Module, example_inputs: Inputs, *, record_calls: bool
     except Exception as exc:
         first = first_line(exc, "")
         if returned and forward_failure(exc) is None and not _tensors_only(returned[0]):
-            raise AutopruneError(f"the model returns a {type(returned[0]).__name__}; autoprune (and Torch-Pruning) "
-                                 "need a tensor, or tuples, lists or dicts of tensors: wrap the model in a module "
-                                 "whose forward returns those") from exc
+            raise AutopruneError(returns_no_tensors(returned[0])) from exc
         error = AutopruneError if forward_failure(exc) is None else TraceFailed
         raise error(f"Torch-Pruning could not trace the model ({type(exc).__name__}: {first}); the model "
                     "must run on its example inputs") from exc
@@ -538,6 +536,12 @@ def _build_graph(model: nn.Module, example_inputs: Inputs, *, record_calls: bool
         for p in frozen:
             p.requires_grad_(False)
         model.train(was_training)
+
+
+def returns_no_tensors(out: object) -> str:
+    """The message for a forward whose output is not tensors."""
+    return (f"the model returns a {type(out).__name__}; autoprune (and Torch-Pruning) need a tensor, or tuples, "
+            "lists or dicts of tensors: wrap the model in a module whose forward returns those")
 
 
 def _tensors_only(out: object) -> bool:
