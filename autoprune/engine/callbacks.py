@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     from autoprune.engine.result import Evaluation, PruneResult
 
@@ -78,7 +80,7 @@ def _stop_requested(callback: Callback) -> bool:
     from autoprune.errors import AutopruneError, short
 
     answer = _call(callback, "should_stop")
-    if answer is None or isinstance(answer, bool) or type(answer).__name__ == "bool_":
+    if answer is None or isinstance(answer, bool | np.bool_):
         return bool(answer)
     raise AutopruneError(f"callback {type(callback).__name__}.should_stop returned {short(answer)}; it must return "
                          "True (stop) or False")

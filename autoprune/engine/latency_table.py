@@ -89,7 +89,7 @@ from autoprune.engine.latency import (
 )
 from autoprune.engine.space import PruningSpace
 from autoprune.errors import AutopruneError
-from autoprune.io.files import read_text, write_json
+from autoprune.io.files import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -583,11 +583,10 @@ class LatencyTable:
         path = Path(cache_dir) / f"latency_{plan.key[:20]}.json"
         if path.exists():
             try:
-                table = cls.from_json(json.loads(read_text(path)), space, expected_key=plan.key)
+                table = cls.from_json(read_json(path), space, expected_key=plan.key)
                 log.info("latency table loaded from %s", path)
                 return table
-            except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:  # AutopruneError
-                # is a ValueError
+            except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:  # AutopruneError is a ValueError
                 log.warning("latency table cache %s is unusable (%s: %s); rebuilding it", path,
                             type(exc).__name__, exc)
         table = plan.run(measure=measure, progress=progress)

@@ -117,6 +117,11 @@ def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch
     check_model_tensors(model)
     if device is None:
         return next((p.device for p in model.parameters()), torch.device("cpu"))
+    return parse_device(device)
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """A device the caller named, checked: known, available and holding values (not 'meta')."""
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -208,10 +213,9 @@ def _output_tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def _shapes(inputs: Inputs) -> list[tuple[int, ...]]:
-    """The shape of each input tensor without its batch dimension, then the batch sizes."""
-    tensors = inputs if isinstance(inputs, tuple | list) else (inputs,)
-    return [tuple(len(t) for t in tensors), *(tuple(t.shape[1:]) for t in tensors)]
+def _sample_shapes(inputs: Inputs) -> list[tuple[int, ...]]:
+    """The shape of each input tensor without its batch dimension."""
+    return [tuple(t.shape[1:]) for t in (inputs if isinstance(inputs, tuple | list) else (inputs,))]
 
 
 def _class_counts(val: Sequence[Batch]) -> torch.Tensor | None:
@@ -269,8 +273,9 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
     calibration = [x for x, _ in pairs]
     with torch.no_grad():
         first_outputs = forward_batch(base, pairs[0][0], "training batch 0", example) if pairs else None
+        first_shapes = _sample_shapes(pairs[0][0]) if pairs else None
         for i, (inputs, _) in enumerate(pairs[1:], 1):  # a batch shaped unlike batch 0 must run too (calibration)
-            if _shapes(inputs)[1:] != _shapes(pairs[0][0])[1:]:
+            if _sample_shapes(inputs) != first_shapes:
                 forward_batch(base, inputs, f"training batch {i}", example)
     if builtin_finetune:
         check_finetune(base, config, data, device, pairs[:1], example=example, outputs=first_outputs)

@@ -66,6 +66,16 @@ def read_text(path: str | os.PathLike[str], *, limit: int = SMALL_FILE_LIMIT, er
     return data.decode("utf-8", errors=errors)
 
 
+def read_json(path: str | os.PathLike[str], *, limit: int = SMALL_FILE_LIMIT) -> Any:
+    """The JSON value in a file, read as :func:`read_text` reads it; nesting too deep to parse raises
+    ``ValueError`` ("nested too deeply"), as malformed JSON does, instead of ``RecursionError``."""
+    text = read_text(path, limit=limit)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def check_path(path: Any, name: str = "path", kind: str = "a file path") -> Path:
     """``path`` as a :class:`Path` if it is a non-empty ``str`` or ``os.PathLike`` of one; else one line naming
     ``name`` (the argument) and what it must be."""

@@ -722,12 +722,12 @@ def load_with_spec(path: str | os.PathLike[str], *, model: nn.Module | None = No
                    factory: str | Callable[..., nn.Module] | None = None,
                    map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelFile]:
     """Like :func:`load`, and also return the validated :class:`ModelFile` (spec, info, dataset)."""
-    from autoprune.engine.prune import resolve_device
+    from autoprune.engine.prune import parse_device
 
     if isinstance(model, nn.Module) and any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise AutopruneError("model= is on the meta device; pass a fresh instance on the CPU (it receives the "
                              "file's weights)")
-    map_location = resolve_device(nn.Module(), map_location)
+    map_location = parse_device(map_location)
     mf = read_model_file(path)
     arch, where = mf.architecture, str(mf.path)
     if model is not None and factory is not None:

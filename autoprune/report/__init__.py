@@ -3,11 +3,10 @@ figures (``accuracy_macs.png``, ``channels.png``, ``search.png``) with a self-co
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from autoprune.engine.result import PruneResult
-from autoprune.io.files import read_text, write_json, write_text
+from autoprune.io.files import read_json, write_json, write_text
 
 #: File names of the figures, in the order they appear on a page.
 FIGURES = {
@@ -102,7 +101,7 @@ def read_report(path: Path) -> PruneResult | None:
     if not file.exists():
         return None
     try:
-        data = json.loads(read_text(file, limit=REPORT_LIMIT))
+        data = read_json(file, limit=REPORT_LIMIT)
         return PruneResult.from_json(data, read_history(path / "history.jsonl"))
-    except (OSError, ValueError, RecursionError):  # (an AutopruneError is a ValueError)
+    except (OSError, ValueError):  # (an AutopruneError is a ValueError)
         return None

@@ -17,7 +17,6 @@ its own run directory and retries failed ones.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,7 +33,7 @@ from autoprune.engine.config import PruneConfig
 from autoprune.engine.prune import Data
 from autoprune.engine.result import PruneResult
 from autoprune.errors import AutopruneError, Interrupted, first_line
-from autoprune.io.files import read_text, write_json, write_text
+from autoprune.io.files import read_json, write_json, write_text
 from autoprune.methods import METHODS, create_method, method_names
 from autoprune.registry import coerce_options, option_defaults
 from autoprune.report import FIGURES, REPORTS, plots, read_report
@@ -131,13 +130,13 @@ def load_comparison_run(out: Path) -> dict[str, Any]:
         raise AutopruneError(f"nothing to resume in {str(out)!r}: it has no {RUN_FILE} (was it made by "
                              "`autoprune compare --out`?)")
     try:
-        saved = json.loads(read_text(out / RUN_FILE))
+        saved = read_json(out / RUN_FILE)
         saved["config"] = PruneConfig.from_json(saved["config"])
         saved["methods"] = parse_methods(saved["methods"])
     except AutopruneError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-        why = "nested too deeply" if isinstance(exc, RecursionError) else f"{type(exc).__name__}: {first_line(exc, '')}"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        why = first_line(exc, "") if type(exc) is ValueError else f"{type(exc).__name__}: {first_line(exc, '')}"
         raise AutopruneError(f"{str(out / RUN_FILE)!r} is damaged ({why}); start the "
                              "comparison again with --force") from exc
     return saved

@@ -35,7 +35,7 @@ from autoprune.engine.callbacks import Callback
 from autoprune.engine.config import PruneConfig
 from autoprune.engine.result import Evaluation, PruneResult
 from autoprune.errors import AutopruneError, first_line
-from autoprune.io.files import read_text, write_json, write_text
+from autoprune.io.files import read_json, read_text, write_json, write_text
 from autoprune.runs.lock import Layout, check_replaceable, clear_directory, lock_output
 
 log = logging.getLogger(__name__)
@@ -88,13 +88,12 @@ def read_run_file(path: Path) -> dict[str, Any]:
         raise AutopruneError(f"nothing to resume in {str(path)!r}: it has no {RUN_FILE} (was it made by "
                              "`autoprune prune --out` or autoprune.prune(out=...)?)")
     try:
-        saved = json.loads(read_text(file))
+        saved = read_json(file)
         if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
             raise ValueError("no configuration")
         saved["config"] = PruneConfig.from_json(saved["config"])  # also refuses a value no run could write
-    except (OSError, ValueError, RecursionError) as exc:  # (an AutopruneError is a ValueError)
-        why = (first_line(exc, "") if isinstance(exc, AutopruneError) or type(exc) is ValueError
-               else "nested too deeply" if isinstance(exc, RecursionError) else type(exc).__name__)
+    except (OSError, ValueError) as exc:  # (an AutopruneError is a ValueError)
+        why = first_line(exc, "") if isinstance(exc, AutopruneError) or type(exc) is ValueError else type(exc).__name__
         raise AutopruneError(f"{str(file)!r} is damaged ({why}), so the run cannot be resumed; start it again with "
                              "--force") from exc
     return saved
