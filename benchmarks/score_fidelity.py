@@ -47,6 +47,7 @@ from autoprune.engine.config import PruneConfig, Target  # noqa: E402
 from autoprune.engine.evaluate import Evaluator, choose_physical  # noqa: E402
 from autoprune.engine.prune import Data, Setup, make_plan, prepare, uniform_candidate  # noqa: E402
 from autoprune.engine.scoring import (  # noqa: E402
+    AUTO_SELECT_TOP,
     DEFAULT_SCORE,
     DEFAULT_SELECT_STEPS,
     DEFAULT_SELECT_TOP,
@@ -208,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure every score again (keeps the fine-tuned accuracies): timings in one quiet run")
     parser.add_argument("--no-selection", action="store_true",
                         help="leave out the successive-halving selection (its fine-tunes cost minutes per score)")
+    parser.add_argument("--stored", action="store_true",
+                        help="score the structures already in the output's structures.jsonl instead of sampling")
     parser.add_argument("--limit", type=int, help="smoke tests only: fewer images (results not comparable)")
     parser.add_argument("--epochs", type=int, help="smoke tests only: fewer fine-tuning epochs (not comparable)")
     args = parser.parse_args(argv)
@@ -236,7 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     plan, _ = make_plan(create_method("random"), setup, config, data.train, progress=False)
     problem = Problem(lower=setup.space.lower, upper=setup.space.upper, cost=setup.space.relative_macs,
                       snap=setup.space.snap, base_accuracy=setup.base_score, max_cost=1 - bench.reduction)
-    structures = sample_structures(problem, args.n, args.seed)
+    if args.stored:  # the structures an earlier run sampled (and fine-tuned), e.g. before the MACs definition changed
+        stored = sorted(read_rows(out / "structures.jsonl").values(), key=lambda row: row["index"])
+        if not stored:
+            parser.error(f"--stored: no structures in {out / 'structures.jsonl'}")
+        structures = [np.asarray(row["keep"]) for row in stored]
+        changed = [row["key"] for row in stored
+                   if ",".join(str(int(c)) for c in setup.space.counts(np.asarray(row["keep"]))) != row["key"]]
+        if changed:
+            parser.error(f"--stored: {len(changed)} stored structures no longer have their counts, e.g. {changed[0]}")
+    else:
+        structures = sample_structures(problem, args.n, args.seed)
     log.info("%s: %d groups, base validation accuracy %.2f%%, %d structures at %.0f%% MACs removed, "
              "%d validation / %d calibration / %d training samples held", bench.label, len(setup.space),
              100 * setup.base_score, len(structures), 100 * bench.reduction, sum(int(t.shape[0]) for _, t in setup.val),
@@ -352,7 +365,7 @@ def run_selection(cheap: Spec, keys: list[str], rows: dict[str, dict[str, Any]],
 
 
 #: The selection as benchmarked (the engine's settings are PruneConfig.select_top / select_steps).
-DEFAULT_SELECT_TOP_FOR_BENCH = max(DEFAULT_SELECT_TOP, 8)
+DEFAULT_SELECT_TOP_FOR_BENCH = 8
 SELECT_STEPS_FOR_BENCH = DEFAULT_SELECT_STEPS
 
 
@@ -379,12 +392,14 @@ def summarise(bench: Bench, args: argparse.Namespace, specs: list[Spec], keys: l
         "final_test_accuracy": {"min": min(final), "max": max(final), "median": float(np.median(final))},
         "finetune_seconds_per_structure": float(np.mean(ft)),
         "scores": per_score, "selections": selections,
-        "default": {"score": DEFAULT_SCORE, "select_top": DEFAULT_SELECT_TOP, "select_steps": DEFAULT_SELECT_STEPS},
+        "default": {"score": DEFAULT_SCORE, "select_top": DEFAULT_SELECT_TOP if DEFAULT_SELECT_TOP is not None
+                    else f"{AUTO_SELECT_TOP} after a fine-tune score, else 0", "select_steps": DEFAULT_SELECT_STEPS},
         "load_average_1min": {"min": min(loads), "median": float(np.median(loads)), "max": max(loads)},
         "machine": machine(), "wall_seconds": seconds,
         "command": f".venv/bin/python benchmarks/score_fidelity.py {args.bench} --n {args.n} --seed {args.seed} "
                    f"--threads {args.threads}" + (f" --scores {args.scores}" if args.scores else "")
-                   + (" --no-selection" if args.no_selection else ""),
+                   + (" --no-selection" if args.no_selection else "") + (" --stored" if args.stored else "")
+                   + (f" --out {args.out}" if args.out else ""),
     }
 
 
