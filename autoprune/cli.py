@@ -117,7 +117,8 @@ def _add_pruning(p: argparse.ArgumentParser) -> None:
                                    "without)")
     s.add_argument("--select-top", type=_nonneg_int, default=None, metavar="K",
                    help="after the search, fine-tune its K best structures and the uniform one briefly and keep the "
-                        "best by successive halving (default 0: off; it helps weak searches, see README)")
+                        "best by successive halving (default: 4 after a fine-tune score, i.e. auto on a network "
+                        "without BatchNorm, else 0: off; see README)")
     s.add_argument("--select-steps", type=_pos_int, default=None, metavar="N",
                    help="fine-tuning steps of the selection's first rung (default 20)")
     s.add_argument("--val-samples", type=_pos_int, help="validation images used to score candidates (default all)")
@@ -750,6 +751,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from autoprune.engine.train import TrainConfig
     from autoprune.errors import AutopruneError
     from autoprune.methods import create_method
+    from autoprune.report.html import selection_text
     from autoprune.runs.inputs import load_inputs
     from autoprune.runs.training import train_base
 
@@ -787,7 +789,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                      info=inputs.info, invocation=inputs.invocation)
     print()
     print(before_after_table(result))
-    print(f"\nsearch: {result.search.evaluations} evaluations in {result.search.seconds:.1f} s; "
+    print(f"\nsearch: {result.search.evaluations} evaluations in {result.search.seconds:.1f} s"
+          f"{selection_text(result.search.selection)}; "
           f"total {time.perf_counter() - started:.1f} s; latency on {result.latency_device}")
     print(f"saved {out / 'pruned' / 'model.pt'} (load with autoprune.load), report in "
           f"{out / 'pruned' / 'report.html'}")

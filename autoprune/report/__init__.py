@@ -41,7 +41,7 @@ def latency_text(entry: dict) -> str:
 
 def markdown(result: PruneResult) -> str:
     """A short human-readable summary of one pruning run."""
-    from autoprune.report.html import finetune_text, model_name, speedup_text
+    from autoprune.report.html import finetune_text, model_name, selection_text, speedup_text
 
     b, p = result.base, result.pruned
     batches = list(b.latency)
@@ -72,8 +72,8 @@ def markdown(result: PruneResult) -> str:
         f"- Measured speed-up: {speed} ({result.latency_device}; median of {result.config.latency_repeats} paired "
         "interleaved runs, interquartile range in brackets; `noisy` marks a measurement too spread to trust).",
         f"- Search: {search.strategy}, {_count(search.evaluations, 'evaluation')} ({search.unique_evaluations} "
-        f"unique, {_count(search.distinct_structures, 'distinct structure')}) in {search.seconds:.1f} s; fine-tuning: "
-        f"{finetune_text(result.finetune)}.",
+        f"unique, {_count(search.distinct_structures, 'distinct structure')}) in {search.seconds:.1f} s"
+        f"{selection_text(search.selection)}; fine-tuning: {finetune_text(result.finetune)}.",
     ]
     lines += [f"- **Warning:** {w}" for w in result.warnings]
     lines += ["", "| layer | channels before | after |", "|---|---|---|"]

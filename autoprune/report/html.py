@@ -209,7 +209,8 @@ def run_html(result: PruneResult, figures: Mapping[str, bytes]) -> str:
     parts.append(f"<p class=\"note\">Before fine-tuning the pruned model scored {_pct(ft.accuracy_before)}. "
                  f"Search: {esc(search.strategy)}, {search.evaluations} evaluations ({search.unique_evaluations} "
                  f"unique, {search.distinct_structures} distinct structures, budget {search.budget}) in "
-                 f"{search.seconds:.1f} s; fine-tuning: {esc(finetune_text(ft))}.</p>")
+                 f"{search.seconds:.1f} s{esc(selection_text(search.selection))}; fine-tuning: "
+                 f"{esc(finetune_text(ft))}.</p>")
     for warning in result.warnings:
         parts.append(f'<p class="note"><b>Warning:</b> {esc(warning)}</p>')
     parts.append("<h2>Figures</h2>")
@@ -247,6 +248,16 @@ def model_name(result: PruneResult) -> str:
     name = arch.get("name") or arch.get("path") or arch.get("class") or "model"
     dataset = (result.info.get("dataset") or {}).get("name")
     return f"{name} / {dataset}" if dataset else str(name)
+
+
+def selection_text(selection: Mapping[str, Any] | None) -> str:
+    """The multi-fidelity selection after the search, in words ("" when none ran)."""
+    if not selection or not selection.get("rungs"):
+        return ""
+    rungs = selection["rungs"]
+    return (f"; then a selection among {rungs[0]['structures']} structures (fine-tuned "
+            f"{'/'.join(str(r['steps']) for r in rungs)} steps, the best by validation kept) in "
+            f"{selection['seconds']:.1f} s")
 
 
 def finetune_text(ft: FinetuneStats) -> str:
