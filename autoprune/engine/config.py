@@ -135,9 +135,8 @@ class PruneConfig:
         score_options: the score's keyword options (e.g. ``{"steps": 100}`` for ``finetune``).
         select_top: multi-fidelity selection after the search: the ``select_top`` best distinct structures
             (by the score) and the uniform one are briefly fine-tuned and halved until one is left
-            (:func:`autoprune.engine.scoring.successive_halving`); 0 or 1: keep the search's best; None (the
-            default): 4 when the candidate score is a short fine-tune (``auto`` on a network without BatchNorm),
-            else 0 (:func:`~autoprune.engine.scoring.selection_size`). Only with a cost target and training data.
+            (:func:`autoprune.engine.scoring.successive_halving`); 0 or 1: keep the search's best. Only with a
+            cost target and training data.
         select_steps: fine-tuning steps of the selection's first rung (each later rung multiplies them by
             :data:`~autoprune.engine.scoring.SELECT_ETA`; a ``finetune`` score starts them at ``eta`` times its own).
         finetune: fine-tuning of the pruned network (None: none; epochs 0 is the same).
@@ -162,7 +161,7 @@ class PruneConfig:
     budget: int | None = None
     score: str = DEFAULT_SCORE
     score_options: Mapping[str, Any] = field(default_factory=dict)
-    select_top: int | None = DEFAULT_SELECT_TOP
+    select_top: int = DEFAULT_SELECT_TOP
     select_steps: int = DEFAULT_SELECT_STEPS
     finetune: TrainConfig | None = field(default_factory=lambda: TrainConfig(epochs=2, lr=0.01))
     round_to: int = 1
@@ -193,7 +192,7 @@ class PruneConfig:
         if not isinstance(self.score, str):
             raise ConfigError("score", self.score, f"must be a score name: {', '.join(score_names())}")
         create_score(self.score, self.score_options)  # an unknown name or option: the registry's one line
-        object.__setattr__(self, "select_top", _int("select_top", self.select_top, 0, 1024, optional=True))
+        object.__setattr__(self, "select_top", _int("select_top", self.select_top, 0, 1024))
         object.__setattr__(self, "select_steps", _int("select_steps", self.select_steps, 1, MAX_COUNT))
         object.__setattr__(self, "ignored_layers", tuple(self.ignored_layers))
         object.__setattr__(self, "budget", _int("budget", self.budget, 1, MAX_COUNT, optional=True))

@@ -63,7 +63,6 @@ from autoprune.engine.scoring import (
     Selection,
     resolve_score,
     selection_score,
-    selection_size,
     selection_steps,
     successive_halving,
 )
@@ -354,8 +353,7 @@ def _finite(obj: Any) -> bool:
 def _score_training_batches(config: PruneConfig, score: CandidateScore, data: Data,
                             device: torch.device) -> list[Batch]:
     """The training batches the candidate score and the selection fine-tune on (none for the other scores)."""
-    selecting = (selection_size(config.select_top, score) > 1 and config.target.macs_reduction is not None
-                 and data.score_fn is None)
+    selecting = config.select_top > 1 and config.target.macs_reduction is not None and data.score_fn is None
     samples = max(score.train_samples, selection_score(score, 1).train_samples if selecting else 0)
     if samples == 0:
         return []
@@ -498,19 +496,17 @@ def refine(setup: Setup, outcome: SearchOutcome, config: PruneConfig) -> SearchO
     """Multi-fidelity selection: the ``select_top`` best distinct feasible structures of the search (by its score)
     and the uniform one, chosen among by successive halving of short fine-tunes (see
     :func:`autoprune.engine.scoring.successive_halving`). Runs only with a cost target, training data and
-    a selection size of at least 2 (:func:`~autoprune.engine.scoring.selection_size`); otherwise, or with fewer
-    than two structures, the outcome is returned as it is.
+    ``select_top >= 2``; otherwise, or with fewer than two structures, the outcome is returned as it is.
     """
     problem, evaluator = outcome.problem, outcome.evaluator
-    top = selection_size(config.select_top, evaluator.candidate_score)
-    if top < 2 or problem.max_cost is None or outcome.keep is None or not setup.train:
+    if config.select_top < 2 or problem.max_cost is None or outcome.keep is None or not setup.train:
         return outcome
     space = setup.space
     candidates, seen = [], set()
     rows = sorted((row for row in outcome.history if problem.cost_ok(np.asarray(row.keep))), key=lambda r: -r.score)
     for keep in [outcome.keep, *(np.asarray(row.keep) for row in rows)]:
         key = evaluator.key(keep)
-        if key not in seen and len(candidates) < top:
+        if key not in seen and len(candidates) < config.select_top:
             seen.add(key)
             candidates.append(space.snap(keep))
     uniform = uniform_candidate(problem)

@@ -64,32 +64,18 @@ after the benchmark fine-tuning, over sampled structures at the target, seconds 
   with (``benchmarks/results/search_quality/lenet5`` against ``lenet5_score_kl``: the five paper methods,
   3 seeds, one shared fine-tuning) is better with the 30-step fine-tune than with ``kl`` (see the README's
   Benchmarks section for the numbers). Tau over random structures measures the ranking of the bulk; a search
-  needs the top of the ranking, which a short fine-tune gets right more often than ``kl`` on a network
-  without BatchNorm (not always: the selection below catches what it gets wrong).
+  needs the top of the ranking, which a short fine-tune gets right on a network without BatchNorm.
 
 Hence the default ``auto``: ``kl`` with BatchNorm (as good as ``bn`` over all structures, better among the
 realistic ones, at the same cost; ten times cheaper than a fine-tune for 0.06 less tau), the 30-step
 fine-tune without it (its searches end best, though its tau over random structures is lower).
 
-Selection (``select_top``) follows the score by default (``select_top=None``, :func:`selection_size`): on,
-with the search's 4 best distinct structures and the uniform one, after a fine-tune score (``auto`` on a
-network without BatchNorm; the rungs then continue that fine-tune at 3 and 9 times its steps); off after
-the cheap scores. Measured (search benchmark, ``benchmarks/results/search_quality/``):
-
-* After a cheap score (ResNet-20, ``kl``; ``resnet20_select8``, ``select_top=8``, 3 seeds) it lifts the
-  random search from -5.29 to -4.68 points and leaves the five paper methods where they were (average -4.81
-  with it, -4.79 without), at 1.5-3.5 CPU minutes more per run: off.
-* After the 30-step fine-tune (LeNet-5, ``lenet5_sel4``, ``select_top=4``, 5 seeds) it removes a collapse:
-  at the top of a search the short fine-tune rewards structures that recover fast (wide cheap linear layers),
-  not the ones that end best; on one seed ``ssa`` chose a structure the 30-step score ranked first that
-  three 16-epoch fine-tunes left 2-4 points below its neighbours, and its 100-step score had already fallen
-  below theirs (``benchmarks/results/top_of_search``). With the selection the five paper methods average
-  -0.73 points instead of -0.83 and their worst run is -1.49 instead of -4.91; ``pso``, ``sa`` and ``otp``
-  are unchanged within the noise, ``gdp`` 0.15 lower; 1-6 s more per run. ``select_top=8`` (3 seeds,
-  ``lenet5_select8``) had shown no gain on average (-0.76 against -0.69): with twice the structures in its
-  rungs it chose a weak one in 2 of 15 paper-method runs (-1.62, -1.46).
-  A 100-step score for the whole search is no alternative: over random structures its tau is 0.46
-  (``score_fidelity/lenet5_seed0_ft100``), against the 30-step score's 0.58.
+Selection (``select_top``) is off by default. On the search benchmark with ``select_top=8``, 3 seeds
+(``benchmarks/results/search_quality/*_select8``): on ResNet-20 it lifts the random search from -5.29 to
+-4.68 points and leaves the five paper methods where they were (average -4.81 with it, -4.79 without), at
+1.5-3.5 CPU minutes more per run; on LeNet-5 the paper methods average -0.76 with it and -0.69 without,
+within the fine-tuning noise (its 270-step rungs on 2,048 held images favour wide linear layers, which the
+long fine-tune does not reward). It rescues a weak search, not a good one.
 """
 
 from __future__ import annotations
@@ -125,9 +111,7 @@ METRICS = ("accuracy", "loss", "kl")
 
 #: The default candidate score and selection (chosen by ``benchmarks/score_fidelity.py``: see above).
 DEFAULT_SCORE = "auto"
-#: ``select_top=None`` (the default) means :func:`selection_size`: AUTO_SELECT_TOP after a fine-tune score, else 0.
-DEFAULT_SELECT_TOP: int | None = None
-AUTO_SELECT_TOP = 4
+DEFAULT_SELECT_TOP = 0
 DEFAULT_SELECT_STEPS = 20
 #: Successive halving keeps the best ``1/SELECT_ETA`` of each rung and gives them ``SELECT_ETA`` times the steps.
 SELECT_ETA = 3
@@ -571,17 +555,6 @@ def create_score(spec: str | CandidateScore, options: dict[str, Any] | None = No
 def score_names() -> list[str]:
     """The registered score names."""
     return SCORES.names()
-
-
-def selection_size(select_top: int | None, score: CandidateScore) -> int:
-    """How many of the search's best structures the selection compares: ``select_top`` when the caller set
-    it; by default (``None``) :data:`AUTO_SELECT_TOP` when the candidate score is itself a short fine-tune
-    (``finetune``, or ``auto`` on a network without BatchNorm: the selection's rungs then continue that
-    fine-tune at ``eta`` and ``eta**2`` times its steps and catch a structure that only recovers fast), and 0
-    (off) after the cheap scores (see the module's notes for the measurements behind both)."""
-    if select_top is not None:
-        return select_top
-    return AUTO_SELECT_TOP if isinstance(score, ShortFinetune) else 0
 
 
 def selection_steps(score: CandidateScore, steps: int) -> int:
