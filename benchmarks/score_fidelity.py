@@ -47,7 +47,6 @@ from autoprune.engine.config import PruneConfig, Target  # noqa: E402
 from autoprune.engine.evaluate import Evaluator, choose_physical  # noqa: E402
 from autoprune.engine.prune import Data, Setup, make_plan, prepare, uniform_candidate  # noqa: E402
 from autoprune.engine.scoring import (  # noqa: E402
-    AUTO_SELECT_TOP,
     DEFAULT_SCORE,
     DEFAULT_SELECT_STEPS,
     DEFAULT_SELECT_TOP,
@@ -392,8 +391,7 @@ def summarise(bench: Bench, args: argparse.Namespace, specs: list[Spec], keys: l
         "final_test_accuracy": {"min": min(final), "max": max(final), "median": float(np.median(final))},
         "finetune_seconds_per_structure": float(np.mean(ft)),
         "scores": per_score, "selections": selections,
-        "default": {"score": DEFAULT_SCORE, "select_top": DEFAULT_SELECT_TOP if DEFAULT_SELECT_TOP is not None
-                    else f"{AUTO_SELECT_TOP} after a fine-tune score, else 0", "select_steps": DEFAULT_SELECT_STEPS},
+        "default": {"score": DEFAULT_SCORE, "select_top": DEFAULT_SELECT_TOP, "select_steps": DEFAULT_SELECT_STEPS},
         "load_average_1min": {"min": min(loads), "median": float(np.median(loads)), "max": max(loads)},
         "machine": machine(), "wall_seconds": seconds,
         "command": f".venv/bin/python benchmarks/score_fidelity.py {args.bench} --n {args.n} --seed {args.seed} "

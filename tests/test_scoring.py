@@ -201,6 +201,9 @@ def test_the_cli_takes_the_selection_settings(tmp_path_factory, tmp_path, capsys
     assert (report["config"]["select_top"], report["config"]["select_steps"]) == (2, 3)
     rungs = report["search"]["selection"]["rungs"]
     assert rungs[0]["steps"] == 3 and rungs[0]["structures"] >= 2  # the 2 best, and uniform unless among them
+    steps = "/".join(str(r["steps"]) for r in rungs)
+    said = f"then a selection among {rungs[0]['structures']} structures (fine-tuned {steps} steps"
+    assert said in (tmp_path / "s" / "report.md").read_text()  # the HTML report says it with the same function
 
 
 # ---- what the scores measure ---------------------------------------------------------------------------
