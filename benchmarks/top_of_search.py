@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import search_quality
 import torch
 from scipy.stats import kendalltau
 
@@ -44,18 +45,17 @@ def measure(structures: list[list[int]], seed: int, out: Path) -> None:
     from autoprune.engine.evaluate import Evaluator, choose_physical
     from autoprune.engine.prune import make_plan, prepare
     from autoprune.engine.scoring import create_score
-    from autoprune.engine.train import TrainConfig, evaluate, fit
+    from autoprune.engine.train import evaluate
     from autoprune.methods import create_method
-    from autoprune.runs.inputs import load_inputs
 
     torch.set_num_threads(1)
-    inputs = load_inputs("/work/bench/lenet5_mnist.pt", dataset="mnist", data_dir="/work/shared/data/mnist",
-                         val_fraction=0.1, limit=None, seed=seed, batch_size=128, device=torch.device("cpu"))
+    preset = search_quality.PRESETS["lenet5"]
+    inputs = search_quality.load(preset, seed)
     data = inputs.data
     # the search-quality benchmark's validation sample; select_top: hold the training batches every score needs
-    config = PruneConfig(method="ssa", target=Target(macs_reduction=0.9), seed=seed, val_samples=1000,
-                         score="finetune", select_top=8)
-    setup = prepare(inputs.model, inputs.example_inputs, config, data, torch.device("cpu"))
+    config = PruneConfig(method="ssa", target=Target(macs_reduction=preset.macs_reduction), seed=seed,
+                         val_samples=search_quality.VAL_SAMPLES, score="finetune", select_top=8)
+    setup = prepare(inputs.model, inputs.example_inputs, config, data, search_quality.DEVICE)
     plan, _ = make_plan(create_method("ssa"), setup, config, data.train, progress=False)
     rows = [{"counts": counts, "scores": {}} for counts in structures]
     for label, (name, options) in SCORES.items():
@@ -64,11 +64,9 @@ def measure(structures: list[list[int]], seed: int, out: Path) -> None:
         evaluator.physical = choose_physical(evaluator)
         for row in rows:
             row["scores"][label] = evaluator(np.array(row["counts"], float) / setup.space.channels).ranking
-    for row in rows:  # search_quality.py's shared fine-tuning
+    for row in rows:
         pruned = setup.space.apply(plan.model, np.array(row["counts"], float) / setup.space.channels, plan.scores)
-        data.train.seed = seed
-        fit(pruned, data.train, TrainConfig(epochs=16, lr=0.01, batch_size=128, distill=0.5, seed=seed),
-            teacher=inputs.model, progress=False)
+        search_quality.shared_finetune(pruned, inputs, preset, preset.finetune_epochs, seed)
         row["test"] = evaluate(pruned, data.test).accuracy
         out.write_text(json.dumps(rows, indent=1) + "\n")
 
