@@ -273,9 +273,10 @@ def prepare(model: nn.Module, example_inputs: Any, config: PruneConfig, data: Da
     calibration = [x for x, _ in pairs]
     with torch.no_grad():
         first_outputs = forward_batch(base, pairs[0][0], "training batch 0", example) if pairs else None
-        first_shapes = _sample_shapes(pairs[0][0]) if pairs else None
-        for i, (inputs, _) in enumerate(pairs[1:], 1):  # a batch shaped unlike batch 0 must run too (calibration)
-            if _sample_shapes(inputs) != first_shapes:
+        seen = [_sample_shapes(pairs[0][0])] if pairs else []
+        for i, (inputs, _) in enumerate(pairs[1:], 1):  # each other shape of batch must run too (calibration)
+            if (shapes := _sample_shapes(inputs)) not in seen:
+                seen.append(shapes)
                 forward_batch(base, inputs, f"training batch {i}", example)
     if builtin_finetune:
         check_finetune(base, config, data, device, pairs[:1], example=example, outputs=first_outputs)
