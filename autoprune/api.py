@@ -78,7 +78,8 @@ def prune(model: nn.Module, example_inputs: Any, *, method: str | Method = "pso"
         progress: show progress bars.
         **settings: further :class:`PruneConfig` fields (``val_samples``, ``calibration_samples``, ``score`` and
             ``score_options`` (see :mod:`autoprune.engine.scoring`), ``select_top``, ``select_steps``,
-            ``latency_batch``, ``latency_repeats``, ``threads``, ``workers``, ``executor``, ``ray_address``...).
+            ``select_samples``, ``latency_batch``, ``latency_repeats``, ``threads``, ``workers``, ``executor``,
+            ``ray_address``...).
 
     Raises:
         AutopruneError: a bad argument (one line naming it and the fix), an unreachable target, a method
@@ -176,7 +177,7 @@ def _own_random_state(device: torch.device) -> Any:
 
 def _settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     allowed = {"val_samples", "calibration_samples", "score", "score_options", "select_top", "select_steps",
-               "latency_batch", "latency_repeats", "threads", "workers", "executor", "ray_address",
+               "select_samples", "latency_batch", "latency_repeats", "threads", "workers", "executor", "ray_address",
                "threads_per_worker"}
     unknown = sorted(set(settings) - allowed)
     if unknown:

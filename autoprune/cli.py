@@ -121,6 +121,9 @@ def _add_pruning(p: argparse.ArgumentParser) -> None:
                         "for others)")
     s.add_argument("--select-steps", type=_pos_int, default=None, metavar="N",
                    help="fine-tuning steps of the selection's first rung (default 20)")
+    s.add_argument("--select-samples", type=_pos_int, default=None, metavar="N",
+                   help="training samples held for the selection's rungs, so that their steps see new batches "
+                        "(default 32768, at most 1 GiB of inputs)")
     s.add_argument("--val-samples", type=_pos_int, help="validation images used to score candidates (default all)")
     s.add_argument("--calibration-samples", type=_nonneg_int, default=512,
                    help="training images for BatchNorm re-estimation of each candidate (default 512)")
@@ -480,7 +483,8 @@ def prune_config(args: argparse.Namespace, method: str):
         workers=args.workers, ray_address=args.ray_address, threads_per_worker=args.threads_per_worker,
         **({} if args.score is None else {"score": args.score}),
         **({} if args.select_top is None else {"select_top": args.select_top}),
-        **({} if args.select_steps is None else {"select_steps": args.select_steps}))
+        **({} if args.select_steps is None else {"select_steps": args.select_steps}),
+        **({} if args.select_samples is None else {"select_samples": args.select_samples}))
 
 
 #: Flags a resumed run may change (its fine-tuning, computing and measuring), by the TrainConfig field they set...
@@ -810,7 +814,7 @@ FLAGS = {"macs_reduction": "--macs-reduction", "latency_reduction": "--latency-r
          "ray_address": "--ray-address", "threads_per_worker": "--threads-per-worker", "lr": "--lr/--finetune-lr",
          "distill": "--distill", "epochs": "--epochs/--finetune-epochs", "batch_size": "--batch-size",
          "weight_decay": "--weight-decay", "method": "--method", "score": "--score", "select_top": "--select-top",
-         "select_steps": "--select-steps"}
+         "select_steps": "--select-steps", "select_samples": "--select-samples"}
 
 
 def error_line(exc: Exception) -> str:

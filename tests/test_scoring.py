@@ -32,6 +32,7 @@ import autoprune
 from autoprune.engine import prune as engine
 from autoprune.engine.evaluate import Evaluator
 from autoprune.engine.scoring import (
+    AUTO_SELECT_TOP,
     SCORES,
     SELECT_ETA,
     Measurement,
@@ -39,6 +40,7 @@ from autoprune.engine.scoring import (
     create_score,
     measure,
     selection_score,
+    selection_size,
     selection_steps,
     successive_halving,
 )
@@ -326,6 +328,19 @@ def test_the_first_rung_is_longer_than_a_fine_tune_cheap_score():
     assert selection_steps(create_score("finetune", {"steps": 5}), 20) == 20
     tuned = selection_score(create_score("finetune", {"steps": 5, "lr": 0.02, "metric": "loss"}), 40)
     assert (tuned.steps, tuned.lr, tuned.metric) == (40, 0.02, "loss")  # the cheap fine-tune's settings, longer
+
+
+def test_by_default_the_selection_follows_a_fine_tune_score_only(case):
+    """select_top=None: the 4 best and the uniform structure are compared after the fine-tune score (auto on a
+    network without BatchNorm), not after the cheap scores; a caller's number wins either way."""
+    assert [selection_size(None, create_score(name)) for name in ("finetune", "kl", "bn")] == [AUTO_SELECT_TOP, 0, 0]
+    assert selection_size(0, create_score("finetune")) == 0 and selection_size(3, create_score("kl")) == 3
+    plain = prune(case, "plain", budget=6, score_options={"steps": 2})
+    assert plain.search.notes["score"]["name"] == "finetune"
+    first_rung = plain.search.selection["rungs"][0]["structures"]
+    assert AUTO_SELECT_TOP <= first_rung <= AUTO_SELECT_TOP + 1  # the 4 best distinct, the uniform one
+    assert prune(case, "bn", budget=6).search.selection is None  # auto is kl there
+    assert prune(case, "plain", budget=6, score_options={"steps": 2}, select_top=0).search.selection is None
 
 
 def test_selection_is_skipped_without_a_cost_target_or_with_top_below_two(case, monkeypatch):

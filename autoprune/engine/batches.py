@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 
 from autoprune.errors import AutopruneError, first_line
+
+log = logging.getLogger(__name__)
 
 Inputs = Any  # a tensor, or a tuple/list of tensors
 Batch = tuple[Inputs, Any]
@@ -256,28 +259,42 @@ def _batches(loader: Iterable[Any], device: torch.device | str | None, what: str
         yield inputs, targets
 
 
+def first_of_batch(inputs: Inputs, targets: Any, n: int) -> tuple[Inputs, Any]:
+    """The first ``n`` samples of a batch (targets that are not a tensor are kept as they are)."""
+    inputs = tuple(t[:n] for t in inputs) if isinstance(inputs, tuple | list) else inputs[:n]
+    return inputs, targets[:n] if isinstance(targets, torch.Tensor) else targets
+
+
 def take(loader: Iterable[Any], samples: int | None, *, seed: int, key: int, device: torch.device | str,
-         what: str = "the loader") -> list[Batch]:
+         what: str = "the loader", max_bytes: int | None = None, min_samples: int = 0) -> list[Batch]:
     """The first ``samples`` samples of one seeded pass (all of it for None), as a list of batches on ``device``.
 
     Used to hold the validation and calibration data in memory once, rather than re-reading the loader
-    for every candidate.
+    for every candidate. With ``max_bytes``, it stops earlier, once the inputs held reach that many bytes and
+    at least ``min_samples`` samples are held.
     """
     out: list[Batch] = []
-    seen = 0
+    seen = held = 0
     for inputs, targets in iterate(loader, seed=seed, key=key, device=device, what=what):
         n = batch_size_of(inputs)
         if samples is not None and seen + n > samples:
-            keep = samples - seen
-            inputs = tuple(t[:keep] for t in inputs) if isinstance(inputs, tuple | list) else inputs[:keep]
-            targets = targets[:keep] if isinstance(targets, torch.Tensor) else targets
-            n = keep
+            n = samples - seen
+            inputs, targets = first_of_batch(inputs, targets, n)
         if n > 0:
             out.append((inputs, targets))
         seen += n
+        held += _bytes(inputs)
         if samples is not None and seen >= samples:
             break
+        if max_bytes is not None and held >= max_bytes and seen >= min_samples:
+            log.info("%s: holding %d samples (%d MiB of inputs), not %s", what, seen, held >> 20, samples)
+            break
     return out
+
+
+def _bytes(inputs: Inputs) -> int:
+    tensors = inputs if isinstance(inputs, tuple | list) else (inputs,)
+    return sum(t.element_size() * t.nelement() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def count_batches(loader: Iterable[Any]) -> int | None:

@@ -15,7 +15,14 @@ from numbers import Integral, Real
 from typing import Any
 
 from autoprune.checks import MAX_COUNT
-from autoprune.engine.scoring import DEFAULT_SCORE, DEFAULT_SELECT_STEPS, DEFAULT_SELECT_TOP, create_score, score_names
+from autoprune.engine.scoring import (
+    DEFAULT_SCORE,
+    DEFAULT_SELECT_SAMPLES,
+    DEFAULT_SELECT_STEPS,
+    DEFAULT_SELECT_TOP,
+    create_score,
+    score_names,
+)
 from autoprune.engine.train import TrainConfig
 from autoprune.errors import AutopruneError, ConfigError
 
@@ -135,10 +142,14 @@ class PruneConfig:
         score_options: the score's keyword options (e.g. ``{"steps": 100}`` for ``finetune``).
         select_top: multi-fidelity selection after the search: the ``select_top`` best distinct structures
             (by the score) and the uniform one are briefly fine-tuned and halved until one is left
-            (:func:`autoprune.engine.scoring.successive_halving`); 0 or 1: keep the search's best. Only with a
-            cost target and training data.
+            (:func:`autoprune.engine.scoring.successive_halving`); 0 or 1: keep the search's best; None (the
+            default): 4 when the candidate score is a short fine-tune (``auto`` on a network without BatchNorm),
+            else 0 (:func:`~autoprune.engine.scoring.selection_size`). Only with a cost target and training data.
         select_steps: fine-tuning steps of the selection's first rung (each later rung multiplies them by
             :data:`~autoprune.engine.scoring.SELECT_ETA`; a ``finetune`` score starts them at ``eta`` times its own).
+        select_samples: training samples held in memory for the selection's rungs (at most 1 GiB of inputs,
+            :data:`~autoprune.engine.scoring.SELECT_MAX_BYTES`): each rung step takes the next batch and cycles
+            only past them, where the cheap score cycles its own ``samples``.
         finetune: fine-tuning of the pruned network (None: none; epochs 0 is the same).
         round_to: kept channel counts are multiples of this.
         min_ratio: each group keeps at least this fraction of its channels.
@@ -161,8 +172,9 @@ class PruneConfig:
     budget: int | None = None
     score: str = DEFAULT_SCORE
     score_options: Mapping[str, Any] = field(default_factory=dict)
-    select_top: int = DEFAULT_SELECT_TOP
+    select_top: int | None = DEFAULT_SELECT_TOP
     select_steps: int = DEFAULT_SELECT_STEPS
+    select_samples: int = DEFAULT_SELECT_SAMPLES
     finetune: TrainConfig | None = field(default_factory=lambda: TrainConfig(epochs=2, lr=0.01))
     round_to: int = 1
     min_ratio: float = 0.05
@@ -192,8 +204,9 @@ class PruneConfig:
         if not isinstance(self.score, str):
             raise ConfigError("score", self.score, f"must be a score name: {', '.join(score_names())}")
         create_score(self.score, self.score_options)  # an unknown name or option: the registry's one line
-        object.__setattr__(self, "select_top", _int("select_top", self.select_top, 0, 1024))
+        object.__setattr__(self, "select_top", _int("select_top", self.select_top, 0, 1024, optional=True))
         object.__setattr__(self, "select_steps", _int("select_steps", self.select_steps, 1, MAX_COUNT))
+        object.__setattr__(self, "select_samples", _int("select_samples", self.select_samples, 1, MAX_COUNT))
         object.__setattr__(self, "ignored_layers", tuple(self.ignored_layers))
         object.__setattr__(self, "budget", _int("budget", self.budget, 1, MAX_COUNT, optional=True))
         object.__setattr__(self, "round_to", _int("round_to", self.round_to, 1, 4096))

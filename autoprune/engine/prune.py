@@ -58,11 +58,13 @@ from autoprune.engine.measure import cost_of, serialized_size
 from autoprune.engine.result import Evaluation, FinetuneStats, LayerWidth, ModelStats, PruneResult, SearchStats
 from autoprune.engine.scoring import (
     SELECT_ETA,
+    SELECT_MAX_BYTES,
     AdaptiveBN,
     CandidateScore,
     Selection,
     resolve_score,
     selection_score,
+    selection_size,
     selection_steps,
     successive_halving,
 )
@@ -354,8 +356,9 @@ def _finite(obj: Any) -> bool:
 def _score_training_batches(config: PruneConfig, score: CandidateScore, data: Data,
                             device: torch.device) -> list[Batch]:
     """The training batches the candidate score and the selection fine-tune on (none for the other scores)."""
-    selecting = config.select_top > 1 and config.target.macs_reduction is not None and data.score_fn is None
-    samples = max(score.train_samples, selection_score(score, 1).train_samples if selecting else 0)
+    selecting = (selection_size(config.select_top, score) > 1 and config.target.macs_reduction is not None
+                 and data.score_fn is None)
+    samples = max(score.train_samples, config.select_samples if selecting else 0)
     if samples == 0:
         return []
     if data.train is None:
@@ -364,7 +367,8 @@ def _score_training_batches(config: PruneConfig, score: CandidateScore, data: Da
                                  "train_loader= (or use score='bn')")
         return []
     return take(data.train, samples, seed=config.seed, key=SCORE_TRAIN_KEY, device=device,
-                what="the training loader")
+                what="the training loader", max_bytes=SELECT_MAX_BYTES if selecting else None,
+                min_samples=score.train_samples)
 
 
 def check_reachable(space: PruningSpace, config: PruneConfig) -> None:
@@ -497,17 +501,19 @@ def refine(setup: Setup, outcome: SearchOutcome, config: PruneConfig) -> SearchO
     """Multi-fidelity selection: the ``select_top`` best distinct feasible structures of the search (by its score)
     and the uniform one, chosen among by successive halving of short fine-tunes (see
     :func:`autoprune.engine.scoring.successive_halving`). Runs only with a cost target, training data and
-    ``select_top >= 2``; otherwise, or with fewer than two structures, the outcome is returned as it is.
+    a selection size of at least 2 (:func:`~autoprune.engine.scoring.selection_size`); otherwise, or with fewer
+    than two structures, the outcome is returned as it is.
     """
     problem, evaluator = outcome.problem, outcome.evaluator
-    if config.select_top < 2 or problem.max_cost is None or outcome.keep is None or not setup.train:
+    top = selection_size(config.select_top, evaluator.candidate_score)
+    if top < 2 or problem.max_cost is None or outcome.keep is None or not setup.train:
         return outcome
     space = setup.space
     candidates, seen = [], set()
     rows = sorted((row for row in outcome.history if problem.cost_ok(np.asarray(row.keep))), key=lambda r: -r.score)
     for keep in [outcome.keep, *(np.asarray(row.keep) for row in rows)]:
         key = evaluator.key(keep)
-        if key not in seen and len(candidates) < config.select_top:
+        if key not in seen and len(candidates) < top:
             seen.add(key)
             candidates.append(space.snap(keep))
     uniform = uniform_candidate(problem)
@@ -517,7 +523,8 @@ def refine(setup: Setup, outcome: SearchOutcome, config: PruneConfig) -> SearchO
         return outcome
     cheap = evaluator.candidate_score
     selection = successive_halving(
-        candidates, lambda keep, steps: evaluator.measure(keep, selection_score(cheap, steps)), evaluator.key,
+        candidates, lambda keep, steps: evaluator.measure(keep, selection_score(cheap, steps, config.select_samples)),
+        evaluator.key,
         steps=selection_steps(cheap, config.select_steps), eta=SELECT_ETA, metric=selection_score(cheap, 1).metric)
     log.info("selection: structure %d of %d chosen after %s fine-tuning steps (%.1f s)", selection.index + 1,
              len(candidates), "/".join(str(r.steps) for r in selection.rungs), selection.seconds)
