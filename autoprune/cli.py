@@ -117,8 +117,8 @@ def _add_pruning(p: argparse.ArgumentParser) -> None:
                                    "without)")
     s.add_argument("--select-top", type=_nonneg_int, default=None, metavar="K",
                    help="after the search, fine-tune its K best structures and the uniform one briefly and keep the "
-                        "best by successive halving (default 0: off; measured in the README: it traded one collapse "
-                        "for others)")
+                        "best by successive halving (default: 4 after a fine-tune score, i.e. auto on a network "
+                        "without BatchNorm; 0 (off) after the cheap scores; measured in the README)")
     s.add_argument("--select-steps", type=_pos_int, default=None, metavar="N",
                    help="fine-tuning steps of the selection's first rung (default 20)")
     s.add_argument("--select-samples", type=_pos_int, default=None, metavar="N",

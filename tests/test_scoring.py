@@ -30,6 +30,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import autoprune
 from autoprune.engine import prune as engine
+from autoprune.engine import scoring
+from autoprune.engine.batches import take
 from autoprune.engine.evaluate import Evaluator
 from autoprune.engine.scoring import (
     AUTO_SELECT_TOP,
@@ -144,6 +146,8 @@ def test_bad_selection_settings_are_refused(case):
         prune(case, select_top=-1)
     with pytest.raises(AutopruneError, match="select_steps=0"):
         prune(case, select_steps=0)
+    with pytest.raises(AutopruneError, match="select_samples=0"):
+        prune(case, select_samples=0)
 
 
 def test_scores_that_read_logits_refuse_a_score_fn(case):
@@ -196,11 +200,12 @@ def test_the_cli_takes_the_selection_settings(tmp_path_factory, tmp_path, capsys
     base = trained_base(tmp_path_factory)
     common = [base, "--dataset", "synthetic", "--method", "random", "--budget", "3", "--macs-reduction", "0.5",
               "--finetune-epochs", "0", "--latency-batch", "4", "--latency-repeats", "1", "--quiet"]
-    code, _, err = run_cli(["prune", *common, "--score", "bn", "--select-top", "2", "--select-steps", "3", "--out",
-                            tmp_path / "s"], capsys)
+    code, _, err = run_cli(["prune", *common, "--score", "bn", "--select-top", "2", "--select-steps", "3",
+                            "--select-samples", "100", "--out", tmp_path / "s"], capsys)
     assert code == 0, err
     report = json.loads((tmp_path / "s" / "report.json").read_text())
     assert (report["config"]["select_top"], report["config"]["select_steps"]) == (2, 3)
+    assert report["config"]["select_samples"] == 100
     rungs = report["search"]["selection"]["rungs"]
     assert rungs[0]["steps"] == 3 and rungs[0]["structures"] >= 2  # the 2 best, and uniform unless among them
     steps = "/".join(str(r["steps"]) for r in rungs)
@@ -322,6 +327,46 @@ def structures_order(measured: list[tuple[tuple[int, ...], int]], counts: tuple[
     return [c for c, steps in measured if steps == measured[0][1]].index(counts)
 
 
+def test_the_rungs_fine_tune_on_new_batches_while_the_cheap_score_sees_only_its_own_samples(case, monkeypatch):
+    """The cheap fine-tune cycles its first ``samples`` (64: two batches of 32); the selection's rungs go on to
+    the ``select_samples`` held (all 192 of the loader), so they see six batches, and the search itself is the
+    same however many samples the selection holds."""
+    used: list[tuple[int | None, int]] = []
+    real = scoring.first_samples
+
+    def spy(train, teacher, samples):
+        batches = real(train, teacher, samples)
+        used.append((samples, sum(len(targets) for _, targets, _ in batches)))
+        return batches
+
+    monkeypatch.setattr(scoring, "first_samples", spy)
+    settings = {"score": "finetune", "score_options": QUICK_FINETUNE, "select_top": 2, "select_steps": 8}
+    many = prune(case, "plain", **settings, select_samples=192)
+    assert {(64, 64), (192, 192)} == set(used)  # the cheap score's 64 samples; the rungs' 192
+    used.clear()
+    few = prune(case, "plain", **settings, select_samples=64)
+    assert set(used) == {(64, 64)}
+    assert [(r.counts, r.value) for r in many.history] == [(r.counts, r.value) for r in few.history]
+
+
+def test_first_samples_cuts_the_last_batch_and_its_teacher_logits():
+    train = [(torch.zeros(32, 2), torch.arange(32)), (torch.ones(32, 2), torch.arange(32, 64))]
+    teacher = [torch.zeros(32, CLASSES), torch.ones(32, CLASSES)]
+    batches = scoring.first_samples(train, teacher, 40)
+    assert [len(t) for _, t, _ in batches] == [32, 8] and batches[1][1].tolist() == list(range(32, 40))
+    assert batches[1][0].shape == (8, 2) and batches[1][2].shape == (8, CLASSES)
+    assert [len(t) for _, t, _ in scoring.first_samples(train, None, None)] == [32, 32]
+
+
+def test_take_stops_at_a_memory_bound_but_not_below_its_minimum():
+    loader = [(torch.zeros(32, 3, 12, 12), torch.zeros(32, dtype=torch.long))] * 10  # 55,296 bytes a batch
+    def held(**bounds):
+        return sum(len(t) for _, t in take(loader, 320, seed=0, key=0, device="cpu", **bounds))
+    assert held() == 320
+    assert held(max_bytes=100_000) == 64  # two batches reach the bound
+    assert held(max_bytes=100_000, min_samples=200) == 224  # the cheap score's own samples are always held
+
+
 def test_the_first_rung_is_longer_than_a_fine_tune_cheap_score():
     assert selection_steps(create_score("kl"), 20) == 20
     assert selection_steps(create_score("finetune", {"steps": 30}), 20) == 30 * SELECT_ETA
@@ -341,6 +386,18 @@ def test_by_default_the_selection_follows_a_fine_tune_score_only(case):
     assert AUTO_SELECT_TOP <= first_rung <= AUTO_SELECT_TOP + 1  # the 4 best distinct, the uniform one
     assert prune(case, "bn", budget=6).search.selection is None  # auto is kl there
     assert prune(case, "plain", budget=6, score_options={"steps": 2}, select_top=0).search.selection is None
+
+
+def test_the_selection_holds_its_training_samples_for_a_latency_target_alone(case):
+    """A latency target is a cost target: the selection runs after it, so its rungs need training batches even
+    after a score that holds none (kl)."""
+    data = engine.Data(train=case["train"], val=case["val"])
+    for target in (autoprune.Target(latency_reduction=0.2), autoprune.Target(macs_reduction=0.5)):
+        config = engine.PruneConfig(method="random", target=target, score="kl", select_top=2, select_samples=100)
+        held = engine._score_training_batches(config, create_score("kl"), data, torch.device("cpu"))
+        assert sum(len(targets) for _, targets in held) == 100
+    drop = engine.PruneConfig(method="random", target=autoprune.Target(max_drop=1.0), score="kl", select_top=2)
+    assert engine._score_training_batches(drop, create_score("kl"), data, torch.device("cpu")) == []
 
 
 def test_selection_is_skipped_without_a_cost_target_or_with_top_below_two(case, monkeypatch):

@@ -356,7 +356,7 @@ def _finite(obj: Any) -> bool:
 def _score_training_batches(config: PruneConfig, score: CandidateScore, data: Data,
                             device: torch.device) -> list[Batch]:
     """The training batches the candidate score and the selection fine-tune on (none for the other scores)."""
-    selecting = (selection_size(config.select_top, score) > 1 and config.target.macs_reduction is not None
+    selecting = (selection_size(config.select_top, score) > 1 and config.target.mode == "cost"
                  and data.score_fn is None)
     samples = max(score.train_samples, config.select_samples if selecting else 0)
     if samples == 0:
