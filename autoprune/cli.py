@@ -228,6 +228,7 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     """Parse ``argv``; for ``prune``/``compare`` with ``--config``, the file's values become the defaults."""
     args = parser.parse_args(argv)
     if getattr(args, "config", None) is None:
+        given_once(getattr(args, "method_option", []))
         return args
     from autoprune.errors import AutopruneError, short
 
@@ -265,8 +266,21 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     sub.set_defaults(**defaults)
     args = parser.parse_args(argv)
     given = args.method_option[len(defaults["method_option"]):]  # argparse appends the flags' to the file's
+    given_once(given)
     args.method_option = list({**dict(defaults["method_option"]), **dict(given)}.items())  # the flags win
     return args
+
+
+def given_once(options: Sequence[tuple[str, str]]) -> None:
+    """Refuse a method option given twice on the command line (which value was meant is not ours to guess)."""
+    from autoprune.errors import AutopruneError, short
+
+    seen: dict[str, str] = {}
+    for key, value in options:
+        if key in seen:
+            raise AutopruneError(f"--method-option {key} given twice ({short(seen[key])} and {short(value)}); "
+                                 "give each option once")
+        seen[key] = value
 
 
 def _text_setting(key: str, value: object) -> bool:

@@ -154,7 +154,7 @@ def run_one(preset: Preset, seed: int, method: str, budget: int, method_options:
         "search": {"strategy": stats.strategy, "evaluations": stats.evaluations,
                    "distinct_structures": stats.distinct_structures, "spread": stats.spread,
                    "best_val": stats.best.accuracy, "base_val": stats.base_score, "notes": stats.notes,
-                   **distinct_spread(list(result.history), space_channels)},
+                   "selection": stats.selection, **distinct_spread(list(result.history), space_channels)},
         "warnings": list(result.warnings),
         "seconds": {"search": search_seconds, "finetune": finetune_seconds}, "machine": machine(),
     }
@@ -288,6 +288,11 @@ def summarise(folder: Path, preset_name: str, preset: Preset, tag: str = "") -> 
                   f"fine-tuning ({', '.join(tools)}; Torch-Pruning's progressive global pruning to the MACs target, "
                   "ModelOpt's FastNAS width search; `benchmarks/other_tools.py`)."]
     lines += ["", f"Candidate score of the searches: {', '.join(f'`{u}`' for u in used)}."]
+    selected = [r for r in runs if r.get("search", {}).get("selection")]
+    if selected:
+        rungs = sorted({"/".join(str(g["steps"]) for g in r["search"]["selection"]["rungs"]) for r in selected})
+        lines += ["", f"A selection (successive halving of short fine-tunes) followed the search in {len(selected)} "
+                  f"of the {len(runs)} runs (rungs of {', '.join(rungs)} steps)."]
     lines += ["", f"Base model `{preset.model_path}` (not committed), test accuracy {100 * base_test:.2f}%. "
               f"Command: `.venv/bin/python benchmarks/search_quality.py {preset_name} --seeds "
               f"{' '.join(map(str, sorted({r['seed'] for r in runs})))} --methods {' '.join(m for m in by_method)}"

@@ -59,6 +59,7 @@ CONFIGS = {  # --config files, by name
     "cfg_list": "- 1\n- 2\n",
     "cfg_out_int": "out: 123\n",
     "cfg_option_singular": "method_option: [particles=2]\n",
+    "cfg_pso": "method: pso\nmethod_options: {particles: 3}\n",
     "cfg_huge_option": "method: pso\nmethod_options: {particles: [" + ", ".join(["1"] * 5000) + "]}\n",
 }
 
@@ -327,6 +328,12 @@ CASES = [
      "write method options as a mapping, method_options: {particles: 20}"),
     ("config-huge-value-echoed-short", [*R[:4], "--macs-reduction", "0.5", "--out", "{out}", "--config",
                                         "{cfg_huge_option}"], ERROR, "option particles=[1, 1, 1"),
+    ("prune-option-twice", [*R[:4], "--method", "pso", "--method-option", "particles=4", "--method-option",
+                            "particles=6", *R[6:]], ERROR,
+     "--method-option particles given twice ('4' and '6'); give each option once"),
+    ("config-option-twice-in-flags", [*R[:4], "--macs-reduction", "0.5", "--out", "{out}", "--config", "{cfg_pso}",
+                                      "--method-option", "particles=4", "--method-option", "particles=6"], ERROR,
+     "--method-option particles given twice ('4' and '6'); give each option once"),
     ("prune-particles-unbounded", [*R[:4], "--method", "pso", "--method-option", "particles=1000000000", *R[6:]],
      ERROR, "option particles must be an integer in [1, 10000], got 1000000000"),
     ("prune-ssa-grid-tiny", [*R[:4], "--method", "ssa", "--method-option", "grid=1e-300", *R[6:]], ERROR,
