@@ -191,6 +191,9 @@ def test_best_marks_on_hand_made_rows():
     assert re.search(r"^\| b \| \*\*91\.00%\*\* \| \*\*-4\.00\*\* \|", md, re.M)
     assert re.search(r"^\| a \| 90\.00% \|", md, re.M)
     assert "| d | FAILED |" in md and "d failed: boom" in md
+    assert md.startswith("# autoprune comparison: None / None\n")  # no model or dataset recorded
+    titled = markdown({**HAND_MADE, "title": "ResNet-20\n| x |\n# on CIFAR-10"})
+    assert titled.startswith("# ResNet-20 | x | # on CIFAR-10\n\n")  # a title is one heading line, whatever it holds
     text = terminal_table(HAND_MADE)
     assert re.search(r"^b\s+91\.00%\*", text, re.M) and re.search(r"^a\s+90\.00%\s", text, re.M)
     assert re.search(r"^c\s.*\s29\.3\*\s", text, re.M)

@@ -505,7 +505,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
     """``compare.md``: heading, settings, the table with **bold** best values, errors."""
     table = comparison_table(summary)
     title = summary.get("title") or f"autoprune comparison: {summary.get('model')} / {summary.get('dataset')}"
-    lines = [f"# {title}", "",
+    lines = [f"# {' '.join(str(title).split())}", "",  # one line: a newline in a user's title would end the heading
              f"Model {summary.get('model')} on {summary.get('dataset')}; target: {summary.get('target_text', '')}; "
              f"fine-tuning epochs {summary.get('finetune_epochs')}; seed {summary.get('seed')}; latency on "
              f"{summary.get('latency_device') or 'n/a'}."
