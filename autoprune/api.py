@@ -11,6 +11,7 @@ and model into a directory it locks, and ``resume=True`` continues an interrupte
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from autoprune.engine.batches import PARALLEL_WRAPPERS
 from autoprune.engine.callbacks import Callback, CallbackList
 from autoprune.engine.config import PruneConfig, Target
 from autoprune.engine.distributed import join
@@ -29,6 +31,8 @@ from autoprune.engine.train import TrainConfig
 from autoprune.errors import AutopruneError, ConfigError
 from autoprune.io.files import check_path
 from autoprune.methods import Method, create_method
+
+log = logging.getLogger(__name__)
 
 #: The default fine-tuning of :func:`prune`: two epochs at learning rate 0.01.
 DEFAULT_FINETUNE = TrainConfig(epochs=2, lr=0.01)
@@ -47,7 +51,10 @@ def prune(model: nn.Module, example_inputs: Any, *, method: str | Method = "pso"
     """Prune ``model`` to a target and return the pruned module with its measurements.
 
     Args:
-        model: any ``nn.Module`` (copied; the caller's model keeps its weights, device and mode).
+        model: any ``nn.Module`` (copied; the caller's model keeps its weights, device and mode). A model
+            under ``nn.DataParallel`` or ``DistributedDataParallel`` is pruned through its ``.module``, and the
+            result is that module, pruned and unwrapped (wrap it again to train it on several devices; a
+            string in ``ignored_layers`` may keep the wrapper's ``module.`` prefix).
         example_inputs: what its forward takes: a tensor, or a tuple of tensors, batch first.
         method: a method name (``autoprune.method_names()``) or a built method, e.g. ``methods.PSO(particles=20)``.
         method_options: options of a method given by name.
@@ -87,6 +94,10 @@ def prune(model: nn.Module, example_inputs: Any, *, method: str | Method = "pso"
     """
     if not isinstance(model, nn.Module):
         raise AutopruneError(f"model must be an nn.Module, got {type(model).__name__}")
+    wrapped = isinstance(model, PARALLEL_WRAPPERS)
+    if wrapped:
+        log.info("pruning the module inside %s; the result is that module, unwrapped", type(model).__name__)
+        model = model.module
     if method_options is not None and not isinstance(method_options, Mapping):
         raise ConfigError("method_options", method_options, "must be a dict of option names to values")
     if score_fn is not None and not callable(score_fn):
@@ -111,8 +122,8 @@ def prune(model: nn.Module, example_inputs: Any, *, method: str | Method = "pso"
         method=method_obj.name, method_options=method_obj.options,
         target=Target(macs_reduction=macs_reduction, latency_reduction=latency_reduction, max_drop=max_drop),
         budget=budget, finetune=finetune if isinstance(finetune, TrainConfig) else None,
-        ignored_layers=_layer_names(model, ignored_layers), round_to=1 if round_to is None else round_to,
-        min_ratio=min_ratio, seed=seed, **_settings(settings))
+        ignored_layers=_layer_names(model, ignored_layers, wrapped=wrapped),
+        round_to=1 if round_to is None else round_to, min_ratio=min_ratio, seed=seed, **_settings(settings))
     data = Data(train=train_loader, val=val_loader, test=test_loader, score_fn=score_fn)
     info = {"architecture": {"kind": "module", "class": type(model).__name__}}
     return execute(model, example_inputs, config, method_obj, data, device=join(resolve_device(model, device)),
@@ -186,9 +197,11 @@ def _settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     return dict(settings)
 
 
-def _layer_names(model: nn.Module, layers: Sequence[str | nn.Module] | str | nn.Module | None) -> tuple[str, ...]:
+def _layer_names(model: nn.Module, layers: Sequence[str | nn.Module] | str | nn.Module | None, *,
+                 wrapped: bool = False) -> tuple[str, ...]:
     """Module names for ``ignored_layers`` given as names or as modules of ``model``; one name alone is one layer
-    (not a sequence of characters), and so is one module (an ``nn.Sequential`` alone stands for its layers)."""
+    (not a sequence of characters), and so is one module (an ``nn.Sequential`` alone stands for its layers).
+    ``wrapped``: ``model`` came out of a DataParallel wrapper, whose ``module.`` prefix a name may carry."""
     if isinstance(layers, str) or (isinstance(layers, nn.Module) and not isinstance(layers, Iterable)):
         layers = [layers]
     if not layers:
@@ -203,7 +216,7 @@ def _layer_names(model: nn.Module, layers: Sequence[str | nn.Module] | str | nn.
                 raise ConfigError("ignored_layers", type(layer).__name__, "is not a module of the model")
             names.append(by_id[id(layer)])
         elif isinstance(layer, str):
-            names.append(layer)
+            names.append(layer.removeprefix("module.") if wrapped else layer)
         else:
             raise ConfigError("ignored_layers", layer, "entries must be module names or modules of the model")
     return tuple(names)

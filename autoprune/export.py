@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from autoprune.engine.batches import PARALLEL_WRAPPERS
 from autoprune.errors import AutopruneError
 from autoprune.io.files import atomic_path
 
@@ -243,6 +244,8 @@ def _require(module: str, purpose: str) -> ModuleType:
 
 
 def _cpu_eval_copy(model: nn.Module, name: str) -> nn.Module:
+    if isinstance(model, PARALLEL_WRAPPERS):  # the exporter refuses the wrapper; the network is inside it
+        model = model.module
     try:
         net = copy.deepcopy(model)
     except Exception as exc:

@@ -293,6 +293,24 @@ def test_frozen_parameters_stay_frozen_and_untrained(task):
     assert not result.model.training
 
 
+def test_a_data_parallel_model_prunes_through_its_module_and_comes_back_unwrapped(task, tmp_path):
+    model = trained(task)
+    wrapped = nn.DataParallel(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = call(wrapped, task, finetune=None, ignored_layers=["module.features.0.0"])
+    assert type(result.model) is Plain  # the network, not the wrapper: it saves and exports as it is
+    assert result.model.features[0][0].out_channels == 16  # the wrapper's name for the layer reached it
+    assert result.model.features[1][0].out_channels < 32
+    same = call(model, task, finetune=None, ignored_layers=["features.0.0"])
+    assert [w.after for w in same.widths] == [w.after for w in result.widths]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's untouched
+    autoprune.save(tmp_path / "p.pt", nn.DataParallel(result.model))
+    loaded = autoprune.load(tmp_path / "p.pt", model=Plain())  # saved without the wrapper's module. prefix
+    assert loaded.features[1][0].out_channels == result.model.features[1][0].out_channels
+    report = autoprune.export_onnx(nn.DataParallel(result.model), X[:1], tmp_path / "p.onnx")
+    assert (tmp_path / "p.onnx").is_file() and report.max_abs_diff < 1e-4
+
+
 def test_memory_format_and_grad_mode(task):
     model = trained(task).to(memory_format=torch.channels_last)
     with torch.no_grad():

@@ -151,6 +151,7 @@ def save_model(path: str | os.PathLike[str], model: nn.Module, *, architecture: 
     :func:`read_model_file` will read it, so a model that could not be loaded (e.g. NaN weights) is
     refused here rather than written.
     """
+    from autoprune.engine.batches import PARALLEL_WRAPPERS
     from autoprune.models import NormalizedModel
 
     path = check_path(path)
@@ -158,6 +159,8 @@ def save_model(path: str | os.PathLike[str], model: nn.Module, *, architecture: 
         raise AutopruneError(f"{str(path)!r} is a directory; give a file name, e.g. {str(path / 'pruned.pt')!r}")
     if not isinstance(model, nn.Module):
         raise AutopruneError(f"save_model() needs an nn.Module, got {type(model).__name__}")
+    if isinstance(model, PARALLEL_WRAPPERS):  # the file holds the network, not the wrapper that spread it
+        model = model.module
     if isinstance(model, NormalizedModel):
         own = {"mean": model.normalize.mean.flatten().tolist(), "std": model.normalize.std.flatten().tolist()}
         if normalize is not None and not _same_numbers(normalize, own):
