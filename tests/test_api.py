@@ -658,6 +658,12 @@ def _trains_what_it_scores(model):
     return 0.5
 
 
+def _edits_through_data(model):
+    """A score_fn that edits a weight through ``.data``, which the in-place version counter does not see."""
+    next(model.parameters()).data[0].zero_()
+    return 0.5
+
+
 def _infinite_after_first_call():
     """A score_fn finite for the unpruned model and infinite for every candidate."""
     calls = []
@@ -694,6 +700,7 @@ def _one_class(n: int, cls: int = 0) -> list:
     ({"score_fn": _infinite_after_first_call()}, "score_fn returned inf; it must return a finite number"),
     ({"score_fn": _trains_what_it_scores}, "score_fn changed the network it was given (its weights, buffers or "
                                            "layers); it must only evaluate it: train or edit copy.deepcopy(model)"),
+    ({"score_fn": _edits_through_data}, "score_fn changed the network it was given (its weights, buffers or "),
     ({"val_loader": RaisingLoader(OSError("disk gone"))}, "the validation loader raised OSError reading batch 1: disk"),
     ({"train_loader": RaisingLoader(RuntimeError())}, "the training loader raised RuntimeError reading batch 1: (no"),
     ({"val_loader": NaNLoader()}, "NaN or infinite outputs on validation batch 0; the inputs hold NaN"),

@@ -40,7 +40,10 @@ What the literature says, and what we chose:
   best distinct structures, plus the uniform structure, are fine-tuned briefly; the best ``1/eta`` go on
   with ``eta`` times the steps, until one is left: it is chosen by validation. We restart each rung from
   the pruned weights (so a rung's measurement *is* the ``finetune`` score at that many steps, a pure
-  function of the structure), which costs ``top * steps`` steps per rung.
+  function of the structure), which costs ``top * steps`` steps per rung. The rungs fine-tune on their own
+  held training samples (``select_samples``, 32,768 by default, at most :data:`SELECT_MAX_BYTES` of inputs),
+  so that each of their steps takes a new batch: on the cheap score's 2,048 samples a 270-step rung at batch
+  128 makes 17 passes, which rewards the capacity to memorise (wide linear layers), not to generalise.
 
 Every score is a pure function of the structure: the candidate is built from the unpruned weights, the
 training batches are fixed, and the random state is seeded from the channel counts, so evaluation order,
@@ -226,9 +229,12 @@ class Measurement:
         return math.exp(-raw) if math.isfinite(raw) else 0.0
 
 
-def _tensor_versions(model: nn.Module) -> list[tuple[str, int, int]]:
-    """Name, identity and in-place version counter of every parameter and buffer: any change to the network."""
-    return [(name, id(t), t._version) for name, t in (*model.named_parameters(), *model.named_buffers())]
+def _tensor_versions(model: nn.Module) -> list[tuple[str, int, int, float]]:
+    """Name, identity, in-place version counter and sum of every parameter and buffer: any change to the network
+    (the sum catches an edit through ``.data``, which the version counter does not see)."""
+    with torch.no_grad():
+        return [(name, id(t), t._version, float(torch.nan_to_num(t.detach().double()).sum()))
+                for name, t in (*model.named_parameters(), *model.named_buffers())]
 
 
 def call_score_fn(score_fn: ScoreFn, model: nn.Module) -> float:
