@@ -38,13 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", required=True)
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split and the search")
     parser.add_argument("--finetune-seeds", type=int, nargs="+", required=True)
+    parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                        help="a PruneConfig field for the search, JSON value (e.g. select_top=0); repeatable")
+    parser.add_argument("--tag", default="", help="suffix of the result file (variants of an experiment)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from autoprune.engine.train import evaluate
 
     preset = PRESETS[args.preset]
     inputs = load(preset, args.seed)
-    result = choose(preset, inputs, args.seed, args.method, preset.budget, {})
+    engine_options = {key: json.loads(value) for key, _, value in (item.partition("=") for item in args.engine)}
+    result = choose(preset, inputs, args.seed, args.method, preset.budget, {}, engine_options)
     extra = int(result.search.notes.get("extra_training_epochs", 0))
     rows = []
     for finetune_seed in args.finetune_seeds:
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("fine-tuning seed %d: %.2f%% (%+.2f points)", finetune_seed, 100 * test, rows[-1]["delta_points"])
     deltas = [r["delta_points"] for r in rows]
     summary = {
-        "preset": args.preset, "method": args.method, "seed": args.seed,
+        "preset": args.preset, "method": args.method, "seed": args.seed, "engine_options": engine_options,
         "widths": [[w.name, w.before, w.after] for w in result.widths],
         "macs_reduction": 1 - result.pruned.macs / result.base.macs, "base_test": result.base.accuracy,
         "runs": rows, "mean_delta": statistics.mean(deltas),
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"{args.preset}_{args.method}_seed{args.seed}.json"
+    path = OUT / f"{args.preset}_{args.method}_seed{args.seed}{f'_{args.tag}' if args.tag else ''}.json"
     path.write_text(json.dumps(summary, indent=1))
     log.info("%s: %+.2f ± %.2f points over %d fine-tuning seeds (range %.2f); %s", path.name, summary["mean_delta"],
              summary["std_delta"], len(rows), summary["range_delta"], summary["widths"])
