@@ -238,12 +238,20 @@ class Measurement:
         return math.exp(-raw) if math.isfinite(raw) else 0.0
 
 
-def _tensor_versions(model: nn.Module) -> list[tuple[str, int, int, float]]:
+def _tensor_versions(model: nn.Module) -> list[tuple[str, int, int, float | None]]:
     """Name, identity, in-place version counter and sum of every parameter and buffer: any change to the network
     (the sum catches an edit through ``.data``, which the version counter does not see)."""
-    with torch.no_grad():
-        return [(name, id(t), t._version, float(torch.nan_to_num(t.detach().double()).sum()))
-                for name, t in (*model.named_parameters(), *model.named_buffers())]
+    return [(name, id(t), t._version, _sum(t)) for name, t in (*model.named_parameters(), *model.named_buffers())]
+
+
+def _sum(tensor: torch.Tensor) -> float | None:
+    """The sum of a tensor's entries in float64, accumulated without a copy of the tensor (None when it holds
+    both infinities, so that two such sums still compare equal)."""
+    values = tensor.detach()
+    if values.is_complex():
+        values = torch.view_as_real(values)
+    total = float(torch.nansum(values, dtype=torch.float64))
+    return None if math.isnan(total) else total
 
 
 def call_score_fn(score_fn: ScoreFn, model: nn.Module) -> float:
