@@ -21,10 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoprune.engine.batches import PARALLEL_WRAPPERS
 from autoprune.engine.callbacks import Callback, CallbackList
 from autoprune.engine.config import PruneConfig, Target
-from autoprune.engine.distributed import join
+from autoprune.engine.distributed import PARALLEL_WRAPPERS, join
 from autoprune.engine.prune import Data, check_example_tensors, resolve_device, run
 from autoprune.engine.result import PruneResult
 from autoprune.engine.train import TrainConfig

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoprune.engine.batches import PARALLEL_WRAPPERS
+from autoprune.engine.distributed import PARALLEL_WRAPPERS
 from autoprune.errors import AutopruneError
 from autoprune.io.files import atomic_path
 

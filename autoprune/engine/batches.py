@@ -29,8 +29,6 @@ from autoprune.errors import AutopruneError, first_line
 log = logging.getLogger(__name__)
 
 Inputs = Any  # a tensor, or a tuple/list of tensors
-#: Wrappers that run a network on several devices; the network itself is their ``.module``.
-PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 Batch = tuple[Inputs, Any]
 
 

@@ -28,6 +28,9 @@ from autoprune.errors import AutopruneError, first_line
 
 log = logging.getLogger(__name__)
 
+#: Wrappers that run a network on several devices; the network itself is their ``.module``.
+PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
 
 @dataclass(frozen=True)
 class World:

@@ -151,7 +151,7 @@ def save_model(path: str | os.PathLike[str], model: nn.Module, *, architecture: 
     :func:`read_model_file` will read it, so a model that could not be loaded (e.g. NaN weights) is
     refused here rather than written.
     """
-    from autoprune.engine.batches import PARALLEL_WRAPPERS
+    from autoprune.engine.distributed import PARALLEL_WRAPPERS
     from autoprune.models import NormalizedModel
 
     path = check_path(path)
